@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+# Both create .venv when it is missing; settings come from SD3SERVE_* variables (e.g. SD3SERVE_PORT=8123 make serve).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins torch to the local CPU build: a newer torch would pull GBs of CUDA packages.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@$(PY) -c 'import torch, sys; v = torch.__version__; print("torch", v); sys.exit(0 if v.startswith("2.13.0") else "torch must be 2.13.0, got " + v)'
+	@! $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-' || (echo "nvidia-* packages found: something asked for another torch" && false)
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/sd3serve serve
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules

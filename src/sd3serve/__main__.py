@@ -1,0 +1,5 @@
+import sys
+
+from sd3serve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""Dependencies of the routes: settings, store, engine and the caller's key, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from sd3serve.engine.protocol import Engine
+from sd3serve.settings import Settings
+from sd3serve.store.credits import CreditStore, KeyInfo
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> CreditStore:
+    store: CreditStore = request.app.state.store
+    return store
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[CreditStore, Depends(get_store)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def get_api_key(
+    store: StoreDep,
+    x_api_key: Annotated[str | None, Header(alias="x-api-key", description="your API key")] = None,
+) -> KeyInfo:
+    # A sync dependency: FastAPI runs it on the thread pool, off the event loop.
+    return store.authenticate(api_key=x_api_key)
+
+
+ApiKeyDep = Annotated[KeyInfo, Depends(get_api_key)]
+
+
+def request_id(request: Request) -> str:
+    rid: str = request.state.request_id
+    return rid
+
+
+RequestIdDep = Annotated[str, Depends(request_id)]

@@ -1,0 +1,76 @@
+"""The one place where errors become HTTP responses: ``{"error": "..."}`` with the contract's status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sd3serve.errors import (
+    GenerationFailed,
+    InsufficientCredits,
+    InvalidApiKey,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    SD3ServeError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[SD3ServeError], int] = {
+    InvalidRequest: 400,
+    InvalidApiKey: 401,
+    NotFound: 404,
+    InsufficientCredits: 406,
+    PayloadTooLarge: 413,
+    GenerationFailed: 500,
+    Overloaded: 503,
+}
+
+HTTP_MESSAGES = {
+    404: "not found: no such path or model",
+    405: "method not allowed on this path",
+}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SD3ServeError)
+    status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    if status >= 500:
+        log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), exc)
+    return error_response(status, str(exc), headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = HTTP_MESSAGES.get(exc.status_code) or str(exc.detail)
+    return error_response(exc.status_code, message, dict(exc.headers) if exc.headers else None)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return error_response(400, "; ".join(parts))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Never a stack trace to the client; the log has it.
+    log.exception("request %s: unhandled error", getattr(request.state, "request_id", "-"))
+    return error_response(500, "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SD3ServeError, _domain_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,110 @@
+"""``POST /v1/stable-diffusion-3.5-turbo-txt2img``: synchronous generation, charged on delivery."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from sd3serve.api.body import read_json
+from sd3serve.api.deps import ApiKeyDep, EngineDep, RequestIdDep, SettingsDep, StoreDep
+from sd3serve.api.schemas import Base64ImagesResponse, ErrorResponse, Txt2ImgRequest, parse_txt2img
+from sd3serve.engine.protocol import Aborted
+from sd3serve.errors import GenerationFailed
+from sd3serve.imaging import encode_image, to_base64
+
+MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
+
+router = APIRouter(tags=["generation"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Bad input: the error names the field, what was wrong and what is allowed",
+        401: "Missing, unknown or revoked API key",
+        406: "Not enough credits",
+        413: "Request body too large",
+        500: "The server failed; nothing is charged",
+        503: "The queue is full; retry after Retry-After seconds",
+    }.items()
+}
+
+_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": Txt2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            }
+        },
+    }
+}
+
+
+def credits_header(value: float) -> str:
+    return f"{value:g}" if value != int(value) else str(int(value))
+
+
+@router.post(
+    f"/v1/{MODEL_SLUG}",
+    summary="Generate images (synchronous)",
+    response_class=Response,
+    openapi_extra=_REQUEST_BODY,
+    responses={
+        200: {
+            "description": "The image bytes (base64 false) or JSON with base64 images (base64 true)",
+            "content": {
+                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/webp": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": Base64ImagesResponse.model_json_schema()},
+            },
+        },
+        **_ERRORS,
+    },
+)
+async def txt2img_v1(
+    request: Request,
+    key: ApiKeyDep,
+    store: StoreDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    request_id: RequestIdDep,
+) -> Response:
+    req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes))
+    job = req.to_job()
+    cost = settings.price_per_image * job.batch_size
+    hold = await run_in_threadpool(store.hold, key_id=key.id, credits=cost, request_id=request_id)
+    delivered = False
+    try:
+        start = time.perf_counter()
+        try:
+            result = await engine.generate(job, request_id=request_id)
+        except Aborted:
+            raise
+        except Exception as e:
+            raise GenerationFailed("image generation failed; nothing was charged") from e
+        files = await run_in_threadpool(
+            lambda: [encode_image(im, req.image_format, req.image_quality) for im in result.images]
+        )
+        elapsed = time.perf_counter() - start
+        remaining = await run_in_threadpool(store.capture, hold)
+        delivered = True
+    finally:
+        if not delivered:
+            await run_in_threadpool(store.release, hold)
+
+    headers = {
+        "x-remaining-credits": credits_header(remaining),
+        "x-cost": credits_header(float(cost)),
+        "x-generation-time": f"{elapsed:.3f}",
+        "x-seed-value": str(job.seed),
+    }
+    if req.base64:
+        encoded = [to_base64(f) for f in files]
+        body = Base64ImagesResponse(image=encoded[0], images=encoded, seed=job.seed)
+        return JSONResponse(body.model_dump(), headers=headers)
+    return Response(content=files[0], media_type=req.image_format.media_type, headers=headers)

@@ -1,0 +1,156 @@
+"""Request and response bodies of the hosted API (``shared/spec/api-contract.md``).
+
+The sampler and scheduler enums are built from the engine's tables, so a name exists in one place.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sd3serve.engine.job import GenerationJob
+from sd3serve.engine.samplers import SAMPLERS
+from sd3serve.engine.schedules import SCHEDULERS
+from sd3serve.errors import InvalidRequest
+from sd3serve.imaging import ImageFormat
+
+Sampler = StrEnum("Sampler", {name: name for name in SAMPLERS})  # type: ignore[misc]
+Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULERS})  # type: ignore[misc]
+
+ASPECT_RATIOS: dict[str, tuple[int, int] | None] = {
+    "custom": None,
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "21:9": (1536, 640),
+    "9:21": (640, 1536),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "5:4": (1088, 896),
+    "4:5": (896, 1088),
+}
+AspectRatio = StrEnum("AspectRatio", {name: name for name in ASPECT_RATIOS})  # type: ignore[misc]
+
+MAX_SEED = 2**32 - 1
+SIZE_MULTIPLE = 16
+
+
+class Txt2ImgRequest(BaseModel):
+    """The body of ``POST /v1|v2/stable-diffusion-3.5-turbo-txt2img``. Unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", use_enum_values=False)
+
+    prompt: Annotated[str, Field(description="Prompt for image generation; 1..10000 characters after stripping")]
+    negative_prompt: Annotated[str, Field(max_length=10000)] = "low quality, blurry"
+    steps: Annotated[int, Field(ge=1, le=70)] = 4
+    guidance_scale: Annotated[float, Field(ge=1, le=15, allow_inf_nan=False)] = 1.0
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 for a random seed")] = 98552302
+    sampler: Sampler = Sampler("dpmpp_2m")
+    scheduler: Scheduler = Scheduler("sgm_uniform")
+    width: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16")] = 1024
+    height: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16")] = 1024
+    aspect_ratio: AspectRatio = AspectRatio("custom")
+    batch_size: Annotated[int, Field(ge=1, le=10)] = 1
+    image_format: ImageFormat = ImageFormat.jpeg
+    image_quality: Annotated[int, Field(ge=10, le=100)] = 95
+    base64: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        stripped = v.strip()
+        if not stripped:
+            raise ValueError("must not be empty")
+        if len(stripped) > 10000:
+            raise ValueError("must be at most 10000 characters")
+        return stripped
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) after the preset and the rounding down to a multiple of 16."""
+        preset = ASPECT_RATIOS[self.aspect_ratio.value]
+        w, h = preset if preset else (self.width, self.height)
+        return w - w % SIZE_MULTIPLE, h - h % SIZE_MULTIPLE
+
+    def to_job(self) -> GenerationJob:
+        width, height = self.size()
+        seed = secrets.randbelow(MAX_SEED + 1) if self.seed == -1 else self.seed
+        return GenerationJob(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            seed=seed,
+            sampler=self.sampler.value,
+            scheduler=self.scheduler.value,
+            width=width,
+            height=height,
+            batch_size=self.batch_size,
+        )
+
+
+_ALLOWED: dict[str, str] = {
+    "prompt": "a string of 1 to 10000 characters",
+    "negative_prompt": "a string of at most 10000 characters",
+    "steps": "an integer from 1 to 70",
+    "guidance_scale": "a finite number from 1 to 15",
+    "seed": f"an integer from 0 to {MAX_SEED}, or -1 for a random seed",
+    "sampler": "one of " + ", ".join(SAMPLERS),
+    "scheduler": "one of " + ", ".join(SCHEDULERS),
+    "width": "an integer from 64 to 2048 (rounded down to a multiple of 16)",
+    "height": "an integer from 64 to 2048 (rounded down to a multiple of 16)",
+    "aspect_ratio": "one of " + ", ".join(ASPECT_RATIOS),
+    "batch_size": "an integer from 1 to 10",
+    "image_format": "one of " + ", ".join(f.value for f in ImageFormat),
+    "image_quality": "an integer from 10 to 100",
+    "base64": "true or false",
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_txt2img(body: Any) -> Txt2ImgRequest:
+    """Validate a decoded JSON body; any problem is an InvalidRequest naming the field and what is allowed."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        req = Txt2ImgRequest.model_validate(body)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            field = ".".join(str(p) for p in err["loc"]) or "body"
+            top = str(err["loc"][0]) if err["loc"] else ""
+            if err["type"] == "missing":
+                problems.append(f"{field}: required; allowed: {_ALLOWED.get(top, 'see the API docs')}")
+                continue
+            msg = "not one of the allowed names" if err["type"] == "enum" else err["msg"].removeprefix("Value error, ")
+            allowed = _ALLOWED.get(top)
+            problems.append(
+                f"{field}: {msg} (got {_short(err.get('input'))})" + (f"; allowed: {allowed}" if allowed else "")
+            )
+        raise InvalidRequest("; ".join(problems)) from None
+    if req.batch_size > 1 and not req.base64:
+        raise InvalidRequest(
+            "batch_size: a response body holds one image, so batch_size > 1 needs base64: true "
+            "(or use the v2 API, which returns one URL per image)"
+        )
+    return req
+
+
+class Base64ImagesResponse(BaseModel):
+    image: str = Field(description="base64 of the first image")
+    images: list[str] = Field(description="base64 of every image, in seed order")
+    seed: int
+
+
+class CreditsResponse(BaseModel):
+    credits: float
+
+
+class ErrorResponse(BaseModel):
+    error: str

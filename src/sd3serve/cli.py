@@ -1,0 +1,206 @@
+"""``sd3serve serve | generate | keys ...``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from sd3serve.settings import Settings
+
+# Flags of `serve` and `generate`, each the same as a Settings field (and an SD3SERVE_* variable).
+_SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "--model",
+        {"type": Path, "help": "diffusers directory or single-file SD3 checkpoint (default: demo model)"},
+    ),
+    (
+        "--model-config-dir",
+        {"type": Path, "help": "configs + tokenizers (diffusers layout) for a single file"},
+    ),
+    ("--device", {"choices": ["auto", "cpu", "cuda"]}),
+    ("--dtype", {"choices": ["auto", "float32", "float16", "bfloat16"]}),
+    ("--no-t5", {"dest": "load_t5", "action": "store_const", "const": False, "help": "don't load T5"}),
+    ("--data-dir", {"type": Path, "help": "where the SQLite store and the cached demo model live"}),
+    ("--database-url", {"help": "SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite)"}),
+]
+_SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--host", {}),
+    ("--port", {"type": int}),
+    ("--price-per-image", {"type": Decimal}),
+    ("--max-body-bytes", {"type": int}),
+    ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
+]
+
+
+def _add_flags(p: argparse.ArgumentParser, flags: list[tuple[str, dict[str, Any]]]) -> None:
+    for flag, kw in flags:
+        p.add_argument(flag, default=None, **kw)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    fields = Settings.model_fields
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return Settings(**overrides)
+
+
+def _credits(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError("credits must be a non-negative number")
+    return value
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from sd3serve.api.app import create_app
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sd3serve.api.schemas import parse_txt2img
+    from sd3serve.engine.loading import load_model
+    from sd3serve.engine.pipeline import SD3Pipeline
+    from sd3serve.errors import InvalidRequest
+    from sd3serve.imaging import encode_image
+
+    settings = _settings(args)
+    _configure_logging("warning")
+    body = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "guidance_scale",
+            "seed",
+            "sampler",
+            "scheduler",
+            "width",
+            "height",
+            "aspect_ratio",
+            "batch_size",
+        )
+        if getattr(args, k) is not None
+    }
+    out: Path = args.output
+    fmt = {".png": "png", ".webp": "webp"}.get(out.suffix.lower(), "jpeg")
+    body |= {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "image_format": fmt,
+        "base64": True,
+    }
+    try:
+        req = parse_txt2img(body)
+    except InvalidRequest as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    job = req.to_job()
+    result = SD3Pipeline(load_model(settings), exact_batches=settings.exact_batches)(job)
+    for i, image in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
+        path.write_bytes(encode_image(image, req.image_format, req.image_quality))
+        print(path)
+    print(f"seed {job.seed}, " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()), file=sys.stderr)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from sd3serve.errors import NotFound
+    from sd3serve.store.credits import CreditStore
+
+    settings = _settings(args)
+    store = CreditStore(settings.resolved_database_url)
+    store.create_schema()
+    try:
+        if args.keys_cmd == "create":
+            _, plaintext = store.create_key(credits=args.credits, name=args.name or "")
+            print(plaintext)  # alone on stdout: `KEY=$(sd3serve keys create --credits 100)`
+        elif args.keys_cmd == "list":
+            print(f"{'id':>4}  {'prefix':<12} {'credits':>12} {'spent':>12}  {'status':<8} name")
+            for k in store.list_keys():
+                status = "revoked" if k.revoked else "active"
+                print(f"{k.id:>4}  {k.prefix:<12} {k.credits:>12g} {k.spent:>12g}  {status:<8} {k.name}")
+        elif args.keys_cmd == "add-credits":
+            k = store.add_credits(key_id=args.key_id, credits=args.credits)
+            print(f"key {k.id}: {k.credits:g} credits")
+        elif args.keys_cmd == "revoke":
+            k = store.revoke(key_id=args.key_id)
+            print(f"key {k.id} revoked")
+    except NotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd3serve", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    _add_flags(serve, _SETTING_FLAGS + _SERVE_FLAGS)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate an image from the command line")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.jpg"), help="file; .jpg, .png or .webp")
+    gen.add_argument("--negative-prompt", default="low quality, blurry")
+    for flag, typ in (
+        ("--steps", int),
+        ("--guidance-scale", float),
+        ("--seed", int),
+        ("--sampler", str),
+        ("--scheduler", str),
+        ("--width", int),
+        ("--height", int),
+        ("--aspect-ratio", str),
+        ("--batch-size", int),
+    ):
+        gen.add_argument(flag, type=typ, default=None)
+    _add_flags(gen, _SETTING_FLAGS)
+    gen.set_defaults(func=cmd_generate)
+
+    keys = sub.add_parser("keys", help="manage API keys and credits")
+    _add_flags(keys, [f for f in _SETTING_FLAGS if f[0] in ("--data-dir", "--database-url")])
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    create = ksub.add_parser("create", help="create a key; prints it alone on stdout (shown only once)")
+    create.add_argument("--credits", type=_credits, required=True)
+    create.add_argument("--name", default="")
+    ksub.add_parser("list", help="list keys with their balances")
+    add = ksub.add_parser("add-credits", help="add credits to a key")
+    add.add_argument("key_id", type=int)
+    add.add_argument("credits", type=_credits)
+    revoke = ksub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id", type=int)
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

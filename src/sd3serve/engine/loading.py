@@ -1,0 +1,156 @@
+"""Loading an SD3-family model from a diffusers directory, a single-file checkpoint, or the embedded demo.
+
+Nothing is downloaded: every load is ``local_files_only`` and a missing file is a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from sd3serve.engine.flow import FlowSampling
+from sd3serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_VERSION = "tiny-random-v1"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    """The model's components (kept on a diffusers pipeline object, which also encodes prompts)."""
+
+    pipe: StableDiffusion3Pipeline
+    flow: FlowSampling
+    device: torch.device
+    dtype: torch.dtype
+    source: str  # a path, or "embedded demo model (...)"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Latent sides must be a multiple of the patch: pixel sizes a multiple of this."""
+        return self.vae_scale_factor * int(self.pipe.transformer.config.patch_size)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def demo_model_dir(settings: Settings) -> Path:
+    """The embedded demo model, built deterministically from a seed on first use and cached."""
+    from sd3serve.models.tiny import build_tiny_sd3
+
+    out = settings.data_dir / "models" / DEMO_MODEL_VERSION
+    if not (out / "model_index.json").exists():
+        tmp = out.with_name(out.name + ".partial")
+        build_tiny_sd3(tmp)
+        tmp.rename(out)  # atomic: a half-written model is never picked up
+    return out
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.model is None:
+        path = demo_model_dir(settings)
+        source = f"embedded demo model ({DEMO_MODEL_VERSION}, {path})"
+        log.warning(
+            "No --model given: serving the built-in DEMO model (%s). It is a tiny SD3-architecture model for "
+            "trying the server, not SD3.5; pass --model PATH to serve real weights.",
+            DEMO_MODEL_VERSION,
+        )
+    else:
+        path = settings.model.expanduser()
+        source = str(path)
+    if path.is_dir():
+        pipe = _load_directory(path, dtype=dtype, load_t5=settings.load_t5)
+    elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        pipe = _load_single_file(path, config_dir=settings.model_config_dir, dtype=dtype, load_t5=settings.load_t5)
+    elif path.exists():
+        raise ModelLoadError(
+            f"{path}: not a diffusers directory nor a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
+        )
+    else:
+        raise ModelLoadError(f"{path}: no such file or directory")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    sched = pipe.scheduler.config
+    flow = FlowSampling(shift=float(sched.get("shift", 3.0)), num_train_timesteps=int(sched["num_train_timesteps"]))
+    log.info(
+        "loaded %s on %s (%s), shift %.2f, T5 %s",
+        source,
+        device,
+        dtype,
+        flow.shift,
+        "on" if pipe.text_encoder_3 is not None else "off",
+    )
+    return LoadedModel(pipe=pipe, flow=flow, device=device, dtype=dtype, source=source)
+
+
+def _t5_overrides(has_t5: bool, load_t5: bool) -> dict[str, None]:
+    return {} if (has_t5 and load_t5) else {"text_encoder_3": None, "tokenizer_3": None}
+
+
+def _load_directory(path: Path, *, dtype: torch.dtype, load_t5: bool) -> StableDiffusion3Pipeline:
+    if not (path / "model_index.json").exists():
+        raise ModelLoadError(f"{path}: a diffusers model directory needs model_index.json")
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        if not (path / part).is_dir():
+            raise ModelLoadError(f"{path}: missing the {part}/ folder of a diffusers SD3 model")
+    has_t5 = (path / "text_encoder_3").is_dir() and (path / "tokenizer_3").is_dir()
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(
+            path, dtype=dtype, local_files_only=True, **_t5_overrides(has_t5, load_t5)
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: could not load the model: {e}") from e
+
+
+def _load_single_file(
+    path: Path, *, config_dir: Path | None, dtype: torch.dtype, load_t5: bool
+) -> StableDiffusion3Pipeline:
+    # A single-file checkpoint holds weights only: the component configs and tokenizers come from a
+    # diffusers-layout directory (a copy of the model repository without its weight files will do).
+    if config_dir is None:
+        raise ModelLoadError(
+            f"{path}: a single-file checkpoint needs --model-config-dir (SD3SERVE_MODEL_CONFIG_DIR): a diffusers "
+            "directory of the same model with model_index.json, the component config.json files and the "
+            "tokenizer folders (weights not needed)"
+        )
+    has_t5 = (config_dir / "text_encoder_3").is_dir() and (config_dir / "tokenizer_3").is_dir()
+    try:
+        return StableDiffusion3Pipeline.from_single_file(
+            str(path),
+            config=str(config_dir),
+            dtype=dtype,
+            local_files_only=True,
+            **_t5_overrides(has_t5, load_t5),
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: could not load the checkpoint: {e}") from e

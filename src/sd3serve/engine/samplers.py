@@ -1,0 +1,1218 @@
+"""Samplers (ComfyUI's KSampler names) for rectified-flow models, k-diffusion style.
+
+Every sampler has the signature ``sample(model, x, sigmas, *, noise, callback) -> x0``: ``model`` is a
+:class:`Denoiser` returning the (guided) denoised prediction x0, ``x`` is the starting latent already scaled to
+``sigmas[0]``, ``noise`` is the request's :class:`~sd3serve.engine.noise.BatchNoise`.
+
+Flow conventions: ``x_σ = α·x0 + σ·ε`` with ``α = 1 - σ``; the probability-flow ODE in σ is
+``dx/dσ = (x - D(x, σ)) / σ`` (k-diffusion's ``to_d``: for flow it is the velocity ε - x0), so deterministic
+solvers in σ carry over. Everything that depends on the noise *schedule* uses the flow's own α and σ:
+
+* half-log-SNR ``λ = log(α/σ) = logit(1-σ)`` for the exponential integrators (DPM-Solver++, UniPC, SDE);
+* re-noising keeps the flow marginal: stepping to ``σ_next`` ends at ``(1-σ_next)·x0 + σ_next·ε`` in
+  distribution (ComfyUI's ``*_RF`` ancestral steps, the flow DDPM posterior, ``noise_scaling``), never the
+  variance-exploding ``x + σ_up·ε``;
+* σ = 1 exactly (α = 0, λ = -∞): first-order steps are written in σ ratios, which are exact there; solvers that
+  need finite λ history offset the first σ to ``SNR_SIGMA_MAX`` as ComfyUI's ``offset_first_sigma_for_snr``.
+
+Scalar coefficients are computed in Python float64 from ``sigmas.tolist()`` (one host sync per call), tensors
+only see ``x ← a·x + b·D`` updates, so every batch item is computed independently of the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from sd3serve.engine.noise import BatchNoise
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided denoised prediction x0 at noise level ``sigma`` (a 0-dim tensor)."""
+        ...
+
+    def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided x0, unconditional x0), for CFG++; equal when guidance is off."""
+        ...
+
+
+StepCallback = Callable[[int, int], None]  # (step index, number of steps)
+
+
+class Sampler(Protocol):
+    def __call__(
+        self,
+        model: Denoiser,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        noise: BatchNoise,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor: ...
+
+
+SNR_SIGMA_MAX = 1.0 - 1e-4 / 3  # ComfyUI: percent_to_sigma(1e-4) at shift 3; first σ for finite log-SNR
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """The ODE derivative dx/dσ from the denoised prediction (for flow: the velocity)."""
+    return (x - denoised) / sigma
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _floats(sigmas: torch.Tensor) -> list[float]:
+    return [float(s) for s in sigmas.detach().to("cpu", torch.float64).tolist()]
+
+
+class _Sig:
+    """0-dim σ tensors for the model, on the schedule's device and dtype; schedule points are views."""
+
+    def __init__(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.sigmas[i]
+
+    def at(self, value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=self.sigmas.dtype, device=self.sigmas.device)
+
+
+def _lam(sigma: float) -> float:
+    """Half-log-SNR of the flow, log((1-σ)/σ) = logit(1-σ); ±inf at σ = 0 and 1."""
+    if sigma <= 0.0:
+        return math.inf
+    if sigma >= 1.0:
+        return -math.inf
+    return math.log1p(-sigma) - math.log(sigma)
+
+
+def _sigma_of_lam(lam: float) -> float:
+    return 1.0 / (1.0 + math.exp(lam))  # sigmoid(-λ)
+
+
+def _offset_first(sig: list[float]) -> list[float]:
+    """ComfyUI's offset_first_sigma_for_snr: σ = 1 has no finite log-SNR, start just below it."""
+    return [SNR_SIGMA_MAX, *sig[1:]] if len(sig) > 1 and sig[0] >= 1.0 else sig
+
+
+def _rf_ancestral(s: float, s_next: float, eta: float) -> tuple[float, float, float]:
+    """Rectified-flow ancestral step (ComfyUI's ``*_RF``): (σ_down, α_next/α_down, renoise std).
+
+    Step deterministically to σ_down, scale by α_next/α_down and add renoise·ε: the marginal is again
+    ``(1-σ_next)·x0 + σ_next·ε``.
+    """
+    s_down = s_next * (1 + (s_next / s - 1) * eta)
+    a_next, a_down = 1 - s_next, 1 - s_down
+    renoise = math.sqrt(max(s_next**2 - s_down**2 * a_next**2 / a_down**2, 0.0))
+    return s_down, a_next / a_down, renoise
+
+
+def _rf_renoise(s_next: float, s_down: float) -> tuple[float, float]:
+    """(α_next/α_down, renoise std) taking a sample at σ_down to the flow marginal at σ_next ≥ σ_down."""
+    scale = (1 - s_next) / (1 - s_down)
+    return scale, math.sqrt(max(s_next**2 - (s_down * scale) ** 2, 0.0))
+
+
+def _noise_row(noise: BatchNoise, like: torch.Tensor, k: int) -> torch.Tensor:
+    """Image k's next draw, exactly as :class:`BatchNoise` would make it, without touching other images."""
+    g = noise.generators("cpu")[k]
+    return torch.randn(like.shape[1:], generator=g, dtype=torch.float32)[None].to(like.device, like.dtype)
+
+
+def _ve_ancestral(r: float, r_next: float, eta: float) -> tuple[float, float]:
+    """k-diffusion's get_ancestral_step on noise-to-signal ratios r = σ/α (the flow's VE-equivalent σ)."""
+    if not eta:
+        return r_next, 0.0
+    up = min(r_next, eta * math.sqrt(max(r_next**2 * (r**2 - r_next**2) / r**2, 0.0)))
+    return math.sqrt(r_next**2 - up**2), up
+
+
+def _progress(callback: StepCallback | None, i: int, n: int) -> None:
+    if callback is not None:
+        callback(i, n)
+
+
+# ------------------------------------------------------------------------------------------ Euler family
+
+
+@torch.no_grad()
+def sample_euler(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Euler's method (Karras et al. 2022, Algorithm 2 without churn)."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        denoised = model(x, st[i])
+        r = sig[i + 1] / sig[i]
+        x = torch.lerp(denoised, x, r)  # x + (σ'-σ)·(x-D)/σ
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_cfg_pp(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Euler with CFG++ (Chung et al. 2024): guided x0, unconditional noise estimate."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        guided, uncond = model.with_uncond(x, st[i])
+        s, s1 = sig[i], sig[i + 1]
+        # x' = α'·D_g + σ'·ε̂_u,  ε̂_u = (x - α·D_u)/σ
+        x = (s1 / s) * (x - (1 - s) * uncond) + (1 - s1) * guided
+        _progress(callback, i, n)
+    return x
+
+
+def _euler_ancestral(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: BatchNoise,
+    callback: StepCallback | None,
+    eta: float,
+    s_noise: float,
+    cfg_pp: bool,
+) -> torch.Tensor:
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        if cfg_pp:
+            denoised, uncond = model.with_uncond(x, st[i])
+        else:
+            denoised = uncond = model(x, st[i])
+        s, s1 = sig[i], sig[i + 1]
+        if s1 == 0:
+            x = denoised
+        else:
+            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
+            # deterministic step to σ_down: α_down·D + σ_down·ε̂
+            x = (s_down / s) * (x - (1 - s) * uncond) + (1 - s_down) * denoised
+            if eta > 0:
+                x = scale * x + (renoise * s_noise) * noise(x)
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Ancestral Euler, rectified-flow re-noising (ComfyUI's sample_euler_ancestral_RF)."""
+    return _euler_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_euler_ancestral_cfg_pp(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Ancestral Euler with CFG++ (Chung et al. 2024), rectified-flow re-noising."""
+    return _euler_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=True)
+
+
+@torch.no_grad()
+def sample_heun(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Heun's method (Karras et al. 2022, Algorithm 1); Euler on the last step to σ = 0."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        d = (x - model(x, st[i])) / s
+        if s1 == 0:
+            x = x - s * d
+        else:
+            x_2 = x + (s1 - s) * d
+            d_2 = (x_2 - model(x_2, st[i + 1])) / s1
+            x = x + (0.5 * (s1 - s)) * (d + d_2)
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_heunpp2(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Heun++ (Carzit's sd-webui-samplers-scheduler, as ComfyUI): 3-stage σ-weighted Heun."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    s_end = sig[-1]
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        d = (x - model(x, st[i])) / s
+        dt = s1 - s
+        if s1 == s_end:
+            x = x + dt * d
+        else:
+            x_2 = x + dt * d
+            d_2 = (x_2 - model(x_2, st[i + 1])) / s1
+            if sig[i + 2] == s_end:
+                w2 = s1 / (2 * sig[0])
+                x = x + dt * ((1 - w2) * d + w2 * d_2)
+            else:
+                s2 = sig[i + 2]
+                x_3 = x_2 + (s2 - s1) * d_2
+                d_3 = (x_3 - model(x_3, st[i + 2])) / s2
+                w2, w3 = s1 / (3 * sig[0]), s2 / (3 * sig[0])
+                x = x + dt * ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3)
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver-2-style midpoint in log σ (Karras et al. 2022 / k-diffusion); Euler on the last step."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        d = (x - model(x, st[i])) / s
+        if s1 == 0:
+            x = x - s * d
+        else:
+            s_mid = math.sqrt(s * s1)
+            x_2 = x + (s_mid - s) * d
+            d_2 = (x_2 - model(x_2, st.at(s_mid))) / s_mid
+            x = x + (s1 - s) * d_2
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Ancestral DPM-2 with rectified-flow re-noising (ComfyUI's sample_dpm_2_ancestral_RF)."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        d = (x - model(x, st[i])) / s
+        if s1 == 0:
+            x = x - s * d
+        else:
+            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
+            s_mid = math.sqrt(s * s_down)
+            x_2 = x + (s_mid - s) * d
+            d_2 = (x_2 - model(x_2, st.at(s_mid))) / s_mid
+            x = x + (s_down - s) * d_2
+            if eta > 0:
+                x = scale * x + (renoise * s_noise) * noise(x)
+        _progress(callback, i, n)
+    return x
+
+
+# -------------------------------------------------------------------------------- linear multistep (σ-time)
+
+
+def _lagrange_integral(nodes: list[float], j: int, a: float, b: float, weight_pow: int = 0) -> float:
+    """∫_a^b ℓ_j(τ)·τ^weight_pow dτ for the Lagrange basis ℓ_j on ``nodes`` (exact; weight_pow ≥ -2)."""
+    others = [t for k, t in enumerate(nodes) if k != j]
+    poly = np.poly(others) / np.prod([nodes[j] - t for t in others]) if others else np.array([1.0])
+    total = 0.0
+    deg = len(poly) - 1
+    for idx, c in enumerate(poly):
+        p = deg - idx + weight_pow  # ∫ c·τ^p
+        if p == -1:
+            total += c * (math.log(b) - math.log(a))
+        else:
+            total += c * (b ** (p + 1) - a ** (p + 1)) / (p + 1)
+    return float(total)
+
+
+@torch.no_grad()
+def sample_lms(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    order: int = 4,
+) -> torch.Tensor:
+    """Linear multistep (Adams–Bashforth in σ, order 4; k-diffusion's sample_lms, exact coefficients)."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    ds: list[torch.Tensor] = []
+    for i in range(n):
+        denoised = model(x, st[i])
+        ds.append((x - denoised) / sig[i])
+        if len(ds) > order:
+            ds.pop(0)
+        if sig[i + 1] == 0:
+            x = denoised
+        else:
+            cur = min(i + 1, order)
+            nodes = [sig[i - k] for k in range(cur)]
+            for j in range(cur):
+                x = x + _lagrange_integral(nodes, j, sig[i], sig[i + 1]) * ds[-1 - j]
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    max_order: int = 4,
+) -> torch.Tensor:
+    """Improved PNDM (Zhang & Chen 2023, DEIS paper): fixed-coefficient Adams–Bashforth in σ, order ≤ 4."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    coeffs = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+    buf: list[torch.Tensor] = []
+    for i in range(n):
+        denoised = model(x, st[i])
+        d = (x - denoised) / sig[i]
+        if sig[i + 1] == 0:
+            x = denoised
+        else:
+            hist = [d, *reversed(buf)]
+            dt = sig[i + 1] - sig[i]
+            for c, dd in zip(coeffs[min(max_order, i + 1)], hist, strict=False):
+                x = x + (dt * c) * dd
+        buf = [*buf, d][-(max_order - 1) :]
+        _progress(callback, i, n)
+    return x
+
+
+def _ipndm_v_coeffs(t: list[float], i: int, order: int) -> tuple[float, ...]:
+    """Variable-step iPNDM coefficients (zju-pi diff-solvers, as ComfyUI's sample_ipndm_v)."""
+    h = t[i + 1] - t[i]
+    if order == 1:
+        return (1.0,)
+    h1 = t[i] - t[i - 1]
+    if order == 2:
+        return ((2 + h / h1) / 2, -(h / h1) / 2)
+    h2 = t[i - 1] - t[i - 2]
+    temp1 = (1 - h / (3 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2
+    if order == 3:
+        return ((2 + h / h1) / 2 + temp1, -(h / h1) / 2 - (1 + h1 / h2) * temp1, temp1 * h1 / h2)
+    h3 = t[i - 2] - t[i - 3]
+    temp2 = ((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2))) * (
+        h * (h + h1) * (h + h1 + h2)
+    ) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return (
+        (2 + h / h1) / 2 + temp1 + temp2,
+        -(h / h1) / 2 - (1 + h1 / h2) * temp1 - (1 + h1 / h2 + q) * temp2,
+        temp1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * temp2,
+        -temp2 * q * h1 / h2,
+    )
+
+
+@torch.no_grad()
+def sample_ipndm_v(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    max_order: int = 4,
+) -> torch.Tensor:
+    """Improved PNDM with variable step sizes (Zhang & Chen 2023), order ≤ 4 in σ."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    buf: list[torch.Tensor] = []
+    for i in range(n):
+        denoised = model(x, st[i])
+        d = (x - denoised) / sig[i]
+        if sig[i + 1] == 0:
+            x = denoised
+        else:
+            cs = _ipndm_v_coeffs(sig, i, min(max_order, i + 1))
+            hist = [d, *reversed(buf)]
+            dt = sig[i + 1] - sig[i]
+            for c, dd in zip(cs, hist, strict=False):
+                x = x + (dt * c) * dd
+        buf = [*buf, d][-(max_order - 1) :]
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_deis(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    max_order: int = 3,
+) -> torch.Tensor:
+    """DEIS tAB (Zhang & Chen 2022): exponential integrator, x0 extrapolated by Lagrange polynomials in σ.
+
+    For flow, d(x/σ)/dσ = -D/σ², so x' = (σ'/σ)·x - σ'·Σ_j D_j ∫_σ^σ' ℓ_j(τ)/τ² dτ (integrals exact).
+    """
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    buf: list[torch.Tensor] = []
+    for i in range(n):
+        denoised = model(x, st[i])
+        s, s1 = sig[i], sig[i + 1]
+        order = min(max_order, i + 1)
+        if s1 == 0:
+            x = denoised
+        else:
+            nodes = [sig[i - k] for k in range(order)]
+            hist = [denoised, *reversed(buf)]
+            x = (s1 / s) * x
+            for j in range(order):
+                x = x - (s1 * _lagrange_integral(nodes, j, s, s1, weight_pow=-2)) * hist[j]
+        buf = [*buf, denoised][-(max_order - 1) :] if max_order > 1 else []
+        _progress(callback, i, n)
+    return x
+
+
+# --------------------------------------------------------------------------------- DPM-Solver (fast / adaptive)
+
+
+class _DPMSolver:
+    """DPM-Solver-1/2/3 (Lu et al. 2022) in t = -log σ on the flow ODE (k-diffusion's form), RF noise for eta."""
+
+    def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], st: _Sig) -> None:
+        self.model, self.st, self.nfe = model, st, 0
+        self.on_eval: Callable[[], None] | None = None
+
+    def eps(self, cache: dict[str, torch.Tensor], key: str, x: torch.Tensor, t: float) -> torch.Tensor:
+        if key not in cache:
+            s = math.exp(-t)
+            cache[key] = (x - self.model(x, self.st.at(s))) / s
+            self.nfe += 1
+            if self.on_eval is not None:
+                self.on_eval()
+        return cache[key]
+
+    def step(self, order: int, x: torch.Tensor, t: float, t1: float, cache: dict[str, torch.Tensor],
+             r1: float | None = None) -> torch.Tensor:
+        h, sn = t1 - t, math.exp(-t1)
+        eps = self.eps(cache, "eps", x, t)
+        if order == 1:
+            return x - sn * math.expm1(h) * eps
+        if order == 2:
+            r1 = 0.5 if r1 is None else r1
+            s1 = t + r1 * h
+            u1 = x - math.exp(-s1) * math.expm1(r1 * h) * eps
+            e1 = self.eps(cache, f"eps_r{r1}", u1, s1)
+            return x - sn * math.expm1(h) * eps - sn / (2 * r1) * math.expm1(h) * (e1 - eps)
+        r1, r2 = 1 / 3, 2 / 3
+        s1, s2 = t + r1 * h, t + r2 * h
+        u1 = x - math.exp(-s1) * math.expm1(r1 * h) * eps
+        e1 = self.eps(cache, f"eps_r{r1}", u1, s1)
+        u2 = (x - math.exp(-s2) * math.expm1(r2 * h) * eps
+              - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - eps))
+        e2 = self.eps(cache, "eps_r2", u2, s2)
+        return x - sn * math.expm1(h) * eps - sn / r2 * (math.expm1(h) / h - 1) * (e2 - eps)
+
+
+def _fast_range(sig: list[float]) -> tuple[float, float, bool]:
+    """(σ_max, σ_min > 0, whether a final denoise to σ = 0 follows), as ComfyUI's dpm_fast/adaptive wrappers."""
+    if sig[-1] == 0:
+        return sig[0], sig[-2], True
+    return sig[0], sig[-1], False
+
+
+@torch.no_grad()
+def sample_dpm_fast(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """DPM-Solver-Fast (Lu et al. 2022): orders 3,…,3,2,1 on a uniform log-σ grid, n model calls in all.
+
+    Integrates from σ_max to the last positive σ with n-1 calls, then denoises to σ = 0 with the last one
+    (ComfyUI stops at σ_min, which leaves visible noise at flow step counts).
+    """
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    if n < 1:
+        return x
+    s_max, s_min, denoise = _fast_range(sig)
+    nfe = n - 1 if denoise else n
+    calls = [0]
+
+    def on_eval() -> None:
+        _progress(callback, calls[0], n)
+        calls[0] += 1
+
+    solver = _DPMSolver(model, st)
+    solver.on_eval = on_eval
+    if nfe > 0 and s_min < s_max:
+        t_start, t_end = -math.log(s_max), -math.log(s_min)
+        m = nfe // 3 + 1
+        ts = np.linspace(t_start, t_end, m + 1).tolist()
+        orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+        for i, order in enumerate(orders):
+            t, t1 = ts[i], ts[i + 1]
+            if eta > 0:
+                s_down = max(_rf_ancestral(math.exp(-t), math.exp(-t1), eta)[0], s_min)
+                x = solver.step(order, x, t, -math.log(s_down), {})
+                scale, renoise = _rf_renoise(math.exp(-t1), s_down)
+                x = scale * x + (renoise * s_noise) * noise(x)
+            else:
+                x = solver.step(order, x, t, t1, {})
+    if denoise:
+        x = model(x, st.at(s_min))
+        on_eval()
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    accept_safety: float = 0.81,
+    max_nfe: int = 120,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """DPM-Solver-23 with adaptive step size (Lu et al. 2022; I-controller as k-diffusion), ≤ max_nfe calls.
+
+    The error norm and the step size are per image (batch invariance), so each image is integrated in turn;
+    the model still sees the whole batch (row k carries image k, the other rows are ignored), at most
+    ``max_nfe`` calls per image. Progress goes to ``callback`` as the fraction of the σ range covered.
+    """
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    if n < 1:
+        return x
+    s_max, s_min, denoise = _fast_range(sig)
+    t_start, t_end = -math.log(s_max), -math.log(s_min)
+    b = x.shape[0]
+    ctrl_order = 1.5 if eta > 0 else 3.0
+    reported = [0]
+
+    def report(frac: float) -> None:
+        upto = min(n - 1, int(frac * n))
+        while reported[0] < upto:
+            _progress(callback, reported[0], n)
+            reported[0] += 1
+
+    rows: list[torch.Tensor] = []
+    for k in range(b):
+
+        def row_model(xk: torch.Tensor, s: torch.Tensor, k: int = k) -> torch.Tensor:
+            if b == 1:
+                return model(xk, s)
+            full = x.clone()
+            full[k : k + 1] = xk
+            return model(full, s)[k : k + 1]
+
+        xk, x_prev = x[k : k + 1], x[k : k + 1]
+        solver = _DPMSolver(row_model, st)
+        t, h = t_start, h_init
+        cache: dict[str, torch.Tensor] = {}
+        while t < t_end - 1e-5:
+            force = solver.nfe + 6 + (1 if denoise else 0) > max_nfe  # keep a forced last step affordable
+            t1 = t_end if force else min(t_end, t + h)
+            s_down = math.exp(-t1)
+            if eta > 0:
+                s_down = max(_rf_ancestral(math.exp(-t), s_down, eta)[0], s_min)
+            t_down = -math.log(s_down)
+            x_low = solver.step(2, xk, t, t_down, cache, r1=1 / 3)
+            x_high = solver.step(3, xk, t, t_down, cache)
+            delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
+            err = float(torch.linalg.vector_norm((x_low - x_high) / delta)) / xk.numel() ** 0.5
+            factor = 1 + math.atan((1 / (err + 1e-8)) ** (1 / ctrl_order) - 1)  # I-controller, limited
+            if factor >= accept_safety or force:
+                x_prev, xk = x_low, x_high
+                if eta > 0:
+                    scale, renoise = _rf_renoise(math.exp(-t1), s_down)
+                    xk = scale * xk + (renoise * s_noise) * _noise_row(noise, xk, k)
+                t, cache = t1, {}
+                report((k + (s_max - math.exp(-t)) / (s_max - s_min)) / b)
+            else:
+                cache = {"eps": cache["eps"]}  # same x and σ: only the first evaluation stays valid
+            h = h * factor
+        if denoise:
+            xk = row_model(xk, st.at(s_min))
+        rows.append(xk)
+        report((k + 1) / b)
+    while reported[0] < n:
+        _progress(callback, reported[0], n)
+        reported[0] += 1
+    return torch.cat(rows)
+
+
+# --------------------------------------------------------------------------- DPM-Solver++ (half-log-SNR λ)
+
+
+def _dpmpp_2s_ancestral(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: BatchNoise,
+    callback: StepCallback | None,
+    eta: float,
+    s_noise: float,
+    cfg_pp: bool,
+) -> torch.Tensor:
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        if cfg_pp:
+            denoised, uncond = model.with_uncond(x, st[i])
+        else:
+            denoised = uncond = model(x, st[i])
+        if s1 == 0:
+            x = denoised
+        else:
+            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
+            # midpoint in λ between σ and σ_down; at σ = 1 (λ = -∞) ComfyUI's σ_s = 0.9999
+            s_mid = 0.9999 if s >= 1.0 else _sigma_of_lam(0.5 * (_lam(s) + _lam(s_down)))
+            u = (s_mid / s) * (x - (1 - s) * uncond) + (1 - s_mid) * denoised
+            if cfg_pp:
+                d2, u2 = model.with_uncond(u, st.at(s_mid))
+            else:
+                d2 = u2 = model(u, st.at(s_mid))
+            x = (s_down / s) * (x - (1 - s) * u2) + (1 - s_down) * d2
+            if eta > 0:
+                x = scale * x + (renoise * s_noise) * noise(x)
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Ancestral DPM-Solver++(2S) (Lu et al. 2022), λ = logit(1-σ), RF re-noising (ComfyUI's *_RF)."""
+    return _dpmpp_2s_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral_cfg_pp(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """Ancestral DPM-Solver++(2S) with CFG++ (guided x0, unconditional ε̂ at both stages), RF re-noising."""
+    return _dpmpp_2s_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=True)
+
+
+def _dpmpp_sde(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: BatchNoise,
+    callback: StepCallback | None,
+    eta: float,
+    s_noise: float,
+    r: float,
+    on_device: bool,
+) -> torch.Tensor:
+    n = len(sigmas) - 1
+    sig = _offset_first(_floats(sigmas))
+    st = _Sig(sigmas)
+    fac = 1 / (2 * r)
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        denoised = model(x, st.at(s) if i == 0 else st[i])
+        if s1 == 0:
+            x = denoised
+        else:
+            lam_s, lam_t = _lam(s), _lam(s1)
+            h = lam_t - lam_s
+            lam_1 = lam_s + r * h
+            s_1 = _sigma_of_lam(lam_1)
+            a_s, a_1, a_t = 1 - s, 1 - s_1, 1 - s1
+            # stage 1: exponential step to λ_1 with ancestral noise in the noise-to-signal ratio e^{-λ}
+            rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_1), eta)
+            h_ = -math.log(rd) - lam_s
+            x_2 = (a_1 / a_s) * math.exp(-h_) * x - a_1 * math.expm1(-h_) * denoised
+            if eta > 0 and s_noise > 0:
+                x_2 = x_2 + (a_1 * ru * s_noise) * noise(x, on_device=on_device)
+            denoised_2 = model(x_2, st.at(s_1))
+            # stage 2
+            rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_t), eta)
+            h_ = -math.log(rd) - lam_s
+            denoised_d = torch.lerp(denoised, denoised_2, fac)
+            x = (a_t / a_s) * math.exp(-h_) * x - a_t * math.expm1(-h_) * denoised_d
+            if eta > 0 and s_noise > 0:
+                x = x + (a_t * ru * s_noise) * noise(x, on_device=on_device)
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+) -> torch.Tensor:
+    """DPM-Solver++ SDE (Lu et al. 2022), 2 stages, λ = logit(1-σ), noise in the flow's σ/α."""
+    return _dpmpp_sde(model, x, sigmas, noise, callback, eta, s_noise, r, on_device=False)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde_gpu(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+) -> torch.Tensor:
+    """DPM-Solver++ SDE with the noise drawn on the compute device."""
+    return _dpmpp_sde(model, x, sigmas, noise, callback, eta, s_noise, r, on_device=True)
+
+
+def _dpmpp_2m(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: StepCallback | None,
+    cfg_pp: bool,
+) -> torch.Tensor:
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    old: torch.Tensor | None = None
+    h_last = math.inf
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        if cfg_pp:
+            denoised, uncond = model.with_uncond(x, st[i])
+        else:
+            denoised = uncond = model(x, st[i])
+        if s1 == 0:
+            x = denoised
+        else:
+            h = _lam(s1) - _lam(s)  # inf from σ = 1; the σ-ratio form below is exact there
+            a = s1 / s
+            b = (1 - s1) - a * (1 - s)  # α'·(1 - e^{-h})
+            # x' = (σ'/σ)·x + α'(1-e^{-h})·D̃ = (σ'/σ)(x - α·D_u) + α'·D_g + ..., with D̃ = D + (h/2h_last)(D - D_old)
+            x = a * (x - (1 - s) * uncond) + (1 - s1) * denoised
+            if old is not None and h_last < math.inf:
+                x = x + (b * h / (2 * h_last)) * (denoised - old)
+            h_last = h
+        old = uncond
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep in the flow's half-log-SNR λ = log((1-σ)/σ)."""
+    return _dpmpp_2m(model, x, sigmas, callback, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) with CFG++ (Chung et al. 2024): guided x0, unconditional ε̂ and history."""
+    return _dpmpp_2m(model, x, sigmas, callback, cfg_pp=True)
+
+
+def _dpmpp_multistep_sde(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: BatchNoise,
+    callback: StepCallback | None,
+    eta: float,
+    s_noise: float,
+    max_order: int,
+    on_device: bool,
+) -> torch.Tensor:
+    n = len(sigmas) - 1
+    sig = _offset_first(_floats(sigmas))
+    st = _Sig(sigmas)
+    d_1: torch.Tensor | None = None
+    d_2: torch.Tensor | None = None
+    h_1: float | None = None
+    h_2: float | None = None
+    h: float | None = None
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        denoised = model(x, st.at(s) if i == 0 else st[i])
+        if s1 == 0:
+            x = denoised
+            h = None
+        else:
+            h = _lam(s1) - _lam(s)
+            h_eta = h * (eta + 1)
+            a_t = 1 - s1
+            phi_1 = -math.expm1(-h_eta)
+            x = (s1 / s) * math.exp(-h * eta) * x + (a_t * phi_1) * denoised
+            if max_order >= 3 and h_2 is not None and d_2 is not None and d_1 is not None and h_1 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - d_1) / r0
+                d1_1 = (d_1 - d_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + (a_t * phi_2) * d1 - (a_t * phi_3) * d2
+            elif h_1 is not None and d_1 is not None:
+                if max_order >= 3:
+                    phi_2 = math.expm1(-h_eta) / h_eta + 1
+                    x = x + (a_t * phi_2 * h / h_1) * (denoised - d_1)
+                else:  # midpoint variant of DPM-Solver++(2M) SDE
+                    x = x + (0.5 * a_t * phi_1 * h / h_1) * (denoised - d_1)
+            if eta > 0 and s_noise > 0:
+                x = x + (s1 * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise) * noise(x, on_device=on_device)
+        d_1, d_2 = denoised, d_1
+        h_1, h_2 = h, h_1
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE, midpoint (Lu et al. 2022), λ = logit(1-σ), noise σ'·sqrt(1-e^{-2hη})."""
+    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 2, on_device=False)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_gpu(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE with the noise drawn on the compute device."""
+    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 2, on_device=True)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE (Lu et al. 2022; k-diffusion), λ = logit(1-σ)."""
+    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 3, on_device=False)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde_gpu(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE with the noise drawn on the compute device."""
+    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 3, on_device=True)
+
+
+# ------------------------------------------------------------------------------------ DDPM, LCM, DDIM
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020): the exact posterior q(x_σ' | x_σ, x0) of the flow's α, σ."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        denoised = model(x, st[i])
+        s, s1 = sig[i], sig[i + 1]
+        if s1 == 0:
+            x = denoised
+        else:
+            a_s, a_t = 1 - s, 1 - s1
+            ratio = a_s / a_t  # α_{σ|σ'}
+            var = max(s**2 - ratio**2 * s1**2, 0.0)  # σ²_{σ|σ'}
+            x = (ratio * s1**2 / s**2) * x + (a_t * var / s**2) * denoised
+            x = x + (math.sqrt(var) * s1 / s) * noise(x)
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Latent Consistency Model sampling (Luo et al. 2023): denoise, re-noise as (1-σ')·x0 + σ'·ε."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        x = model(x, st[i])
+        s1 = sig[i + 1]
+        if s1 > 0:
+            x = (1 - s1) * x + s1 * noise(x)
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021): x' = α'·x0 + sqrt(σ'² - c²)·ε̂ + c·z; for a rectified flow, η = 0 equals Euler."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        denoised = model(x, st[i])
+        s, s1 = sig[i], sig[i + 1]
+        a_s, a_t = 1 - s, 1 - s1
+        eps = (x - a_s * denoised) / s
+        c = 0.0
+        if eta > 0 and s1 > 0:
+            c = eta * s1 * math.sqrt(max(1 - (a_s * s1 / (a_t * s)) ** 2, 0.0))
+        x = a_t * denoised + math.sqrt(max(s1**2 - c**2, 0.0)) * eps
+        if c > 0:
+            x = x + c * noise(x)
+        _progress(callback, i, n)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------- UniPC
+
+
+def _unipc_coeffs(rks: list[float], hh: float, order: int, bh2: bool) -> tuple[float, list[float], float]:
+    """(B(h), b vector, h·φ_1) for UniPC in data prediction (Zhao et al. 2023, diffusers' layout)."""
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    fact = 1
+    b_h = math.expm1(hh) if bh2 else hh
+    bs: list[float] = []
+    for i in range(1, order + 1):
+        bs.append(h_phi_k * fact / b_h)
+        fact *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return b_h, bs, h_phi_1
+
+
+def _unipc(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: StepCallback | None,
+    bh2: bool,
+    order: int = 3,
+) -> torch.Tensor:
+    n = len(sigmas) - 1
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    # λ(1) = -∞: the history coefficients use the offset first σ; the σ-ratio part stays exact at σ = 1
+    lam = [_lam(s) for s in _offset_first(sig)]
+    ms: list[torch.Tensor] = []  # model outputs, newest last
+    x_last: torch.Tensor | None = None
+    last_order = 1
+    for i in range(n):
+        denoised = model(x, st[i])
+        if i > 0 and x_last is not None:  # UniC: correct x_i with the evaluation just made
+            k = last_order
+            h = lam[i] - lam[i - 1]
+            rks = [(lam[i - 1 - j] - lam[i - 1]) / h for j in range(1, k)] + [1.0]
+            b_h, bs, _ = _unipc_coeffs(rks, -h, k, bh2)
+            m0 = ms[-1]
+            rhos = [0.5] if k == 1 else np.linalg.solve(np.vander(rks, k, increasing=True).T, bs).tolist()
+            s0, s1 = sig[i - 1], sig[i]
+            x = (s1 / s0) * x_last + ((1 - s1) - (s1 / s0) * (1 - s0)) * m0  # = σ'/σ·x - α'·hφ_1·m0
+            corr = rhos[-1] * (denoised - m0)
+            for j in range(1, k):
+                corr = corr + (rhos[j - 1] / rks[j - 1]) * (ms[-1 - j] - m0)
+            x = x - ((1 - s1) * b_h) * corr
+        ms = [*ms, denoised][-order:]
+        s0, s1 = sig[i], sig[i + 1]
+        if s1 == 0:
+            x = denoised
+        else:  # UniP predictor of order k (warm-up, lower order on the final steps)
+            k = min(order, i + 1, n - i if n < 10 else order)  # lower_order_final below 10 steps
+            h = lam[i + 1] - lam[i]
+            rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)] + [1.0]
+            b_h, bs, _ = _unipc_coeffs(rks, -h, k, bh2)
+            x_last = x
+            x = (s1 / s0) * x + ((1 - s1) - (s1 / s0) * (1 - s0)) * denoised
+            if k >= 2:
+                if k == 2:
+                    rhos_p = [0.5]
+                else:
+                    rhos_p = np.linalg.solve(np.vander(rks[:-1], k - 1, increasing=True).T, bs[:-1]).tolist()
+                for j in range(1, k):
+                    x = x - ((1 - s1) * b_h * rhos_p[j - 1] / rks[j - 1]) * (ms[-1 - j] - denoised)
+            last_order = k
+        _progress(callback, i, n)
+    return x
+
+
+@torch.no_grad()
+def sample_uni_pc(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), B(h) = h (bh1), order 3, data prediction in λ = logit(1-σ)."""
+    return _unipc(model, x, sigmas, callback, bh2=False)
+
+
+@torch.no_grad()
+def sample_uni_pc_bh2(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), B(h) = e^h - 1 (bh2), order 3, data prediction in λ = logit(1-σ)."""
+    return _unipc(model, x, sigmas, callback, bh2=True)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": sample_euler,
+    "euler_cfg_pp": sample_euler_cfg_pp,
+    "euler_ancestral": sample_euler_ancestral,
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
+    "heun": sample_heun,
+    "heunpp2": sample_heunpp2,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "lms": sample_lms,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_sde_gpu": sample_dpmpp_sde_gpu,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde_gpu,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde_gpu,
+    "ddpm": sample_ddpm,
+    "lcm": sample_lcm,
+    "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "deis": sample_deis,
+    "ddim": sample_ddim,
+    "uni_pc": sample_uni_pc,
+    "uni_pc_bh2": sample_uni_pc_bh2,
+}
+SAMPLER_NAMES = tuple(SAMPLERS)

@@ -1,0 +1,44 @@
+"""Domain errors, raised where they arise and mapped to HTTP in one place (``api/errors.py``)."""
+
+from __future__ import annotations
+
+
+class SD3ServeError(Exception):
+    """Base of every error the API turns into a response."""
+
+
+class InvalidRequest(SD3ServeError):
+    """The request is malformed or a field is out of its allowed range (400)."""
+
+
+class InvalidApiKey(SD3ServeError):
+    """The ``x-api-key`` header is missing, unknown or revoked (401)."""
+
+
+class NotFound(SD3ServeError):
+    """Unknown path, model slug, key id or task (404)."""
+
+
+class InsufficientCredits(SD3ServeError):
+    """The key's balance is below the request's cost (406)."""
+
+    def __init__(self, balance: float, cost: float) -> None:
+        super().__init__(f"not enough credits: this request costs {cost:g}, the balance is {balance:g}")
+        self.balance = balance
+        self.cost = cost
+
+
+class PayloadTooLarge(SD3ServeError):
+    """The request body is over the configured limit (413)."""
+
+
+class Overloaded(SD3ServeError):
+    """The queue is full (503)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class GenerationFailed(SD3ServeError):
+    """The engine raised while generating (500); nothing is charged."""

@@ -1,0 +1,1 @@
+"""Models that ship with sd3serve: the embedded default model and the builders behind it."""

@@ -1,0 +1,145 @@
+"""Build a small SD3-architecture model in diffusers layout, from nothing but a seed.
+
+The same classes as SD3.5 Large Turbo (two CLIP text encoders with projection, an optional T5 encoder,
+``SD3Transformer2DModel``, a 16-channel ``AutoencoderKL``) at toy widths, with tokenizers built locally so that
+nothing is downloaded. Tests use it as a fixture; the server uses it as the built-in demo model.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+
+@dataclass(frozen=True)
+class TinySD3Config:
+    seed: int = 0
+    hidden: int = 32  # transformer width: num_attention_heads * attention_head_dim
+    heads: int = 2
+    layers: int = 2
+    patch: int = 2
+    text_dim: int = 32  # CLIP hidden size; the two CLIP projections are concatenated into `pooled`
+    t5_dim: int = 64  # the joint attention width; at least 2 * text_dim, as SD3 (2048 CLIP, 4096 T5)
+    with_t5: bool = True
+    vae_channels: tuple[int, ...] = (8, 8, 8, 8)  # 4 blocks: 8x downsampling, as SD3
+    max_pixels_side: int = 2048  # the largest side the contract serves
+    shift: float = 3.0
+
+
+def _byte_vocab() -> tuple[dict[str, int], list[str]]:
+    """A character-level CLIP BPE vocabulary: every printable ASCII character, word-final or not."""
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += chars + [c + "</w>" for c in chars]
+    return {t: i for i, t in enumerate(tokens)}, []
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    vocab, merges = _byte_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_t5_tokenizer() -> T5TokenizerFast:
+    pieces = ["<pad>", "</s>", "<unk>", "▁", *sorted(set(string.ascii_lowercase + string.digits))]
+    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_sd3(out_dir: Path, config: TinySD3Config | None = None) -> Path:
+    """Create the model with seeded random weights and save it in diffusers layout at ``out_dir``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    cfg = config or TinySD3Config()
+    if cfg.t5_dim < 2 * cfg.text_dim:
+        raise ValueError("t5_dim must be at least 2 * text_dim: SD3 pads the CLIP states to the T5 width")
+    torch.manual_seed(cfg.seed)
+    clip_tok = build_clip_tokenizer()
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(clip_tok),
+        hidden_size=cfg.text_dim,
+        intermediate_size=cfg.text_dim * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=cfg.text_dim,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    text_encoder = CLIPTextModelWithProjection(clip_cfg)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_cfg)
+    text_encoder_3 = tokenizer_3 = None
+    if cfg.with_t5:
+        tokenizer_3 = build_t5_tokenizer()
+        t5_cfg = T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=cfg.t5_dim,
+            d_kv=8,
+            d_ff=cfg.t5_dim * 2,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        text_encoder_3 = T5EncoderModel(t5_cfg)
+    vae_factor = 2 ** (len(cfg.vae_channels) - 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=1024 // vae_factor,
+        patch_size=cfg.patch,
+        in_channels=16,
+        out_channels=16,
+        num_layers=cfg.layers,
+        attention_head_dim=cfg.hidden // cfg.heads,
+        num_attention_heads=cfg.heads,
+        # SD3 concatenates the CLIP hidden states (2 x text_dim) and zero-pads them to the T5 width.
+        joint_attention_dim=cfg.t5_dim,
+        caption_projection_dim=cfg.hidden,
+        pooled_projection_dim=2 * cfg.text_dim,
+        pos_embed_max_size=cfg.max_pixels_side // vae_factor // cfg.patch,
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=min(cfg.vae_channels),
+        mid_block_add_attention=False,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -1,0 +1,44 @@
+"""One validated settings object: flags and ``SD3SERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "sd3serve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SD3SERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # A diffusers directory or a single-file SD3 checkpoint; unset: the embedded demo model.
+    model: Path | None = None
+    # For a single-file checkpoint: a diffusers-layout directory with the configs and tokenizers
+    # (model_index.json, */config.json, tokenizer*/); unset: the configs shipped for the SD3 family.
+    model_config_dir: Path | None = None
+    load_t5: bool = True  # SD3 works without T5; skipping it saves ~9 GB (fp16) on the real model
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str | None = None  # unset: SQLite file in data_dir
+    price_per_image: Decimal = Field(Decimal(1), ge=0)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    # Run each image of a batch through the model on its own, so batched images are bit-identical to single
+    # ones (batched and single matrix kernels round differently). Turn off on GPUs for throughput.
+    exact_batches: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    public_url: str | None = None  # base for absolute URLs when behind a proxy; unset: from the request
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'sd3serve.db'}"

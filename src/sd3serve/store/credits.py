@@ -1,0 +1,227 @@
+"""Keys and credits: the only place where balances change.
+
+A request's cost is *held* (taken from the balance) when it is admitted, in one conditional UPDATE, so two
+concurrent requests can never spend the same credit; the hold is *captured* when the images are delivered
+or *released* (returned) when the request fails. Holds left by a crashed process are released at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, delete, event, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound
+from sd3serve.store.models import MICRO, ApiKey, Base, Hold
+
+KEY_PREFIX = "sk-"
+
+
+def digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def to_micro(credits: Decimal | int | float | str) -> int:
+    return int((Decimal(str(credits)) * MICRO).to_integral_value())
+
+
+def from_micro(micro: int) -> float:
+    return micro / MICRO
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    name: str
+    prefix: str
+    credits: float
+    spent: float
+    created_at: datetime
+    revoked: bool
+
+    @classmethod
+    def of(cls, row: ApiKey) -> KeyInfo:
+        return cls(
+            id=row.id,
+            name=row.name,
+            prefix=row.prefix,
+            credits=from_micro(row.balance_micro),
+            spent=from_micro(row.spent_micro),
+            created_at=row.created_at,
+            revoked=row.revoked_at is not None,
+        )
+
+
+@dataclass(frozen=True)
+class CreditHold:
+    id: int
+    key_id: int
+    amount_micro: int
+
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine; SQLite files get WAL mode and a busy timeout so processes can share them."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class CreditStore:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- keys -------------------------------------------------------------------------------------------
+
+    def create_key(self, *, credits: Decimal | int, name: str = "") -> tuple[KeyInfo, str]:
+        """A new key; the plaintext is returned here once and stored only as its sha256 digest."""
+        if Decimal(str(credits)) < 0:
+            raise ValueError("credits must not be negative")
+        plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = ApiKey(
+            name=name,
+            digest=digest(plaintext),
+            prefix=plaintext[:10],
+            balance_micro=to_micro(credits),
+            spent_micro=0,
+        )
+        with self._session.begin() as s:
+            s.add(row)
+            s.flush()
+            s.refresh(row)
+            info = KeyInfo.of(row)
+        return info, plaintext
+
+    def list_keys(self) -> list[KeyInfo]:
+        with self._session() as s:
+            return [KeyInfo.of(r) for r in s.scalars(select(ApiKey).order_by(ApiKey.id))]
+
+    def get_key(self, *, key_id: int) -> KeyInfo:
+        with self._session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                raise NotFound(f"no key with id {key_id}")
+            return KeyInfo.of(row)
+
+    def add_credits(self, *, key_id: int, credits: Decimal | int) -> KeyInfo:
+        amount = to_micro(credits)
+        with self._session.begin() as s:
+            res = s.execute(
+                update(ApiKey).where(ApiKey.id == key_id).values(balance_micro=ApiKey.balance_micro + amount)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFound(f"no key with id {key_id}")
+        return self.get_key(key_id=key_id)
+
+    def revoke(self, *, key_id: int) -> KeyInfo:
+        with self._session.begin() as s:
+            res = s.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            )
+            if res.rowcount != 1 and s.get(ApiKey, key_id) is None:  # type: ignore[attr-defined]
+                raise NotFound(f"no key with id {key_id}")
+        return self.get_key(key_id=key_id)
+
+    def authenticate(self, *, api_key: str | None) -> KeyInfo:
+        """The key's record, or InvalidApiKey for a missing, unknown or revoked key."""
+        if not api_key:
+            raise InvalidApiKey("missing x-api-key header")
+        wanted = digest(api_key)
+        with self._session() as s:
+            row = s.scalars(select(ApiKey).where(ApiKey.digest == wanted)).first()
+            if row is None or not secrets.compare_digest(row.digest, wanted) or row.revoked_at is not None:
+                raise InvalidApiKey("invalid or revoked API key")
+            return KeyInfo.of(row)
+
+    def balance(self, *, key_id: int) -> float:
+        return self.get_key(key_id=key_id).credits
+
+    # --- holds --------------------------------------------------------------------------------------------
+
+    def hold(self, *, key_id: int, credits: Decimal, request_id: str) -> CreditHold:
+        """Take ``credits`` from the balance for a request in flight, or raise InsufficientCredits."""
+        amount = to_micro(credits)
+        with self._session.begin() as s:
+            res = s.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.balance_micro >= amount, ApiKey.revoked_at.is_(None))
+                .values(balance_micro=ApiKey.balance_micro - amount)
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                row = s.get(ApiKey, key_id)
+                if row is None or row.revoked_at is not None:
+                    raise InvalidApiKey("invalid or revoked API key")
+                raise InsufficientCredits(from_micro(row.balance_micro), from_micro(amount))
+            hold = Hold(key_id=key_id, request_id=request_id, amount_micro=amount)
+            s.add(hold)
+            s.flush()
+            return CreditHold(id=hold.id, key_id=key_id, amount_micro=amount)
+
+    def capture(self, hold: CreditHold) -> float:
+        """Spend a hold (its images were delivered); returns the key's remaining balance."""
+        with self._session.begin() as s:
+            if self._delete_hold(s, hold):
+                s.execute(
+                    update(ApiKey)
+                    .where(ApiKey.id == hold.key_id)
+                    .values(spent_micro=ApiKey.spent_micro + hold.amount_micro)
+                )
+            row = s.get(ApiKey, hold.key_id)
+            return from_micro(row.balance_micro) if row else 0.0
+
+    def release(self, hold: CreditHold) -> None:
+        """Return a hold to the balance (the request failed or was not delivered)."""
+        with self._session.begin() as s:
+            if self._delete_hold(s, hold):
+                s.execute(
+                    update(ApiKey)
+                    .where(ApiKey.id == hold.key_id)
+                    .values(balance_micro=ApiKey.balance_micro + hold.amount_micro)
+                )
+
+    def release_stale_holds(self, *, older_than: timedelta) -> int:
+        """Return the holds of requests that cannot still be running (their process died)."""
+        cutoff = datetime.now(UTC) - older_than
+        with self._session() as s:
+            stale = s.scalars(select(Hold).where(Hold.created_at < cutoff)).all()
+            holds = [CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro) for h in stale]
+        for h in holds:
+            self.release(h)
+        return len(holds)
+
+    @staticmethod
+    def _delete_hold(s: Session, hold: CreditHold) -> bool:
+        # Deleting the row is what makes capture and release happen at most once per hold.
+        res = s.execute(delete(Hold).where(Hold.id == hold.id))
+        return res.rowcount == 1  # type: ignore[attr-defined]

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny SD3 model built once per session, a live uvicorn server, a credit store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # any accidental hub call fails at once
+
+import pytest
+
+from live_server import LiveServer, run_live_server
+from sd3serve.engine.loading import LoadedModel, load_model
+from sd3serve.models.tiny import build_tiny_sd3
+from sd3serve.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(Settings(model=tiny_model_dir, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    from sd3serve.engine.local import LocalEngine
+
+    settings = Settings(model=None, device="cpu", data_dir=tmp_path_factory.mktemp("live"))
+    yield from run_live_server(settings, engine=LocalEngine(settings, model=tiny_model))

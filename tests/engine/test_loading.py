@@ -1,0 +1,61 @@
+"""Loading from a diffusers directory, without T5, and the errors for what cannot be loaded."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sd3serve.engine.loading import ModelLoadError, demo_model_dir, load_model
+from sd3serve.settings import Settings
+
+
+def test_directory_with_t5(tiny_model_dir: Path) -> None:
+    model = load_model(Settings(model=tiny_model_dir, device="cpu"))
+    assert model.pipe.text_encoder_3 is not None
+    assert model.flow.shift == 3.0
+    assert model.size_multiple == 16
+
+
+def test_t5_is_optional(tiny_model_dir: Path, tmp_path: Path) -> None:
+    assert load_model(Settings(model=tiny_model_dir, device="cpu", load_t5=False)).pipe.text_encoder_3 is None
+    no_t5 = tmp_path / "no_t5"
+    shutil.copytree(tiny_model_dir, no_t5, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    assert load_model(Settings(model=no_t5, device="cpu")).pipe.text_encoder_3 is None
+
+
+def test_shift_comes_from_the_scheduler_config(tiny_model_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "shift5"
+    shutil.copytree(tiny_model_dir, other)
+    cfg = other / "scheduler" / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace('"shift": 3.0', '"shift": 5.0'))
+    assert load_model(Settings(model=other, device="cpu")).flow.shift == 5.0
+
+
+def test_errors_are_clear(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(Settings(model=tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"model_index\.json"):
+        load_model(Settings(model=tmp_path / "empty"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(ModelLoadError, match="vae/"):
+        load_model(Settings(model=broken))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="single-file"):
+        load_model(Settings(model=tmp_path / "weights.bin"))
+    (tmp_path / "sd3.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="model-config-dir"):
+        load_model(Settings(model=tmp_path / "sd3.safetensors"))
+
+
+def test_demo_model_is_built_once_and_deterministic(tmp_path: Path) -> None:
+    a = demo_model_dir(Settings(data_dir=tmp_path / "a"))
+    b = demo_model_dir(Settings(data_dir=tmp_path / "b"))
+    for f in sorted(a.rglob("*.safetensors")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+    mtime = (a / "model_index.json").stat().st_mtime
+    assert demo_model_dir(Settings(data_dir=tmp_path / "a")) == a
+    assert (a / "model_index.json").stat().st_mtime == mtime
