@@ -59,3 +59,35 @@ def test_demo_model_is_built_once_and_deterministic(tmp_path: Path) -> None:
     mtime = (a / "model_index.json").stat().st_mtime
     assert demo_model_dir(Settings(data_dir=tmp_path / "a")) == a
     assert (a / "model_index.json").stat().st_mtime == mtime
+
+
+def test_single_file_checkpoint_gives_the_same_images(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A ComfyUI-style transformer-only checkpoint plus a config directory loads the same model."""
+    import numpy as np
+    from original_format import save_transformer_single_file
+
+    from sd3serve.engine.job import GenerationJob
+    from sd3serve.engine.pipeline import SD3Pipeline
+
+    ckpt = save_transformer_single_file(tiny_model_dir, tmp_path / "sd3_tiny.safetensors")
+    single = load_model(Settings(model=ckpt, model_config_dir=tiny_model_dir, device="cpu"))
+    directory = load_model(Settings(model=tiny_model_dir, device="cpu"))
+    job = GenerationJob(
+        prompt="a cat",
+        negative_prompt="",
+        steps=2,
+        guidance_scale=2.0,
+        seed=3,
+        sampler="euler",
+        scheduler="simple",
+        width=64,
+        height=64,
+        batch_size=1,
+    )
+    a, b = SD3Pipeline(single)(job).images[0], SD3Pipeline(directory)(job).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert single.pipe.text_encoder_3 is not None
+    no_t5 = load_model(Settings(model=ckpt, model_config_dir=tiny_model_dir, device="cpu", load_t5=False))
+    assert no_t5.pipe.text_encoder_3 is None
+    with pytest.raises(ModelLoadError, match="model_index"):
+        load_model(Settings(model=ckpt, model_config_dir=tmp_path))

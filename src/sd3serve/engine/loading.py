@@ -132,25 +132,71 @@ def _load_directory(path: Path, *, dtype: torch.dtype, load_t5: bool) -> StableD
         raise ModelLoadError(f"{path}: could not load the model: {e}") from e
 
 
+# Where each component's weights sit in an original (SAI / ComfyUI) single-file SD3 checkpoint.
+SINGLE_FILE_PREFIXES = {
+    "transformer": ("model.diffusion_model.", "joint_blocks."),
+    "vae": ("first_stage_model.",),
+    "text_encoder": ("text_encoders.clip_l.",),
+    "text_encoder_2": ("text_encoders.clip_g.",),
+    "text_encoder_3": ("text_encoders.t5xxl.",),
+}
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return list(state.get("state_dict", state).keys())
+
+
 def _load_single_file(
     path: Path, *, config_dir: Path | None, dtype: torch.dtype, load_t5: bool
 ) -> StableDiffusion3Pipeline:
-    # A single-file checkpoint holds weights only: the component configs and tokenizers come from a
-    # diffusers-layout directory (a copy of the model repository without its weight files will do).
+    """A single-file checkpoint holds weights only, often not all of them (ComfyUI keeps the text encoders in
+    files of their own): the configs and tokenizers, and the weights of every component the file lacks, come
+    from ``config_dir``, a diffusers-layout directory of the same model."""
     if config_dir is None:
         raise ModelLoadError(
             f"{path}: a single-file checkpoint needs --model-config-dir (SD3SERVE_MODEL_CONFIG_DIR): a diffusers "
             "directory of the same model with model_index.json, the component config.json files and the "
-            "tokenizer folders (weights not needed)"
+            "tokenizer folders, plus the weights of any component the checkpoint does not hold"
         )
-    has_t5 = (config_dir / "text_encoder_3").is_dir() and (config_dir / "tokenizer_3").is_dir()
+    if not (config_dir / "model_index.json").exists():
+        raise ModelLoadError(f"{config_dir}: the config directory needs model_index.json (diffusers layout)")
+    try:
+        keys = checkpoint_keys(path)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable checkpoint: {e}") from e
+    in_file = {name for name, prefixes in SINGLE_FILE_PREFIXES.items() if any(k.startswith(prefixes) for k in keys)}
+    if "transformer" not in in_file:
+        raise ModelLoadError(f"{path}: no SD3 transformer weights (model.diffusion_model.joint_blocks.*) in it")
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    classes = {
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModelWithProjection,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "text_encoder_3": T5EncoderModel,
+    }
+    preloaded: dict[str, object] = {}
+    if not load_t5:
+        preloaded |= {"text_encoder_3": None, "tokenizer_3": None}
+    for name, cls in classes.items():
+        if name in in_file or name in preloaded:
+            continue
+        if (config_dir / name).is_dir():
+            preloaded[name] = cls.from_pretrained(config_dir, subfolder=name, dtype=dtype, local_files_only=True)
+        elif name == "text_encoder_3":
+            preloaded |= {"text_encoder_3": None, "tokenizer_3": None}  # T5 is optional
+        else:
+            raise ModelLoadError(f"{path}: the checkpoint has no {name} weights and {config_dir} has no {name}/")
     try:
         return StableDiffusion3Pipeline.from_single_file(
-            str(path),
-            config=str(config_dir),
-            dtype=dtype,
-            local_files_only=True,
-            **_t5_overrides(has_t5, load_t5),
+            str(path), config=str(config_dir), dtype=dtype, local_files_only=True, **preloaded
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: could not load the checkpoint: {e}") from e
