@@ -28,7 +28,7 @@ def tiny_model(tiny_model_dir: Path) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def live_server(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    from sd3serve.engine.local import LocalEngine
+    from sd3serve.engine.batching import BatchingEngine
 
     settings = Settings(model=None, device="cpu", data_dir=tmp_path_factory.mktemp("live"))
-    yield from run_live_server(settings, engine=LocalEngine(settings, model=tiny_model))
+    yield from run_live_server(settings, engine=BatchingEngine(settings, model=tiny_model))

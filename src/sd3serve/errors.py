@@ -40,5 +40,12 @@ class Overloaded(SD3ServeError):
         self.retry_after_s = retry_after_s
 
 
+class QueueTimeout(Overloaded):
+    """A request waited in the queue past its deadline (503); nothing is charged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=5)
+
+
 class GenerationFailed(SD3ServeError):
     """The engine raised while generating (500); nothing is charged."""

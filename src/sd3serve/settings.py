@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     # Run each image of a batch through the model on its own, so batched images are bit-identical to single
     # ones (batched and single matrix kernels round differently). Turn off on GPUs for throughput.
     exact_batches: bool = True
+    # Serving: a bounded queue (503 past it), dynamic batching of compatible requests, a prompt-embedding cache.
+    max_queue: int = Field(64, ge=1)  # requests waiting (not running); more get 503 with Retry-After
+    queue_timeout_s: float = Field(300.0, gt=0)  # a request still queued after this fails, uncharged
+    max_batch_images: int = Field(4, ge=1)  # images in one forward pass
+    batch_wait_ms: float = Field(10.0, ge=0)  # how long the first request of a batch waits for company
+    prompt_cache_mb: float = Field(256.0, ge=0)  # prompt embeddings kept, by bytes
+    task_ttl_s: float = Field(3600.0, ge=60)  # v2 results are kept this long after they finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     public_url: str | None = None  # base for absolute URLs when behind a proxy; unset: from the request
 

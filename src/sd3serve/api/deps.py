@@ -6,9 +6,11 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from sd3serve.api.metrics import Metrics
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore, KeyInfo
+from sd3serve.store.tasks import TaskStore
 
 
 def get_settings(request: Request) -> Settings:
@@ -32,11 +34,14 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
 def get_api_key(
+    request: Request,
     store: StoreDep,
     x_api_key: Annotated[str | None, Header(alias="x-api-key", description="your API key")] = None,
 ) -> KeyInfo:
     # A sync dependency: FastAPI runs it on the thread pool, off the event loop.
-    return store.authenticate(api_key=x_api_key)
+    key = store.authenticate(api_key=x_api_key)
+    request.state.key_id = key.id  # for the access log: the key's id, never the key
+    return key
 
 
 ApiKeyDep = Annotated[KeyInfo, Depends(get_api_key)]
@@ -48,3 +53,17 @@ def request_id(request: Request) -> str:
 
 
 RequestIdDep = Annotated[str, Depends(request_id)]
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_tasks(request: Request) -> TaskStore:
+    tasks: TaskStore = request.app.state.tasks
+    return tasks
+
+
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+TaskStoreDep = Annotated[TaskStore, Depends(get_tasks)]

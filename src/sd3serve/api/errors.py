@@ -46,7 +46,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SD3ServeError)
     status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
-    if status >= 500:
+    if status == 500:
         log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), exc)
     return error_response(status, str(exc), headers)
 

@@ -114,8 +114,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_txt2img(body: Any) -> Txt2ImgRequest:
-    """Validate a decoded JSON body; any problem is an InvalidRequest naming the field and what is allowed."""
+def parse_txt2img(body: Any, *, single_image_body: bool = True) -> Txt2ImgRequest:
+    """Validate a decoded JSON body; any problem is an InvalidRequest naming the field and what is allowed.
+
+    ``single_image_body``: the response body can hold one image only (v1 without base64).
+    """
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
@@ -134,7 +137,7 @@ def parse_txt2img(body: Any) -> Txt2ImgRequest:
                 f"{field}: {msg} (got {_short(err.get('input'))})" + (f"; allowed: {allowed}" if allowed else "")
             )
         raise InvalidRequest("; ".join(problems)) from None
-    if req.batch_size > 1 and not req.base64:
+    if single_image_body and req.batch_size > 1 and not req.base64:
         raise InvalidRequest(
             "batch_size: a response body holds one image, so batch_size > 1 needs base64: true "
             "(or use the v2 API, which returns one URL per image)"

@@ -17,6 +17,7 @@ from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.noise import BatchNoise
+from sd3serve.engine.prompt_cache import PromptCache, TextEmbedding
 from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import get_sigmas
 
@@ -86,65 +87,72 @@ class FlowDenoiser:
         return out.float()
 
 
+def batch_key(job: GenerationJob) -> tuple[object, ...]:
+    """Jobs with the same key can share a forward pass: everything but the prompts, seeds and batch size."""
+    return (job.width, job.height, job.steps, job.sampler, job.scheduler, job.guidance_scale)
+
+
 class SD3Pipeline:
-    def __init__(self, model: LoadedModel, *, exact_batches: bool = True) -> None:
+    def __init__(self, model: LoadedModel, *, exact_batches: bool = True, prompt_cache_bytes: int = 0) -> None:
         self.model = model
         self.exact_batches = exact_batches
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
 
     @torch.no_grad()
-    def encode_prompt(
-        self, prompt: str, negative_prompt: str, *, guidance: bool
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-        """(embeds (1, T, C), pooled (1, P)) for the prompt, and for the negative prompt when guiding."""
-        embeds, neg_embeds, pooled, neg_pooled = self.model.pipe.encode_prompt(
-            prompt=prompt,
+    def encode_text(self, text: str) -> TextEmbedding:
+        """(embeds (1, T, C), pooled (1, P)) of one text, from the cache when it was seen before.
+
+        The negative prompt goes through here too: diffusers encodes it exactly as a prompt.
+        """
+        cached = self.prompt_cache.get(text)
+        if cached is not None:
+            return cached
+        embeds, _, pooled, _ = self.model.pipe.encode_prompt(
+            prompt=text,
             prompt_2=None,
             prompt_3=None,
-            negative_prompt=negative_prompt if guidance else None,
-            do_classifier_free_guidance=guidance,
+            do_classifier_free_guidance=False,
             num_images_per_prompt=1,
             device=self.model.device,
             max_sequence_length=256,
         )
-        cond = (embeds.to(self.model.dtype), pooled.to(self.model.dtype))
-        if not guidance:
-            return cond, None
-        return cond, (neg_embeds.to(self.model.dtype), neg_pooled.to(self.model.dtype))
+        value = (embeds.to(self.model.dtype), pooled.to(self.model.dtype))
+        self.prompt_cache.put(text, value)
+        return value
+
+    def __call__(self, job: GenerationJob, *, progress: ProgressCallback | None = None) -> GenerationResult:
+        return self.generate_many([job], progress=progress)[0]
 
     @torch.no_grad()
-    def __call__(self, job: GenerationJob, *, progress: ProgressCallback | None = None) -> GenerationResult:
-        model, timings = self.model, {}
-        guidance = job.guidance_scale > 1
-        b = job.batch_size
+    def generate_many(
+        self, jobs: list[GenerationJob], *, progress: ProgressCallback | None = None
+    ) -> list[GenerationResult]:
+        """Several compatible jobs (same ``batch_key``) in one batch; each job's images are what it gets alone."""
+        if len({batch_key(j) for j in jobs}) != 1:
+            raise ValueError("jobs in one batch must share size, steps, sampler, scheduler and guidance")
+        model, first, timings = self.model, jobs[0], {}
+        guidance = first.guidance_scale > 1
 
-        # 1. Encode the prompt once; every image of the batch shares it.
+        # 1. Encode each prompt (once per text), one row per image.
         t0 = time.perf_counter()
-        cond, uncond = self.encode_prompt(job.prompt, job.negative_prompt, guidance=guidance)
-        cond = (cond[0].expand(b, -1, -1), cond[1].expand(b, -1))
-        if uncond is not None:
-            uncond = (uncond[0].expand(b, -1, -1), uncond[1].expand(b, -1))
+        cond = _stack([self.encode_text(j.prompt) for j in jobs], jobs)
+        uncond = _stack([self.encode_text(j.negative_prompt) for j in jobs], jobs) if guidance else None
         timings["encode"] = time.perf_counter() - t0
 
-        # 2. Noise: one generator per image; at σ = 1 the flow's x is pure noise.
+        # 2. Noise: one generator per image (seed + i); at σ = 1 the flow's x is pure noise.
         t0 = time.perf_counter()
         m, f = model.size_multiple, model.vae_scale_factor
-        gen_h, gen_w = -(-job.height // m) * m, -(-job.width // m) * m  # round up to what the model takes
-        noise = BatchNoise(job.seeds)
-        latent_like = torch.empty(
-            b, model.pipe.transformer.config.in_channels, gen_h // f, gen_w // f, device=model.device
-        )
-        x = noise(latent_like)
+        gen_h, gen_w = -(-first.height // m) * m, -(-first.width // m) * m  # round up to what the model takes
+        noise = BatchNoise([seed for j in jobs for seed in j.seeds])
+        channels = model.pipe.transformer.config.in_channels
+        x = noise(torch.empty(len(noise), channels, gen_h // f, gen_w // f, device=model.device))
 
         # 3. σ schedule from the model's own shift.
-        sigmas = get_sigmas(job.scheduler, model.flow, job.steps).to(model.device)
+        sigmas = get_sigmas(first.scheduler, model.flow, first.steps).to(model.device)
 
         # 4. Sample.
         denoiser = FlowDenoiser(
-            model,
-            cond=cond,
-            uncond=uncond,
-            guidance_scale=job.guidance_scale,
-            exact_batches=self.exact_batches,
+            model, cond=cond, uncond=uncond, guidance_scale=first.guidance_scale, exact_batches=self.exact_batches
         )
         n_steps = len(sigmas) - 1
 
@@ -154,17 +162,22 @@ class SD3Pipeline:
 
         if progress is not None:
             progress(0, n_steps)
-        x0 = SAMPLERS[job.sampler](denoiser, x, sigmas, noise=noise, callback=on_step)
+        x0 = SAMPLERS[first.sampler](denoiser, x, sigmas, noise=noise, callback=on_step)
         timings["denoise"] = time.perf_counter() - t0
 
-        # 5. Decode, crop to the requested size.
+        # 5. Decode, crop to the requested size, hand each job its images.
         t0 = time.perf_counter()
         images = self.decode(x0)
-        if (gen_h, gen_w) != (job.height, job.width):
-            top, left = (gen_h - job.height) // 2, (gen_w - job.width) // 2
-            images = [im.crop((left, top, left + job.width, top + job.height)) for im in images]
+        if (gen_h, gen_w) != (first.height, first.width):
+            top, left = (gen_h - first.height) // 2, (gen_w - first.width) // 2
+            images = [im.crop((left, top, left + first.width, top + first.height)) for im in images]
         timings["decode"] = time.perf_counter() - t0
-        return GenerationResult(images=images, timings=timings)
+        timings["batch_images"] = len(images)
+        results, start = [], 0
+        for j in jobs:
+            results.append(GenerationResult(images=images[start : start + j.batch_size], timings=dict(timings)))
+            start += j.batch_size
+        return results
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.model.pipe.vae
@@ -174,3 +187,10 @@ class SD3Pipeline:
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         arr = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         return [Image.fromarray(a) for a in arr]
+
+
+def _stack(texts: list[TextEmbedding], jobs: list[GenerationJob]) -> TextEmbedding:
+    """One (embeds, pooled) row per image: each job's text repeated batch_size times."""
+    embeds = torch.cat([t[0].expand(j.batch_size, -1, -1) for t, j in zip(texts, jobs, strict=True)])
+    pooled = torch.cat([t[1].expand(j.batch_size, -1) for t, j in zip(texts, jobs, strict=True)])
+    return embeds, pooled

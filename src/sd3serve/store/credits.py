@@ -191,24 +191,14 @@ class CreditStore:
     def capture(self, hold: CreditHold) -> float:
         """Spend a hold (its images were delivered); returns the key's remaining balance."""
         with self._session.begin() as s:
-            if self._delete_hold(s, hold):
-                s.execute(
-                    update(ApiKey)
-                    .where(ApiKey.id == hold.key_id)
-                    .values(spent_micro=ApiKey.spent_micro + hold.amount_micro)
-                )
+            capture_hold(s, hold)
             row = s.get(ApiKey, hold.key_id)
             return from_micro(row.balance_micro) if row else 0.0
 
     def release(self, hold: CreditHold) -> None:
         """Return a hold to the balance (the request failed or was not delivered)."""
         with self._session.begin() as s:
-            if self._delete_hold(s, hold):
-                s.execute(
-                    update(ApiKey)
-                    .where(ApiKey.id == hold.key_id)
-                    .values(balance_micro=ApiKey.balance_micro + hold.amount_micro)
-                )
+            release_hold(s, hold)
 
     def release_stale_holds(self, *, older_than: timedelta) -> int:
         """Return the holds of requests that cannot still be running (their process died)."""
@@ -220,8 +210,22 @@ class CreditStore:
             self.release(h)
         return len(holds)
 
-    @staticmethod
-    def _delete_hold(s: Session, hold: CreditHold) -> bool:
-        # Deleting the row is what makes capture and release happen at most once per hold.
-        res = s.execute(delete(Hold).where(Hold.id == hold.id))
-        return res.rowcount == 1  # type: ignore[attr-defined]
+
+# Capture and release as steps of a caller's transaction, so that a v2 task's completion and its charge
+# commit together. Deleting the hold row is what makes each happen at most once.
+
+
+def capture_hold(s: Session, hold: CreditHold) -> bool:
+    if s.execute(delete(Hold).where(Hold.id == hold.id)).rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    s.execute(update(ApiKey).where(ApiKey.id == hold.key_id).values(spent_micro=ApiKey.spent_micro + hold.amount_micro))
+    return True
+
+
+def release_hold(s: Session, hold: CreditHold) -> bool:
+    if s.execute(delete(Hold).where(Hold.id == hold.id)).rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    s.execute(
+        update(ApiKey).where(ApiKey.id == hold.key_id).values(balance_micro=ApiKey.balance_micro + hold.amount_micro)
+    )
+    return True

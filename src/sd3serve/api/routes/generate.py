@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -10,17 +9,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import ApiKeyDep, EngineDep, RequestIdDep, SettingsDep, StoreDep
+from sd3serve.api.deps import ApiKeyDep, EngineDep, MetricsDep, RequestIdDep, SettingsDep, StoreDep
+from sd3serve.api.generation import generate_unless_disconnected
 from sd3serve.api.schemas import Base64ImagesResponse, ErrorResponse, Txt2ImgRequest, parse_txt2img
-from sd3serve.engine.protocol import Aborted
-from sd3serve.errors import GenerationFailed
-from sd3serve.imaging import encode_image, to_base64
+from sd3serve.imaging import to_base64
 
 MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
 
 router = APIRouter(tags=["generation"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "Bad input: the error names the field, what was wrong and what is allowed",
@@ -28,11 +26,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         406: "Not enough credits",
         413: "Request body too large",
         500: "The server failed; nothing is charged",
-        503: "The queue is full; retry after Retry-After seconds",
+        503: "The queue is full or the request waited too long; retry after Retry-After seconds",
     }.items()
 }
 
-_REQUEST_BODY = {
+REQUEST_BODY = {
     "requestBody": {
         "required": True,
         "content": {
@@ -45,14 +43,14 @@ _REQUEST_BODY = {
 
 
 def credits_header(value: float) -> str:
-    return f"{value:g}" if value != int(value) else str(int(value))
+    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 @router.post(
     f"/v1/{MODEL_SLUG}",
     summary="Generate images (synchronous)",
     response_class=Response,
-    openapi_extra=_REQUEST_BODY,
+    openapi_extra=REQUEST_BODY,
     responses={
         200: {
             "description": "The image bytes (base64 false) or JSON with base64 images (base64 true)",
@@ -63,7 +61,7 @@ def credits_header(value: float) -> str:
                 "application/json": {"schema": Base64ImagesResponse.model_json_schema()},
             },
         },
-        **_ERRORS,
+        **ERRORS,
     },
 )
 async def txt2img_v1(
@@ -72,6 +70,7 @@ async def txt2img_v1(
     store: StoreDep,
     engine: EngineDep,
     settings: SettingsDep,
+    metrics: MetricsDep,
     request_id: RequestIdDep,
 ) -> Response:
     req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes))
@@ -80,31 +79,25 @@ async def txt2img_v1(
     hold = await run_in_threadpool(store.hold, key_id=key.id, credits=cost, request_id=request_id)
     delivered = False
     try:
-        start = time.perf_counter()
-        try:
-            result = await engine.generate(job, request_id=request_id)
-        except Aborted:
-            raise
-        except Exception as e:
-            raise GenerationFailed("image generation failed; nothing was charged") from e
-        files = await run_in_threadpool(
-            lambda: [encode_image(im, req.image_format, req.image_quality) for im in result.images]
-        )
-        elapsed = time.perf_counter() - start
+        out = await generate_unless_disconnected(request, engine, req, job, request_id=request_id, metrics=metrics)
+        if out is None:  # the client went away: nothing to deliver, nothing charged
+            return Response(status_code=499)
         remaining = await run_in_threadpool(store.capture, hold)
         delivered = True
     finally:
         if not delivered:
             await run_in_threadpool(store.release, hold)
+    metrics.images.inc(job.batch_size)
+    metrics.credits_charged.inc(float(cost))
 
     headers = {
         "x-remaining-credits": credits_header(remaining),
         "x-cost": credits_header(float(cost)),
-        "x-generation-time": f"{elapsed:.3f}",
+        "x-generation-time": f"{out.seconds:.3f}",
         "x-seed-value": str(job.seed),
     }
     if req.base64:
-        encoded = [to_base64(f) for f in files]
+        encoded = [to_base64(f) for f in out.files]
         body = Base64ImagesResponse(image=encoded[0], images=encoded, seed=job.seed)
         return JSONResponse(body.model_dump(), headers=headers)
-    return Response(content=files[0], media_type=req.image_format.media_type, headers=headers)
+    return Response(content=out.files[0], media_type=req.image_format.media_type, headers=headers)

@@ -1,11 +1,12 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from sd3serve.api.deps import EngineDep
+from sd3serve.api.deps import EngineDep, MetricsDep
+from sd3serve.api.metrics import CONTENT_TYPE_LATEST
 
 router = APIRouter(tags=["operations"])
 
@@ -24,3 +25,15 @@ async def readyz(engine: EngineDep) -> JSONResponse:
     except Exception as e:
         return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(metrics: MetricsDep, engine: EngineDep) -> Response:
+    depth = getattr(engine, "queue_depth", None)
+    if depth is not None:
+        metrics.queue_depth.set(depth)
+    cache = getattr(getattr(engine, "pipeline", None), "prompt_cache", None) if engine.is_ready else None
+    if cache is not None:
+        metrics.prompt_cache_hits.set(cache.hits)
+        metrics.prompt_cache_misses.set(cache.misses)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,125 @@
+"""v2 tasks in the same database as the credits, so any server process can answer for any task.
+
+A task's completion and its charge commit in one transaction, as do its failure and its refund.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.orm import sessionmaker
+
+from sd3serve.errors import NotFound
+from sd3serve.store.credits import CreditHold, capture_hold, release_hold
+from sd3serve.store.models import Task, TaskImage
+
+QUEUED, PROCESSING, COMPLETED, FAILED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED"
+
+
+@dataclass(frozen=True)
+class TaskView:
+    id: str
+    status: str
+    seed: int
+    base64: bool
+    media_type: str
+    progress_step: int
+    progress_total: int
+    error: str | None
+    inference_time: float | None
+    image_count: int
+
+    @classmethod
+    def of(cls, t: Task, image_count: int) -> TaskView:
+        return cls(
+            id=t.id, status=t.status, seed=t.seed, base64=t.base64, media_type=t.media_type,
+            progress_step=t.progress_step, progress_total=t.progress_total, error=t.error,
+            inference_time=t.inference_time, image_count=image_count,
+        )  # fmt: skip
+
+
+class TaskStore:
+    def __init__(self, engine: Engine) -> None:
+        self._session = sessionmaker(engine, expire_on_commit=False)
+
+    def create(
+        self, *, task_id: str, key_id: int, seed: int, base64: bool, media_type: str, request_json: str,
+        hold: CreditHold, owner: str,
+    ) -> None:  # fmt: skip
+        with self._session.begin() as s:
+            s.add(
+                Task(
+                    id=task_id, key_id=key_id, status=QUEUED, seed=seed, base64=base64, media_type=media_type,
+                    request_json=request_json, hold_id=hold.id, owner=owner,
+                )
+            )  # fmt: skip
+
+    def set_progress(self, task_id: str, *, step: int, total: int) -> None:
+        with self._session.begin() as s:
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.status.in_([QUEUED, PROCESSING]))
+                .values(status=PROCESSING, progress_step=step, progress_total=total)
+            )
+
+    def complete(
+        self, task_id: str, *, images: list[bytes], inference_time: float, hold: CreditHold, ttl: timedelta
+    ) -> None:
+        now = datetime.now(UTC)
+        with self._session.begin() as s:
+            s.add_all(TaskImage(task_id=task_id, index=i, data=data) for i, data in enumerate(images))
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id)
+                .values(
+                    status=COMPLETED, inference_time=inference_time, finished_at=now, expires_at=now + ttl,
+                    progress_step=Task.progress_total,
+                )
+            )  # fmt: skip
+            capture_hold(s, hold)
+
+    def fail(self, task_id: str, *, error: str, hold: CreditHold | None, ttl: timedelta) -> None:
+        now = datetime.now(UTC)
+        with self._session.begin() as s:
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.status.in_([QUEUED, PROCESSING]))
+                .values(status=FAILED, error=error, finished_at=now, expires_at=now + ttl)
+            )
+            if hold is not None:
+                release_hold(s, hold)
+
+    def get(self, *, task_id: str, key_id: int) -> TaskView:
+        """The caller's task; another key's task is NotFound, like a task that does not exist."""
+        with self._session() as s:
+            task = s.get(Task, task_id)
+            if task is None or task.key_id != key_id:
+                raise NotFound(f"no task {task_id!r} for this key")
+            count = len(s.scalars(select(TaskImage.index).where(TaskImage.task_id == task_id)).all())
+            return TaskView.of(task, count)
+
+    def image(self, *, task_id: str, key_id: int, index: int) -> tuple[bytes, str]:
+        with self._session() as s:
+            task = s.get(Task, task_id)
+            if task is None or task.key_id != key_id:
+                raise NotFound(f"no task {task_id!r} for this key")
+            row = s.get(TaskImage, (task_id, index))
+            if row is None:
+                raise NotFound(f"task {task_id!r} has no image {index}")
+            return row.data, task.media_type
+
+    def images(self, *, task_id: str) -> list[bytes]:
+        with self._session() as s:
+            rows = s.scalars(select(TaskImage).where(TaskImage.task_id == task_id).order_by(TaskImage.index))
+            return [r.data for r in rows]
+
+    def delete_expired(self) -> int:
+        now = datetime.now(UTC)
+        with self._session.begin() as s:
+            ids = s.scalars(select(Task.id).where(Task.expires_at.is_not(None), Task.expires_at < now)).all()
+            if ids:
+                s.execute(delete(TaskImage).where(TaskImage.task_id.in_(ids)))
+                s.execute(delete(Task).where(Task.id.in_(ids)))
+            return len(ids)

@@ -1,0 +1,43 @@
+"""An engine whose batches wait for a gate, so that tests can pile requests up in the queue on demand."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from sd3serve.engine.batching import BatchingEngine
+from sd3serve.engine.job import GenerationJob
+from sd3serve.engine.pipeline import SD3Pipeline
+
+
+class GatedEngine(BatchingEngine):
+    """The real engine whose batches wait for a gate: requests pile up in the queue on demand."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.gate.set()
+        self.pause_at_step: int | None = None  # None: wait before the batch; k: wait after step k
+        self.paused = threading.Event()
+
+    def _run_gated(self, jobs: list[GenerationJob], progress: object) -> list:
+        if self.pause_at_step is None:
+            self.paused.set()
+            self.gate.wait(timeout=60)
+            return super().pipeline.generate_many(jobs, progress=progress)  # type: ignore[arg-type]
+
+        def pausing(done: int, total: int) -> None:
+            progress(done, total)  # type: ignore[operator]
+            if done == self.pause_at_step:
+                self.paused.set()
+                self.gate.wait(timeout=60)
+
+        return super().pipeline.generate_many(jobs, progress=pausing)
+
+    @property
+    def pipeline(self) -> SD3Pipeline:
+        real = super().pipeline
+        gated = dataclasses.make_dataclass("Gated", [])()
+        gated.generate_many = lambda jobs, progress=None: self._run_gated(jobs, progress)  # type: ignore[attr-defined]
+        gated.prompt_cache = real.prompt_cache  # type: ignore[attr-defined]
+        return gated  # type: ignore[return-value]
