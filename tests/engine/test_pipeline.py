@@ -11,6 +11,8 @@ import pytest
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.engine.pipeline import SD3Pipeline
+from sd3serve.engine.samplers import SAMPLERS
+from sd3serve.engine.schedules import SCHEDULERS
 from sd3serve.models.tiny import TinySD3Config, build_tiny_sd3
 from sd3serve.settings import Settings
 
@@ -82,3 +84,16 @@ def test_sizes_the_model_cannot_take_are_generated_larger_and_cropped(tmp_path: 
     assert model.size_multiple == 32
     images = SD3Pipeline(model)(dataclasses.replace(JOB, width=80, height=48)).images
     assert images[0].size == (80, 48)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "scheduler"),
+    [(s, "sgm_uniform") for s in SAMPLERS] + [("dpmpp_2m", s) for s in SCHEDULERS if s != "sgm_uniform"],
+)
+def test_every_sampler_and_scheduler_through_the_pipeline(
+    tiny_model: LoadedModel, sampler: str, scheduler: str
+) -> None:
+    job = dataclasses.replace(JOB, sampler=sampler, scheduler=scheduler, steps=3, guidance_scale=2.0, batch_size=2)
+    images = pixels(SD3Pipeline(tiny_model), job)
+    assert len(images) == 2 and images[0].shape == (96, 64, 3)
+    assert not np.array_equal(images[0], images[1])

@@ -139,16 +139,17 @@ class SD3Pipeline:
         uncond = _stack([self.encode_text(j.negative_prompt) for j in jobs], jobs) if guidance else None
         timings["encode"] = time.perf_counter() - t0
 
-        # 2. Noise: one generator per image (seed + i); at σ = 1 the flow's x is pure noise.
+        # 2. Noise: one generator per image (seed + i).
         t0 = time.perf_counter()
         m, f = model.size_multiple, model.vae_scale_factor
         gen_h, gen_w = -(-first.height // m) * m, -(-first.width // m) * m  # round up to what the model takes
         noise = BatchNoise([seed for j in jobs for seed in j.seeds])
         channels = model.pipe.transformer.config.in_channels
-        x = noise(torch.empty(len(noise), channels, gen_h // f, gen_w // f, device=model.device))
+        eps = noise(torch.empty(len(noise), channels, gen_h // f, gen_w // f, device=model.device))
 
-        # 3. σ schedule from the model's own shift.
+        # 3. σ schedule from the model's own shift; the start is x_σ0 of an empty latent (σ0 < 1 for ddim_uniform).
         sigmas = get_sigmas(first.scheduler, model.flow, first.steps).to(model.device)
+        x = eps * sigmas[0]
 
         # 4. Sample.
         denoiser = FlowDenoiser(
