@@ -32,6 +32,8 @@ _SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--port", {"type": int}),
     ("--price-per-image", {"type": Decimal}),
     ("--max-body-bytes", {"type": int}),
+    ("--max-queue", {"type": int, "help": "requests waiting for the model; more get 503"}),
+    ("--max-batch-images", {"type": int, "help": "images in one batch"}),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
 ]
 
