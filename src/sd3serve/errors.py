@@ -28,6 +28,22 @@ class InsufficientCredits(SD3ServeError):
         self.cost = cost
 
 
+class RateLimited(SD3ServeError):
+    """The key's requests per minute are used up (429)."""
+
+    def __init__(self, limit: int, reset_at: float) -> None:
+        super().__init__(f"rate limit of {limit} requests per minute reached for this key")
+        self.reset_at = reset_at
+
+
+class Forbidden(SD3ServeError):
+    """A wrong admin key (403)."""
+
+
+class DatabaseUnavailable(SD3ServeError):
+    """The credit database cannot be reached (503); nothing is charged."""
+
+
 class PayloadTooLarge(SD3ServeError):
     """The request body is over the configured limit (413)."""
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,8 +41,26 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(10.0, ge=0)  # how long the first request of a batch waits for company
     prompt_cache_mb: float = Field(256.0, ge=0)  # prompt embeddings kept, by bytes
     task_ttl_s: float = Field(3600.0, ge=60)  # v2 results are kept this long after they finish
+    # Reliability and security.
+    rate_limit_per_minute: int = Field(0, ge=0)  # generation requests per key and minute; 0: no limit
+    admin_key: SecretStr | None = None  # enables the HTTP admin API (/admin/...); at least 32 characters
+    heartbeat_s: float = Field(5.0, gt=0)  # a process silent for 3 heartbeats is dead; others settle its work
+    shutdown_grace_s: float = Field(60.0, ge=0)  # on SIGTERM, how long running v2 tasks may take to finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     public_url: str | None = None  # base for absolute URLs when behind a proxy; unset: from the request
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_strong(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        key = v.get_secret_value()
+        if len(key) < 32 or len(set(key)) < 10:
+            raise ValueError(
+                'the admin key is too weak: use at least 32 random characters, e.g. `python -c "import secrets; '
+                'print(secrets.token_urlsafe(32))"`'
+            )
+        return v
 
     @property
     def resolved_database_url(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,28 +17,45 @@ from fastapi.concurrency import run_in_threadpool
 from sd3serve.api.errors import install_error_handlers
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.middleware import RequestContextMiddleware
-from sd3serve.api.routes import credits, generate, ops, v2
+from sd3serve.api.routes import admin, credits, generate, ops, v2
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
+from sd3serve.store.ratelimit import RateLimiter
+from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 
-# A hold this old cannot belong to a live request: its process died between admission and delivery.
+# A hold this old with no owner cannot belong to a live request (holds from before owners were recorded).
 STALE_HOLD_AGE = timedelta(hours=1)
-CLEANUP_INTERVAL_S = 60.0
 
 
-async def _cleanup_loop(tasks: TaskStore) -> None:
+async def _housekeeping(app: FastAPI, settings: Settings) -> None:
+    """Every heartbeat: prove this process alive, settle dead ones, retry deferred refunds, expire results."""
+    recovery: Recovery = app.state.recovery
+    dead_after = timedelta(seconds=3 * settings.heartbeat_s)
     while True:
         try:
-            deleted = await run_in_threadpool(tasks.delete_expired)
-            if deleted:
-                log.info("deleted %d expired v2 results", deleted)
-        except Exception:
-            log.warning("could not delete expired v2 results", exc_info=True)
-        await asyncio.sleep(CLEANUP_INTERVAL_S)
+            await run_in_threadpool(recovery.heartbeat)
+            await run_in_threadpool(recovery.settle_dead, dead_after=dead_after)
+            await run_in_threadpool(app.state.store.retry_deferred)
+            await run_in_threadpool(app.state.tasks.delete_expired)
+            await run_in_threadpool(recovery.prune_rate_windows, before_window=int(time.time() // 60) - 1)
+        except Exception as e:  # the database may be away; try again next beat
+            log.warning("housekeeping failed: %s", e)
+        await asyncio.sleep(settings.heartbeat_s)
+
+
+async def _drain(app: FastAPI, grace_s: float) -> None:
+    """On shutdown: let v2 tasks already accepted finish for up to ``grace_s``, then fail the rest (refunded)."""
+    background: set[asyncio.Task[None]] = app.state.background
+    if background:
+        log.info("waiting up to %.0f s for %d v2 task(s)", grace_s, len(background))
+        _, pending = await asyncio.wait(set(background), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, store: CreditStore | None = None) -> FastAPI:
@@ -49,23 +67,28 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
 
         app.state.store = store or CreditStore(settings.resolved_database_url)
         app.state.tasks = TaskStore(app.state.store.engine)
+        app.state.rate_limiter = RateLimiter(app.state.store.engine)
+        app.state.recovery = Recovery(app.state.store.engine, app.state.instance_id)
         await run_in_threadpool(app.state.store.create_schema)
+        await run_in_threadpool(app.state.recovery.register)
         released = await run_in_threadpool(app.state.store.release_stale_holds, older_than=STALE_HOLD_AGE)
         if released:
             log.warning("returned %d credit holds left by a process that died", released)
         app.state.engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
         app.state.background = set()
-        cleanup = asyncio.create_task(_cleanup_loop(app.state.tasks), name="v2-cleanup")
+        housekeeping = asyncio.create_task(_housekeeping(app, settings), name="housekeeping")
         try:
             await app.state.engine.start()
             yield
         finally:
-            cleanup.cancel()
-            for task in list(app.state.background):
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.gather(cleanup, *app.state.background, return_exceptions=True)
+            await _drain(app, settings.shutdown_grace_s)
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
             await app.state.engine.close()
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(app.state.store.retry_deferred)
+                await run_in_threadpool(app.state.recovery.unregister)
             if store is None:
                 app.state.store.close()
 
@@ -84,4 +107,5 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
     app.include_router(v2.router)
     app.include_router(credits.router)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     return app

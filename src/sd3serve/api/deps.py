@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
 from sd3serve.api.metrics import Metrics
 from sd3serve.engine.protocol import Engine
+from sd3serve.errors import Forbidden, NotFound, RateLimited
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore, KeyInfo
+from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.tasks import TaskStore
 
 
@@ -67,3 +70,31 @@ def get_tasks(request: Request) -> TaskStore:
 
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 TaskStoreDep = Annotated[TaskStore, Depends(get_tasks)]
+
+
+def get_generation_key(request: Request, key: ApiKeyDep, settings: SettingsDep) -> KeyInfo:
+    """The caller's key, counted against its rate limit (generation requests only: polling is free)."""
+    limit = settings.rate_limit_per_minute
+    if limit > 0:
+        limiter: RateLimiter = request.app.state.rate_limiter
+        decision = limiter.hit(key_id=key.id, per_minute=limit)
+        if not decision.allowed:
+            raise RateLimited(limit, decision.reset_at)
+    return key
+
+
+GenerationKeyDep = Annotated[KeyInfo, Depends(get_generation_key)]
+
+
+def require_admin(
+    settings: SettingsDep,
+    x_admin_key: Annotated[str | None, Header(alias="x-admin-key", description="the admin key")] = None,
+) -> None:
+    if settings.admin_key is None:
+        raise NotFound("not found: the admin API is disabled (set SD3SERVE_ADMIN_KEY to enable it)")
+    expected = settings.admin_key.get_secret_value().encode()
+    if not x_admin_key or not secrets.compare_digest(x_admin_key.encode(), expected):
+        raise Forbidden("missing or wrong x-admin-key")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]

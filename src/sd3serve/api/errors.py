@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
+from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd3serve.errors import (
+    DatabaseUnavailable,
+    Forbidden,
     GenerationFailed,
     InsufficientCredits,
     InvalidApiKey,
@@ -17,6 +23,7 @@ from sd3serve.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     SD3ServeError,
 )
 
@@ -26,10 +33,13 @@ STATUS: dict[type[SD3ServeError], int] = {
     InvalidRequest: 400,
     InvalidApiKey: 401,
     NotFound: 404,
+    Forbidden: 403,
     InsufficientCredits: 406,
     PayloadTooLarge: 413,
+    RateLimited: 429,
     GenerationFailed: 500,
     Overloaded: 503,
+    DatabaseUnavailable: 503,
 }
 
 HTTP_MESSAGES = {
@@ -45,7 +55,17 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SD3ServeError)
     status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, DatabaseUnavailable):
+        headers = {"Retry-After": "5"}
+    elif isinstance(exc, RateLimited):
+        reset = datetime.fromtimestamp(exc.reset_at, UTC)
+        headers = {
+            "x-rate-limit-reset-at-utc": reset.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "Retry-After": str(max(1, math.ceil(exc.reset_at - time.time()))),
+        }
     if status == 500:
         log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), exc)
     return error_response(status, str(exc), headers)
@@ -63,6 +83,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(400, "; ".join(parts))
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("request %s: database error: %s", getattr(request.state, "request_id", "-"), type(exc).__name__)
+    return error_response(503, "the credit database is unavailable; nothing was charged, retry shortly",
+                          {"Retry-After": "5"})  # fmt: skip
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Never a stack trace to the client; the log has it.
     log.exception("request %s: unhandled error", getattr(request.state, "request_id", "-"))
@@ -73,4 +99,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SD3ServeError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -16,11 +17,14 @@ from sd3serve.engine.protocol import Aborted, Engine, ProgressCallback
 from sd3serve.errors import GenerationFailed, SD3ServeError
 from sd3serve.imaging import encode_image
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Generated:
     files: list[bytes]
     seconds: float
+    prompt_truncated: bool
 
 
 async def generate_files(
@@ -45,7 +49,9 @@ async def generate_files(
     )
     seconds = time.perf_counter() - start
     metrics.generation_seconds.observe(seconds)
-    return Generated(files=files, seconds=seconds)
+    if result.prompt_truncated:
+        log.info("request %s: the prompt is longer than the text encoders' windows and was truncated", request_id)
+    return Generated(files=files, seconds=seconds, prompt_truncated=result.prompt_truncated)
 
 
 async def until_disconnected(request: Request) -> None:

@@ -58,6 +58,15 @@ class Txt2ImgRequest(BaseModel):
     image_quality: Annotated[int, Field(ge=10, le=100)] = 95
     base64: bool = False
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _valid_unicode(cls, v: str) -> str:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, v: str) -> str:

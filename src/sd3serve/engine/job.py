@@ -32,3 +32,4 @@ class GenerationJob:
 class GenerationResult:
     images: list[Image.Image]
     timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, denoise, decode
+    prompt_truncated: bool = False  # the text encoders saw only the start of the prompt

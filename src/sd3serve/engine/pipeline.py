@@ -120,6 +120,15 @@ class SD3Pipeline:
         self.prompt_cache.put(text, value)
         return value
 
+    def is_truncated(self, text: str) -> bool:
+        """Whether the text encoders see only the start of ``text`` (CLIP: 77 tokens, T5: 256), as diffusers
+        truncates."""
+        pipe = self.model.pipe
+        limits = [(pipe.tokenizer, pipe.tokenizer_max_length), (pipe.tokenizer_2, pipe.tokenizer_max_length)]
+        if pipe.tokenizer_3 is not None and pipe.text_encoder_3 is not None:
+            limits.append((pipe.tokenizer_3, 256))
+        return any(len(tok(text, truncation=False).input_ids) > limit for tok, limit in limits)
+
     def __call__(self, job: GenerationJob, *, progress: ProgressCallback | None = None) -> GenerationResult:
         return self.generate_many([job], progress=progress)[0]
 
@@ -176,7 +185,12 @@ class SD3Pipeline:
         timings["batch_images"] = len(images)
         results, start = [], 0
         for j in jobs:
-            results.append(GenerationResult(images=images[start : start + j.batch_size], timings=dict(timings)))
+            truncated = self.is_truncated(j.prompt) or (guidance and self.is_truncated(j.negative_prompt))
+            results.append(
+                GenerationResult(
+                    images=images[start : start + j.batch_size], timings=dict(timings), prompt_truncated=truncated
+                )
+            )
             start += j.batch_size
         return results
 

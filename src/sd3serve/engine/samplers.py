@@ -374,8 +374,10 @@ def _lagrange_integral(nodes: list[float], j: int, a: float, b: float, weight_po
     for k, t in enumerate(nodes):
         if k != j:
             inv = 1.0 / (nodes[j] - t)
-            poly = [((poly[m - 1] if m > 0 else 0.0) - t * (poly[m] if m < len(poly) else 0.0)) * inv
-                    for m in range(len(poly) + 1)]
+            poly = [
+                ((poly[m - 1] if m > 0 else 0.0) - t * (poly[m] if m < len(poly) else 0.0)) * inv
+                for m in range(len(poly) + 1)
+            ]
     total = 0.0
     for m, c in enumerate(poly):
         p = m + weight_pow  # ∫ c·τ^p
@@ -468,9 +470,11 @@ def _ipndm_v_coeffs(t: list[float], i: int, order: int) -> tuple[float, ...]:
     if order == 3:
         return ((2 + h / h1) / 2 + temp1, -(h / h1) / 2 - (1 + h1 / h2) * temp1, temp1 * h1 / h2)
     h3 = t[i - 2] - t[i - 3]
-    temp2 = ((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2))) * (
-        h * (h + h1) * (h + h1 + h2)
-    ) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    temp2 = (
+        ((1 - h / (3 * (h + h1))) / 2 + (1 - h / (2 * (h + h1))) * h / (6 * (h + h1 + h2)))
+        * (h * (h + h1) * (h + h1 + h2))
+        / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    )
     q = h1 * (h1 + h2) / (h2 * (h2 + h3))
     return (
         (2 + h / h1) / 2 + temp1 + temp2,
@@ -559,8 +563,9 @@ class _DPMSolver:
                 self.on_eval()
         return cache[key]
 
-    def step(self, order: int, x: torch.Tensor, t: float, t1: float, cache: dict[str, torch.Tensor],
-             r1: float | None = None) -> torch.Tensor:
+    def step(
+        self, order: int, x: torch.Tensor, t: float, t1: float, cache: dict[str, torch.Tensor], r1: float | None = None
+    ) -> torch.Tensor:
         h, sn = t1 - t, math.exp(-t1)
         em1 = math.expm1(h)
         eps = self.eps(cache, "eps", x, t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, delete, event, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound
@@ -93,6 +95,8 @@ class CreditStore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._deferred: list[CreditHold] = []  # releases that failed (database away), retried later
+        self._deferred_lock = threading.Lock()
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
@@ -169,8 +173,11 @@ class CreditStore:
 
     # --- holds --------------------------------------------------------------------------------------------
 
-    def hold(self, *, key_id: int, credits: Decimal, request_id: str) -> CreditHold:
-        """Take ``credits`` from the balance for a request in flight, or raise InsufficientCredits."""
+    def hold(self, *, key_id: int, credits: Decimal, request_id: str, owner: str = "") -> CreditHold:
+        """Take ``credits`` from the balance for a request in flight, or raise InsufficientCredits.
+
+        ``owner`` is the server process: if it dies, the hold goes back to the balance (see recovery.py).
+        """
         amount = to_micro(credits)
         with self._session.begin() as s:
             res = s.execute(
@@ -183,7 +190,7 @@ class CreditStore:
                 if row is None or row.revoked_at is not None:
                     raise InvalidApiKey("invalid or revoked API key")
                 raise InsufficientCredits(from_micro(row.balance_micro), from_micro(amount))
-            hold = Hold(key_id=key_id, request_id=request_id, amount_micro=amount)
+            hold = Hold(key_id=key_id, request_id=request_id, amount_micro=amount, owner=owner)
             s.add(hold)
             s.flush()
             return CreditHold(id=hold.id, key_id=key_id, amount_micro=amount)
@@ -199,6 +206,28 @@ class CreditStore:
         """Return a hold to the balance (the request failed or was not delivered)."""
         with self._session.begin() as s:
             release_hold(s, hold)
+
+    def release_or_defer(self, hold: CreditHold) -> None:
+        """Release now, or, if the database cannot be reached, remember to (``retry_deferred``)."""
+        try:
+            self.release(hold)
+        except DBAPIError:
+            with self._deferred_lock:
+                self._deferred.append(hold)
+
+    def retry_deferred(self) -> int:
+        """Release the holds whose release failed earlier; returns how many are still pending."""
+        with self._deferred_lock:
+            pending, self._deferred = self._deferred, []
+        failed = []
+        for hold in pending:
+            try:
+                self.release(hold)
+            except DBAPIError:
+                failed.append(hold)
+        with self._deferred_lock:
+            self._deferred.extend(failed)
+            return len(self._deferred)
 
     def release_stale_holds(self, *, older_than: timedelta) -> int:
         """Return the holds of requests that cannot still be running (their process died)."""

@@ -45,6 +45,7 @@ class Hold(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
     amount_micro: Mapped[int] = mapped_column(BigInteger)
+    owner: Mapped[str] = mapped_column(String(64), default="", index=True)  # the server process that holds it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -77,3 +78,24 @@ class TaskImage(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Instance(Base):
+    """A live server process: it refreshes ``heartbeat_at``; one that stops is dead, and its holds and tasks
+    are settled by the others (or by its successor)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+
+
+class RateWindow(Base):
+    """Requests of a key in one minute, shared by every process on the database."""
+
+    __tablename__ = "rate_windows"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    window: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix minute
+    count: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import ApiKeyDep, EngineDep, MetricsDep, RequestIdDep, SettingsDep, StoreDep
+from sd3serve.api.deps import EngineDep, GenerationKeyDep, MetricsDep, RequestIdDep, SettingsDep, StoreDep
 from sd3serve.api.generation import generate_unless_disconnected
 from sd3serve.api.schemas import Base64ImagesResponse, ErrorResponse, Txt2ImgRequest, parse_txt2img
 from sd3serve.imaging import to_base64
@@ -66,7 +66,7 @@ def credits_header(value: float) -> str:
 )
 async def txt2img_v1(
     request: Request,
-    key: ApiKeyDep,
+    key: GenerationKeyDep,
     store: StoreDep,
     engine: EngineDep,
     settings: SettingsDep,
@@ -76,7 +76,9 @@ async def txt2img_v1(
     req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes))
     job = req.to_job()
     cost = settings.price_per_image * job.batch_size
-    hold = await run_in_threadpool(store.hold, key_id=key.id, credits=cost, request_id=request_id)
+    hold = await run_in_threadpool(
+        store.hold, key_id=key.id, credits=cost, request_id=request_id, owner=request.app.state.instance_id
+    )
     delivered = False
     try:
         out = await generate_unless_disconnected(request, engine, req, job, request_id=request_id, metrics=metrics)
@@ -86,7 +88,7 @@ async def txt2img_v1(
         delivered = True
     finally:
         if not delivered:
-            await run_in_threadpool(store.release, hold)
+            await run_in_threadpool(store.release_or_defer, hold)
     metrics.images.inc(job.batch_size)
     metrics.credits_charged.inc(float(cost))
 
@@ -96,6 +98,8 @@ async def txt2img_v1(
         "x-generation-time": f"{out.seconds:.3f}",
         "x-seed-value": str(job.seed),
     }
+    if out.prompt_truncated:
+        headers["x-prompt-truncated"] = "true"  # the encoders saw only the start (CLIP 77 tokens, T5 256)
     if req.base64:
         encoded = [to_base64(f) for f in out.files]
         body = Base64ImagesResponse(image=encoded[0], images=encoded, seed=job.seed)

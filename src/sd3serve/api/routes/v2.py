@@ -19,9 +19,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
 
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import ApiKeyDep, EngineDep, MetricsDep, RequestIdDep, SettingsDep, StoreDep, TaskStoreDep
+from sd3serve.api.deps import (
+    ApiKeyDep,
+    EngineDep,
+    GenerationKeyDep,
+    MetricsDep,
+    RequestIdDep,
+    SettingsDep,
+    StoreDep,
+    TaskStoreDep,
+)
 from sd3serve.api.generation import generate_files
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.routes.generate import ERRORS, MODEL_SLUG, REQUEST_BODY, credits_header
@@ -38,6 +48,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["async (v2)"])
 
 PROGRESS_WRITE_INTERVAL_S = 0.25  # progress reaches the database at most this often per task
+PERSIST_ATTEMPTS = 60  # about 5 minutes of retries while the database is away
 
 
 class SubmitResponse(BaseModel):
@@ -77,7 +88,7 @@ def base_url(request: Request, settings: Settings) -> str:
 )
 async def txt2img_v2(
     request: Request,
-    key: ApiKeyDep,
+    key: GenerationKeyDep,
     store: StoreDep,
     tasks: TaskStoreDep,
     engine: EngineDep,
@@ -89,7 +100,9 @@ async def txt2img_v2(
     req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes), single_image_body=False)
     job = req.to_job()
     cost = settings.price_per_image * job.batch_size
-    hold = await run_in_threadpool(store.hold, key_id=key.id, credits=cost, request_id=request_id)
+    hold = await run_in_threadpool(
+        store.hold, key_id=key.id, credits=cost, request_id=request_id, owner=request.app.state.instance_id
+    )
     try:
         await run_in_threadpool(
             tasks.create,
@@ -98,7 +111,7 @@ async def txt2img_v2(
             owner=request.app.state.instance_id,
         )  # fmt: skip
     except Exception:
-        await run_in_threadpool(store.release, hold)
+        await run_in_threadpool(store.release_or_defer, hold)
         raise
     runner = asyncio.create_task(
         run_task(engine, tasks, req, job, hold=hold, request_id=request_id, settings=settings, metrics=metrics,
@@ -139,29 +152,44 @@ def progress_writer(tasks: TaskStore, task_id: str) -> Any:
     return on_progress
 
 
+async def _persist(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Write a task's outcome; if the database is away, keep trying (the images wait in memory)."""
+    for attempt in range(PERSIST_ATTEMPTS):
+        try:
+            await run_in_threadpool(fn, *args, **kwargs)
+            return
+        except DBAPIError as e:
+            if attempt == PERSIST_ATTEMPTS - 1:
+                log.error("could not %s: %s", what, e)
+                return
+            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+
+
 async def run_task(
     engine: Engine, tasks: TaskStore, req: Txt2ImgRequest, job: GenerationJob, *, hold: CreditHold,
     request_id: str, settings: Settings, metrics: Metrics, cost: float,
 ) -> None:  # fmt: skip
     ttl = timedelta(seconds=settings.task_ttl_s)
+
+    def fail(error: str) -> Any:
+        return _persist(f"fail task {request_id}", tasks.fail, request_id, error=error, hold=hold, ttl=ttl)
+
     try:
         out = await generate_files(
             engine, req, job, request_id=request_id, metrics=metrics, progress=progress_writer(tasks, request_id)
         )
     except asyncio.CancelledError:
-        await run_in_threadpool(tasks.fail, request_id, error="the server shut down before the task ran", hold=hold,
-                                ttl=ttl)  # fmt: skip
+        await fail("the server shut down before the task finished; nothing was charged")
         raise
     except SD3ServeError as e:
-        await run_in_threadpool(tasks.fail, request_id, error=str(e), hold=hold, ttl=ttl)
+        await fail(str(e))
         return
     except Exception:
         log.exception("task %s failed", request_id)
-        await run_in_threadpool(tasks.fail, request_id, error="internal error; nothing was charged", hold=hold,
-                                ttl=ttl)  # fmt: skip
+        await fail("internal error; nothing was charged")
         return
-    await run_in_threadpool(tasks.complete, request_id, images=out.files, inference_time=out.seconds, hold=hold,
-                            ttl=ttl)  # fmt: skip
+    await _persist(f"complete task {request_id}", tasks.complete, request_id, images=out.files,
+                   inference_time=out.seconds, hold=hold, ttl=ttl)  # fmt: skip
     metrics.images.inc(job.batch_size)
     metrics.credits_charged.inc(cost)
 

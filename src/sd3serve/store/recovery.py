@@ -1,0 +1,73 @@
+"""Settling what a dead server process left behind, from any live one.
+
+Each process registers in ``instances`` and refreshes its heartbeat. A process whose heartbeat is older than
+``dead_after`` died (SIGKILL, power loss): its unfinished v2 tasks become FAILED and every hold it had goes
+back to the balance, in one transaction per process, so no credit is lost and none is charged twice (a hold
+that was captured no longer exists; a task that completed is not touched).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.orm import sessionmaker
+
+from sd3serve.store.credits import CreditHold, release_hold
+from sd3serve.store.models import Hold, Instance, RateWindow, Task
+
+log = logging.getLogger(__name__)
+
+DIED_MESSAGE = "the server process running this task stopped; nothing was charged"
+
+
+class Recovery:
+    def __init__(self, engine: Engine, instance_id: str) -> None:
+        self._session = sessionmaker(engine, expire_on_commit=False)
+        self.instance_id = instance_id
+
+    def register(self) -> None:
+        with self._session.begin() as s:
+            s.merge(Instance(id=self.instance_id, heartbeat_at=datetime.now(UTC)))
+
+    def heartbeat(self) -> None:
+        with self._session.begin() as s:
+            res = s.execute(
+                update(Instance).where(Instance.id == self.instance_id).values(heartbeat_at=datetime.now(UTC))
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]  # declared dead by another process: come back
+                s.add(Instance(id=self.instance_id, heartbeat_at=datetime.now(UTC)))
+
+    def unregister(self) -> None:
+        with self._session.begin() as s:
+            s.execute(delete(Instance).where(Instance.id == self.instance_id))
+
+    def settle_dead(self, *, dead_after: timedelta) -> int:
+        """Fail the tasks and return the holds of every process whose heartbeat stopped; returns how many died."""
+        cutoff = datetime.now(UTC) - dead_after
+        with self._session() as s:
+            dead = s.scalars(
+                select(Instance.id).where(Instance.heartbeat_at < cutoff, Instance.id != self.instance_id)
+            ).all()
+        for owner in dead:
+            self._settle(owner)
+        return len(dead)
+
+    def _settle(self, owner: str) -> None:
+        now = datetime.now(UTC)
+        with self._session.begin() as s:
+            tasks = s.execute(
+                update(Task)
+                .where(Task.owner == owner, Task.status.in_(["QUEUED", "PROCESSING"]))
+                .values(status="FAILED", error=DIED_MESSAGE, finished_at=now, expires_at=now + timedelta(hours=1))
+            ).rowcount  # type: ignore[attr-defined]
+            holds = s.scalars(select(Hold).where(Hold.owner == owner)).all()
+            for h in holds:
+                release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))
+            s.execute(delete(Instance).where(Instance.id == owner))
+        log.warning("process %s died: %d task(s) failed, %d hold(s) returned", owner, tasks, len(holds))
+
+    def prune_rate_windows(self, *, before_window: int) -> None:
+        with self._session.begin() as s:
+            s.execute(delete(RateWindow).where(RateWindow.window < before_window))
