@@ -10,14 +10,17 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 
 from sd3serve.api.errors import install_error_handlers
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.middleware import RequestContextMiddleware
 from sd3serve.api.routes import admin, credits, generate, ops, v2
+from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
@@ -56,6 +59,37 @@ async def _drain(app: FastAPI, grace_s: float) -> None:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _document_400_not_422(spec: dict[str, Any]) -> None:
+    """FastAPI documents its parameter errors as 422; this API answers them with 400 ``{"error"}``."""
+    error = {
+        "description": "Bad input",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for operation in (op for path in spec["paths"].values() for op in path.values()):
+        responses = operation.get("responses", {})
+        default_422 = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+        if default_422.get("$ref", "").endswith("/HTTPValidationError"):
+            del responses["422"]
+            responses.setdefault("400", error)
+
+
+def _publish_request_schemas(app: FastAPI) -> None:
+    """The generation routes read their bodies themselves (for the 413 and 400 rules): publish their schemas."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(openapi_request_schemas())
+            _document_400_not_422(spec)
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, store: CreditStore | None = None) -> FastAPI:
@@ -102,6 +136,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
     app.state.metrics = metrics
     app.state.instance_id = uuid.uuid4().hex
     install_error_handlers(app)
+    _publish_request_schemas(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(generate.router)
     app.include_router(v2.router)

@@ -71,10 +71,25 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, str(exc), headers)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method of every route on this path (Starlette's Allow names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= getattr(route, "methods", None) or set()
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = HTTP_MESSAGES.get(exc.status_code) or str(exc.detail)
-    return error_response(exc.status_code, message, dict(exc.headers) if exc.headers else None)
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return error_response(exc.status_code, message, headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

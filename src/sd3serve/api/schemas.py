@@ -9,7 +9,7 @@ import secrets
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.samplers import SAMPLERS
@@ -35,6 +35,20 @@ ASPECT_RATIOS: dict[str, tuple[int, int] | None] = {
 AspectRatio = StrEnum("AspectRatio", {name: name for name in ASPECT_RATIOS})  # type: ignore[misc]
 
 MAX_SEED = 2**32 - 1
+
+
+def _json_integer(v: Any) -> Any:
+    """JSON Schema's integer: 4 and 4.0, but not "4", true or 4.5."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError("Input should be a valid integer")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError("Input should be a valid integer, without a fractional part")
+        return int(v)
+    return v
+
+
+_JSON_INT = BeforeValidator(_json_integer)
 SIZE_MULTIPLE = 16
 
 
@@ -43,20 +57,25 @@ class Txt2ImgRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", use_enum_values=False)
 
-    prompt: Annotated[str, Field(description="Prompt for image generation; 1..10000 characters after stripping")]
-    negative_prompt: Annotated[str, Field(max_length=10000)] = "low quality, blurry"
-    steps: Annotated[int, Field(ge=1, le=70)] = 4
-    guidance_scale: Annotated[float, Field(ge=1, le=15, allow_inf_nan=False)] = 1.0
-    seed: Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 for a random seed")] = 98552302
+    # Strict primitives: the published schema's types, no coercion ("4" is not 4, 1 is not true).
+    prompt: Annotated[
+        str,
+        Strict(),
+        Field(min_length=1, max_length=10000, pattern=r"\S", description="Prompt for image generation; not blank"),
+    ]
+    negative_prompt: Annotated[str, Strict(), Field(max_length=10000)] = "low quality, blurry"
+    steps: Annotated[int, Field(ge=1, le=70), _JSON_INT] = 4
+    guidance_scale: Annotated[float, Strict(), Field(ge=1, le=15, allow_inf_nan=False)] = 1.0
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED, description="-1 for a random seed"), _JSON_INT] = 98552302
     sampler: Sampler = Sampler("dpmpp_2m")
     scheduler: Scheduler = Scheduler("sgm_uniform")
-    width: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16")] = 1024
-    height: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16")] = 1024
+    width: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16"), _JSON_INT] = 1024
+    height: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16"), _JSON_INT] = 1024
     aspect_ratio: AspectRatio = AspectRatio("custom")
-    batch_size: Annotated[int, Field(ge=1, le=10)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=10), _JSON_INT] = 1
     image_format: ImageFormat = ImageFormat.jpeg
-    image_quality: Annotated[int, Field(ge=10, le=100)] = 95
-    base64: bool = False
+    image_quality: Annotated[int, Field(ge=10, le=100), _JSON_INT] = 95
+    base64: Annotated[bool, Strict()] = False
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -166,3 +185,17 @@ class CreditsResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str
+
+
+def openapi_request_schemas() -> dict[str, Any]:
+    """Component schemas for the request bodies: v2 takes any batch; v1 needs base64 for batch_size > 1."""
+    schema = Txt2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components: dict[str, Any] = schema.pop("$defs", {})
+    components["Txt2ImgRequest"] = schema
+    components["Txt2ImgRequestV1"] = {
+        "allOf": [{"$ref": "#/components/schemas/Txt2ImgRequest"}],
+        "description": "One response body holds one image: batch_size above 1 needs base64 true.",
+        "if": {"properties": {"batch_size": {"minimum": 2}}, "required": ["batch_size"]},
+        "then": {"properties": {"base64": {"const": True}}, "required": ["base64"]},
+    }
+    return components

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sd3serve.api.body import read_json
 from sd3serve.api.deps import EngineDep, GenerationKeyDep, MetricsDep, RequestIdDep, SettingsDep, StoreDep
 from sd3serve.api.generation import generate_unless_disconnected
-from sd3serve.api.schemas import Base64ImagesResponse, ErrorResponse, Txt2ImgRequest, parse_txt2img
+from sd3serve.api.schemas import Base64ImagesResponse, ErrorResponse, parse_txt2img
 from sd3serve.imaging import to_base64
 
 MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
@@ -30,16 +30,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
-REQUEST_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": Txt2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            }
-        },
-    }
-}
+
+def request_body(component: str) -> dict[str, Any]:
+    """The body as ``openapi_extra`` (the route reads it itself); the component is added in ``app.py``."""
+    ref = {"$ref": f"#/components/schemas/{component}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 def credits_header(value: float) -> str:
@@ -50,7 +45,7 @@ def credits_header(value: float) -> str:
     f"/v1/{MODEL_SLUG}",
     summary="Generate images (synchronous)",
     response_class=Response,
-    openapi_extra=REQUEST_BODY,
+    openapi_extra=request_body("Txt2ImgRequestV1"),
     responses={
         200: {
             "description": "The image bytes (base64 false) or JSON with base64 images (base64 true)",

@@ -34,7 +34,7 @@ from sd3serve.api.deps import (
 )
 from sd3serve.api.generation import generate_files
 from sd3serve.api.metrics import Metrics
-from sd3serve.api.routes.generate import ERRORS, MODEL_SLUG, REQUEST_BODY, credits_header
+from sd3serve.api.routes.generate import ERRORS, MODEL_SLUG, credits_header, request_body
 from sd3serve.api.schemas import ErrorResponse, Txt2ImgRequest, parse_txt2img
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.protocol import Engine
@@ -82,7 +82,7 @@ def base_url(request: Request, settings: Settings) -> str:
 @router.post(
     f"/v2/{MODEL_SLUG}",
     summary="Submit a generation (asynchronous)",
-    openapi_extra=REQUEST_BODY,
+    openapi_extra=request_body("Txt2ImgRequest"),
     response_model=SubmitResponse,
     responses=ERRORS,
 )
