@@ -17,6 +17,9 @@ from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 
+URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
+SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -14,12 +14,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from live_server import LiveServer, run_live_server
+from live_server import SMALL, URL, LiveServer, run_live_server
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.settings import Settings
 
-URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
-SMALL: dict[str, Any] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
 GEN_HEADERS = ("x-remaining-credits", "x-cost", "x-generation-time", "x-seed-value", "x-request-id")
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from test_routes import SMALL, URL
 
-from live_server import LiveServer, run_live_server
+from live_server import SMALL, URL, LiveServer, run_live_server
 from sd3serve.settings import Settings
 from stub_engine import StubEngine
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_routes import SMALL, URL
 
 from gated import GatedEngine
-from live_server import LiveServer, run_live_server
+from live_server import SMALL, URL, LiveServer, run_live_server
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
 

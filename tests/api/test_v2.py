@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from test_routes import SMALL, FailingEngine
+from test_routes import FailingEngine
 
 from gated import GatedEngine
-from live_server import LiveServer, run_live_server
+from live_server import SMALL, LiveServer, run_live_server
 from sd3serve.api.routes import v2
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.loading import LoadedModel

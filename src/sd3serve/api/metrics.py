@@ -17,6 +17,7 @@ class Metrics:
         self.requests = Counter(
             "sd3serve_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
         )
+        self.in_flight = Gauge("sd3serve_requests_in_flight", "HTTP requests being served", registry=r)
         self.queue_depth = Gauge("sd3serve_queue_depth", "Requests waiting for the engine", registry=r)
         self.batch_images = Histogram(
             "sd3serve_batch_images", "Images per forward batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r
