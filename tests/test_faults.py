@@ -78,16 +78,20 @@ def test_sigkill_mid_generation_loses_and_double_charges_nothing(tiny_model_dir:
     key = store.create_key(credits=10)[1]
     key_id = store.authenticate(api_key=key).id
     h = {"x-api-key": key}
-    with httpx.Client(base_url=first.url, timeout=120) as c, ThreadPoolExecutor(1) as pool:
-        done = c.post("/v2/stable-diffusion-3.5-turbo-txt2img", json=SMALL, headers=h).json()["request_id"]
-        wait_for(lambda: c.get(f"/v2/requests/{done}/status", headers=h).json()["status"] == "COMPLETED")
-        slow_task = c.post("/v2/stable-diffusion-3.5-turbo-txt2img", json=SLOW, headers=h).json()["request_id"]
-        in_flight = pool.submit(lambda: httpx.post(first.url + URL, json=SLOW, headers=h, timeout=120))
-        wait_for(lambda: c.get(f"/v2/requests/{slow_task}/status", headers=h).json()["status"] == "PROCESSING")
-        wait_for(lambda: store.balance(key_id=key_id) == 7)  # 1 spent, 2 held by the two in flight
-        first.kill()
-        with pytest.raises(httpx.TransportError):
-            in_flight.result()
+    try:
+        with httpx.Client(base_url=first.url, timeout=120) as c, ThreadPoolExecutor(1) as pool:
+            done = c.post("/v2/stable-diffusion-3.5-turbo-txt2img", json=SMALL, headers=h).json()["request_id"]
+            wait_for(lambda: c.get(f"/v2/requests/{done}/status", headers=h).json()["status"] == "COMPLETED")
+            slow_task = c.post("/v2/stable-diffusion-3.5-turbo-txt2img", json=SLOW, headers=h).json()["request_id"]
+            in_flight = pool.submit(lambda: httpx.post(first.url + URL, json=SLOW, headers=h, timeout=120))
+            wait_for(lambda: c.get(f"/v2/requests/{slow_task}/status", headers=h).json()["status"] == "PROCESSING")
+            wait_for(lambda: store.balance(key_id=key_id) == 7)  # 1 spent, 2 held by the two in flight
+            first.kill()
+            with pytest.raises(httpx.TransportError):
+                in_flight.result()
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
 
     second = start_server(model_dir=tiny_model_dir, data_dir=tmp_path, log_dir=tmp_path, **settings)
     try:
