@@ -1,0 +1,131 @@
+"""Soak: hold a server at capacity for a bounded time and watch errors and memory.
+
+    .venv/bin/python bench/soak.py [--minutes 3] [--concurrency 8] [--size 256] [--model DIR]
+
+Starts `sd3serve serve` (loopback only), then `concurrency` clients send requests back to back (v1 jpeg/png/
+base64 batches and v2 tasks, varied prompts, seeds and samplers) until the time is up. Prints requests served,
+errors by status, and the server's resident memory after warm-up (the first fifth of the run) against the end:
+the growth should stay under 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from sd3serve.engine.samplers import SAMPLERS
+from sd3serve.settings import Settings
+from sd3serve.store.credits import CreditStore
+
+URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
+PROMPTS = ["a red circle", "a blue square on a yellow background", "a green triangle at the top left", "a star"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--model", type=Path, default=None)
+    args = ap.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="sd3soak-"))
+    store = CreditStore(Settings(data_dir=data_dir).resolved_database_url)
+    store.create_schema()
+    key = store.create_key(credits=10**9)[1]
+    store.close()
+    port = free_port()
+    env = {**os.environ, "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port), "SD3SERVE_DEVICE": "cpu",
+           "SD3SERVE_LOG_LEVEL": "warning", "SD3SERVE_MAX_QUEUE": "1000"}  # fmt: skip
+    if args.model:
+        env["SD3SERVE_MODEL"] = str(args.model)
+    server = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+            if server.poll() is not None:
+                sys.exit("server exited")
+
+        statuses: Counter[int] = Counter()
+        lock = threading.Lock()
+        stop_at = time.monotonic() + args.minutes * 60
+        samplers = [s for s in SAMPLERS if s != "dpm_adaptive"]  # adaptive: up to 120 calls, skews the load
+
+        def client(i: int) -> None:
+            rng = random.Random(i)
+            h = {"x-api-key": key}
+            with httpx.Client(base_url=base, timeout=600) as c:
+                while time.monotonic() < stop_at:
+                    body = {"prompt": rng.choice(PROMPTS), "width": args.size, "height": args.size,
+                            "seed": rng.randrange(2**32), "sampler": rng.choice(samplers),
+                            "image_format": rng.choice(["jpeg", "png", "webp"])}  # fmt: skip
+                    kind = rng.random()
+                    if kind < 0.2:
+                        r = c.post(URL, json={**body, "batch_size": 2, "base64": True}, headers=h)
+                    elif kind < 0.35:
+                        r = c.post("/v2/stable-diffusion-3.5-turbo-txt2img", json=body, headers=h)
+                        if r.status_code == 200:
+                            task = r.json()
+                            done = ("COMPLETED", "FAILED")
+                            while c.get(task["status_url"], headers=h).json()["status"] not in done:
+                                time.sleep(0.2)
+                            r = c.get(task["response_url"], headers=h)
+                    else:
+                        r = c.post(URL, json=body, headers=h)
+                    with lock:
+                        statuses[r.status_code] += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.concurrency)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        samples: list[tuple[float, float]] = []
+        while any(t.is_alive() for t in threads):
+            samples.append((time.monotonic() - start, rss_mb(server.pid)))
+            time.sleep(2)
+        total = args.minutes * 60
+        after_warmup = [m for t, m in samples if t >= total / 5]
+        warm, end = after_warmup[0], after_warmup[-1]
+        served = sum(statuses.values())
+        errors = {code: n for code, n in statuses.items() if code != 200}
+        print(f"soak: {args.minutes:g} min, {args.concurrency} clients, {args.size}x{args.size}, mixed v1/v2")
+        print(f"requests served: {served} ({served / total:.2f}/s), errors: {errors or 'none'}")
+        print(f"server RSS: after warm-up {warm:.0f} MB, at the end {end:.0f} MB, peak {max(after_warmup):.0f} MB; "
+              f"growth {100 * (end - warm) / warm:+.1f}% (target < 5%)")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
