@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(10.0, ge=0)  # how long the first request of a batch waits for company
     prompt_cache_mb: float = Field(256.0, ge=0)  # prompt embeddings kept, by bytes
     task_ttl_s: float = Field(3600.0, ge=60)  # v2 results are kept this long after they finish
+    # Speed and memory (engine/acceleration.py). "auto" turns an option on where it helps: on CUDA.
+    fuse_qkv: Literal["auto", "on", "off"] = "auto"  # one matmul for Q, K and V in every attention
+    compile: Literal["off", "regional", "full"] = "off"  # torch.compile: each transformer block, or the whole model
+    channels_last_vae: Literal["auto", "on", "off"] = "auto"
+    vae_tiling: Literal["auto", "on", "off"] = "auto"  # auto: tiles above 1536 pixels a side (2048² in 24 GB)
+    offload: Literal["none", "model", "sequential"] = "none"  # CUDA only: keep idle components in CPU memory
+
     # Reliability and security.
     rate_limit_per_minute: int = Field(0, ge=0)  # generation requests per key and minute; 0: no limit
     admin_key: SecretStr | None = None  # enables the HTTP admin API (/admin/...); at least 32 characters

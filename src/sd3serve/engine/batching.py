@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from sd3serve.engine.acceleration import apply_acceleration
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.engine.pipeline import SD3Pipeline, batch_key
@@ -86,10 +87,12 @@ class BatchingEngine:
     def _load_and_warm(self) -> None:
         model = self._model or load_model(self.settings)
         self._model = model
+        apply_acceleration(model, self.settings)
         self._pipeline = SD3Pipeline(
             model,
             exact_batches=self.settings.exact_batches,
             prompt_cache_bytes=int(self.settings.prompt_cache_mb * 2**20),
+            vae_tiling=self.settings.vae_tiling,
         )
         warm = GenerationJob(
             prompt="", negative_prompt="", steps=1, guidance_scale=1.0, seed=0, sampler="euler",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -22,6 +23,8 @@ from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import get_sigmas
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all)
+VAE_TILING_ABOVE = 1536  # pixels a side: "auto" decodes larger images in tiles (2048² in little memory)
+MIN_VAE_TILE = 512  # pixels
 
 
 class FlowDenoiser:
@@ -93,10 +96,22 @@ def batch_key(job: GenerationJob) -> tuple[object, ...]:
 
 
 class SD3Pipeline:
-    def __init__(self, model: LoadedModel, *, exact_batches: bool = True, prompt_cache_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        exact_batches: bool = True,
+        prompt_cache_bytes: int = 0,
+        vae_tiling: Literal["auto", "on", "off"] = "auto",
+    ) -> None:
         self.model = model
         self.exact_batches = exact_batches
         self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.vae_tiling = vae_tiling
+        vae = model.pipe.vae
+        if getattr(vae, "tile_sample_min_size", 0) < MIN_VAE_TILE:  # small demo configs: tiles of real size
+            vae.tile_sample_min_size = MIN_VAE_TILE
+            vae.tile_latent_min_size = MIN_VAE_TILE // model.vae_scale_factor
 
     @torch.no_grad()
     def encode_text(self, text: str) -> TextEmbedding:
@@ -196,6 +211,8 @@ class SD3Pipeline:
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.model.pipe.vae
+        side = max(latents.shape[-2:]) * self.model.vae_scale_factor
+        vae.use_tiling = self.vae_tiling == "on" or (self.vae_tiling == "auto" and side > VAE_TILING_ABOVE)
         z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(self.model.dtype)
         chunks = z.split(1) if self.exact_batches else [z]
         pixels = torch.cat([vae.decode(c, return_dict=False)[0] for c in chunks])
