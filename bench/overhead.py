@@ -11,32 +11,19 @@ figure to read is the median of the per-pair ratios http / direct (target <= 1.0
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from common import URL, rich_key, sd3serve
 from sd3serve.api.schemas import parse_txt2img
 from sd3serve.engine.loading import load_model
 from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.imaging import encode_image
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
-
-URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
@@ -59,33 +46,8 @@ def main() -> None:
     req = parse_txt2img(body)
     pipeline = SD3Pipeline(load_model(settings), exact_batches=settings.exact_batches)
 
-    store = CreditStore(settings.resolved_database_url)
-    store.create_schema()
-    key = store.create_key(credits=10 * args.runs + 10)[1]
-    store.close()
-    port = free_port()
-    env = {
-        **os.environ,
-        "SD3SERVE_DATA_DIR": str(data_dir),
-        "SD3SERVE_PORT": str(port),
-        "SD3SERVE_DEVICE": "cpu",
-        "SD3SERVE_LOG_LEVEL": "warning",
-    }
-    if args.model:
-        env["SD3SERVE_MODEL"] = str(args.model)
-    server = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env)
-    try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                sys.exit("the server did not start")
-            time.sleep(0.2)
+    key = rich_key(data_dir)
+    with sd3serve(data_dir, args.model) as server, httpx.Client(base_url=server.url, timeout=600) as client:
 
         def direct() -> bytes:
             result = pipeline(req.to_job())
@@ -114,9 +76,6 @@ def main() -> None:
         print(f"direct (engine + JPEG) median {statistics.median(t_direct):.3f} s")
         print(f"http (end to end)      median {statistics.median(t_http):.3f} s")
         print(f"median ratio http/direct: {statistics.median(ratios):.3f}  (target <= 1.05)")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,19 @@ from sd3serve.engine.samplers import SAMPLER_NAMES, SAMPLERS
 from sd3serve.engine.schedules import get_sigmas
 
 STOCHASTIC = {
-    "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+    "euler_ancestral",
+    "euler_ancestral_cfg_pp",
+    "dpm_2_ancestral",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde",
+    "dpmpp_sde_gpu",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu",
+    "ddpm",
+    "lcm",
 }
 STEPS = (4, 8, 16, 32)
 MU, S = 0.5, 1.0

@@ -15,8 +15,7 @@ ratios, not absolute times across runs (the machine is shared).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -28,35 +27,15 @@ from pathlib import Path
 
 import httpx
 
+from common import free_port, rich_key, sd3serve, wait_ready
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import demo_model_dir, load_model
 from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.imaging import ImageFormat, encode_image
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a yellow star"]
 BENCH_DIR = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited: {proc.args}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"server not ready: {proc.args}")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -94,20 +73,15 @@ def main() -> None:
     model = load_model(settings)
     pipeline = SD3Pipeline(model, exact_batches=settings.exact_batches)
 
-    store = CreditStore(settings.resolved_database_url)
-    store.create_schema()
-    key = store.create_key(credits=10**9)[1]
-    store.close()
-
-    ours_port, naive_port = free_port(), free_port()
-    env = {**os.environ, "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(ours_port),
-           "SD3SERVE_DEVICE": "cpu", "SD3SERVE_LOG_LEVEL": "warning", "SD3SERVE_MODEL": str(model_dir),
-           "SD3SERVE_MAX_QUEUE": "1000"}  # fmt: skip
-    ours = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env)
+    key = rich_key(data_dir)
+    servers = contextlib.ExitStack()
+    ours_url = servers.enter_context(sd3serve(data_dir, model_dir, max_queue=1000)).url
+    naive_port = free_port()
     naive = subprocess.Popen([sys.executable, str(BENCH_DIR / "naive_server.py"), str(model_dir), str(naive_port)])
-    ours_url, naive_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{naive_port}"
+    servers.callback(naive.wait, timeout=60)
+    servers.callback(naive.terminate)
+    naive_url = f"http://127.0.0.1:{naive_port}"
     try:
-        wait_ready(ours_url, ours)
         wait_ready(naive_url, naive)
         client = httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=64))
         print(f"model: {model.source}; {args.requests} requests per cell, {args.steps} steps, dpmpp_2m/sgm_uniform")
@@ -171,9 +145,7 @@ def main() -> None:
                 label = "exact batches (bit-identical)" if exact else "fast batches (one forward)"
                 print(f"  {size}x{size} {label:<30} speed-up {statistics.median(ratios):.3f}x")
     finally:
-        for p in (ours, naive):
-            p.terminate()
-            p.wait(timeout=30)
+        servers.close()
 
 
 if __name__ == "__main__":

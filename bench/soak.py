@@ -11,10 +11,7 @@ the growth should stay under 5%.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,11 +20,9 @@ from pathlib import Path
 
 import httpx
 
+from common import URL, rich_key, sd3serve
 from sd3serve.engine.samplers import SAMPLERS
-from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 
-URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
 PROMPTS = ["a red circle", "a blue square on a yellow background", "a green triangle at the top left", "a star"]
 
 
@@ -36,14 +31,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
@@ -55,27 +42,9 @@ def main() -> None:
     args = ap.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="sd3soak-"))
-    store = CreditStore(Settings(data_dir=data_dir).resolved_database_url)
-    store.create_schema()
-    key = store.create_key(credits=10**9)[1]
-    store.close()
-    port = free_port()
-    env = {**os.environ, "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port), "SD3SERVE_DEVICE": "cpu",
-           "SD3SERVE_LOG_LEVEL": "warning", "SD3SERVE_MAX_QUEUE": "1000"}  # fmt: skip
-    if args.model:
-        env["SD3SERVE_MODEL"] = str(args.model)
-    server = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-            if server.poll() is not None:
-                sys.exit("server exited")
-
+    key = rich_key(data_dir)
+    with sd3serve(data_dir, args.model, max_queue=1000) as server:
+        base = server.url
         statuses: Counter[int] = Counter()
         lock = threading.Lock()
         stop_at = time.monotonic() + args.minutes * 60
@@ -122,9 +91,6 @@ def main() -> None:
         print(f"requests served: {served} ({served / total:.2f}/s), errors: {errors or 'none'}")
         print(f"server RSS: after warm-up {warm:.0f} MB, at the end {end:.0f} MB, peak {max(after_warmup):.0f} MB; "
               f"growth {100 * (end - warm) / warm:+.1f}% (target < 5%)")  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""Quality and speed of the embedded demo model on held-out prompts, judged by plain image analysis.
+
+    .venv/bin/python bench/demo_quality.py [--n 100] [--model DIR] [--configs default,512,euler,8steps]
+        [--save-examples DIR]
+
+Every prompt combines a (colour, shape, background) triple never seen in training with a random position and
+size (``world.held_out_scenes``). Each configuration generates one image per prompt (seed = prompt index) through
+the server's own pipeline and prints, per attribute, the share of images the judge (``models/judge.py``) reads
+as the prompt says, then the time per image split into text encoding, denoising, decoding and JPEG encoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sd3serve.engine.job import GenerationJob
+from sd3serve.engine.loading import load_model
+from sd3serve.engine.pipeline import SD3Pipeline
+from sd3serve.imaging import ImageFormat, encode_image
+from sd3serve.models import world
+from sd3serve.models.judge import judge
+from sd3serve.settings import Settings
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "src" / "sd3serve" / "models" / "demo"
+ATTRIBUTES = ("background", "colour", "shape", "position", "size")
+# name -> (size, steps, sampler, scheduler)
+CONFIGS: dict[str, tuple[int, int, str, str]] = {
+    "default": (1024, 4, "dpmpp_2m", "sgm_uniform"),
+    "512": (512, 4, "dpmpp_2m", "sgm_uniform"),
+    "euler": (1024, 4, "euler", "simple"),
+    "euler512": (512, 4, "euler", "simple"),
+    "8steps": (1024, 8, "dpmpp_2m", "sgm_uniform"),
+    "8steps512": (512, 8, "dpmpp_2m", "sgm_uniform"),
+}
+
+
+def run_config(pipe: SD3Pipeline, name: str, scenes: list[world.Scene], save: Path | None) -> dict[str, float]:
+    size, steps, sampler, scheduler = CONFIGS[name]
+    hits = dict.fromkeys(ATTRIBUTES, 0)
+    all_four = 0
+    timings: dict[str, list[float]] = {"encode": [], "denoise": [], "decode": [], "jpeg": [], "total": []}
+    for i, scene in enumerate(scenes):
+        job = GenerationJob(
+            prompt=scene.caption(),
+            negative_prompt="",
+            steps=steps,
+            guidance_scale=1.0,
+            seed=i,
+            sampler=sampler,
+            scheduler=scheduler,
+            width=size,
+            height=size,
+            batch_size=1,
+        )
+        t0 = time.perf_counter()
+        result = pipe(job)
+        t1 = time.perf_counter()
+        encode_image(result.images[0], ImageFormat.jpeg, 95)
+        t2 = time.perf_counter()
+        for k in ("encode", "denoise", "decode"):
+            timings[k].append(result.timings[k])
+        timings["jpeg"].append(t2 - t1)
+        timings["total"].append(t2 - t0)
+        verdict = judge(result.images[0])
+        matches = verdict.matches(scene)
+        for attr, ok in matches.items():
+            hits[attr] += ok
+        all_four += all(matches[a] for a in ("background", "colour", "shape", "position"))
+        if save is not None and i < 4:
+            result.images[0].save(save / f"{name}-{i:02d}.jpg", quality=90)
+    n = len(scenes)
+    print(f"\n## {name}: {size}x{size}, {steps} steps, {sampler}/{scheduler}, guidance 1, {n} held-out prompts")
+    print("| " + " | ".join(ATTRIBUTES) + " | background+colour+shape+position |")
+    print("|" + "---|" * (len(ATTRIBUTES) + 1))
+    print("| " + " | ".join(f"{100 * hits[a] / n:.0f} %" for a in ATTRIBUTES) + f" | {100 * all_four / n:.0f} % |")
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    print(
+        f"time per image (median): {med['total']:.2f} s = text encoding {med['encode']:.3f} s + denoising "
+        f"{med['denoise']:.2f} s + decoding {med['decode']:.2f} s + JPEG encoding {med['jpeg']:.3f} s"
+    )
+    sys.stdout.flush()
+    return {a: hits[a] / n for a in ATTRIBUTES}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--n", type=int, default=100, help="held-out prompts per configuration")
+    p.add_argument("--model", type=Path, default=DEMO_DIR)
+    p.add_argument("--configs", default="default,512,euler,8steps", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--save-examples", type=Path, default=None, help="save the first images of each config here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.save_examples:
+        args.save_examples.mkdir(parents=True, exist_ok=True)
+    model = load_model(Settings(model=args.model, device="cpu"))
+    pipe = SD3Pipeline(model)
+    scenes = world.held_out_scenes(args.n)
+    print(f"model {args.model}; torch threads {torch.get_num_threads()}")
+    for name in args.configs.split(","):
+        run_config(pipe, name, scenes, args.save_examples)
+
+
+if __name__ == "__main__":
+    main()
