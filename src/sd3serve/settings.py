@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)  # requests waiting (not running); more get 503 with Retry-After
     queue_timeout_s: float = Field(300.0, gt=0)  # a request still queued after this fails, uncharged
     max_batch_images: int = Field(4, ge=1)  # images in one forward pass
-    batch_wait_ms: float = Field(10.0, ge=0)  # how long the first request of a batch waits for company
+    batch_wait_ms: float = Field(0.0, ge=0)  # how long a lone request waits for company (GPU: try 5-20)
     prompt_cache_mb: float = Field(256.0, ge=0)  # prompt embeddings kept, by bytes
     task_ttl_s: float = Field(3600.0, ge=60)  # v2 results are kept this long after they finish
     # Speed and memory (engine/acceleration.py). "auto" turns an option on where it helps: on CUDA.
