@@ -69,7 +69,7 @@ def main() -> None:
 
     data_dir = Path(tempfile.mkdtemp(prefix="sd3serving-"))
     settings = Settings(model=args.model, data_dir=data_dir, device="cpu")
-    model_dir = args.model or demo_model_dir(settings)
+    model_dir = args.model or demo_model_dir()
     model = load_model(settings)
     pipeline = SD3Pipeline(model, exact_batches=settings.exact_batches)
 

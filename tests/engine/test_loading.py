@@ -51,14 +51,12 @@ def test_errors_are_clear(tiny_model_dir: Path, tmp_path: Path) -> None:
         load_model(Settings(model=tmp_path / "sd3.safetensors"))
 
 
-def test_demo_model_is_built_once_and_deterministic(tmp_path: Path) -> None:
-    a = demo_model_dir(Settings(data_dir=tmp_path / "a"))
-    b = demo_model_dir(Settings(data_dir=tmp_path / "b"))
-    for f in sorted(a.rglob("*.safetensors")):
-        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
-    mtime = (a / "model_index.json").stat().st_mtime
-    assert demo_model_dir(Settings(data_dir=tmp_path / "a")) == a
-    assert (a / "model_index.json").stat().st_mtime == mtime
+def test_the_embedded_demo_model_is_the_default(tmp_path: Path) -> None:
+    model = load_model(Settings(data_dir=tmp_path, device="cpu"))
+    assert model.source.startswith("embedded demo model")
+    assert model.pipe.text_encoder_3 is not None and model.flow.shift == 3.0
+    size = sum(f.stat().st_size for f in demo_model_dir().rglob("*") if f.is_file())
+    assert size <= 30 * 2**20
 
 
 def test_single_file_checkpoint_gives_the_same_images(tiny_model_dir: Path, tmp_path: Path) -> None:

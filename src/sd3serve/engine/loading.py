@@ -17,7 +17,8 @@ from sd3serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_VERSION = "tiny-random-v1"
+DEMO_MODEL_VERSION = "shapes-v1"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
@@ -59,27 +60,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def demo_model_dir(settings: Settings) -> Path:
-    """The embedded demo model, built deterministically from a seed on first use and cached."""
-    from sd3serve.models.tiny import build_tiny_sd3
-
-    out = settings.data_dir / "models" / DEMO_MODEL_VERSION
-    if not (out / "model_index.json").exists():
-        tmp = out.with_name(out.name + ".partial")
-        build_tiny_sd3(tmp)
-        tmp.rename(out)  # atomic: a half-written model is never picked up
-    return out
+def demo_model_dir() -> Path:
+    """The embedded demo model: trained by ``python -m sd3serve.models.train_demo``, shipped in the package."""
+    path = DEMO_MODEL_DIR
+    if not (path / "model_index.json").exists():
+        raise ModelLoadError(f"the embedded demo model is missing from the package ({path}); reinstall sd3serve")
+    return path
 
 
 def load_model(settings: Settings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.model is None:
-        path = demo_model_dir(settings)
+        path = demo_model_dir()
         source = f"embedded demo model ({DEMO_MODEL_VERSION}, {path})"
         log.warning(
-            "No --model given: serving the built-in DEMO model (%s). It is a tiny SD3-architecture model for "
-            "trying the server, not SD3.5; pass --model PATH to serve real weights.",
+            "No --model given: serving the built-in DEMO model (%s): a tiny SD3-architecture model trained on "
+            "coloured shapes (see the README for what it can draw), not SD3.5. Pass --model PATH for real weights.",
             DEMO_MODEL_VERSION,
         )
     else:

@@ -1,0 +1,619 @@
+"""Train the embedded demo model: a small SD3-architecture model that draws the shapes world of ``world.py``.
+
+``python -m sd3serve.models.train_demo --out DIR [--minutes M] [--seed S]``
+
+1. Build the components (the classes of SD3.5: two CLIP text encoders with projection, a T5 encoder,
+   ``SD3Transformer2DModel``, a 16-channel ``AutoencoderKL`` with 16× downsampling) and word-level tokenizers.
+2. Train the autoencoder on rendered pictures (reconstruction + a little KL), freeze it, and set its
+   ``shift_factor`` / ``scaling_factor`` from the latents' statistics.
+3. Encode pools of training pictures at 256², 512², 768² and 1024².
+4. Train the transformer and the text encoders together with SD3's rectified-flow objective (velocity
+   ``ε - x0`` at ``x = (1-σ)·x0 + σ·ε``), σ from a logit-normal shifted by 3 mixed with the σ of few-step
+   schedules, at every resolution.
+5. Save the pipeline (EMA weights) in diffusers layout, safetensors.
+
+Step counts follow from ``--minutes`` by fixed per-step cost estimates, never from the clock, so a rerun with
+the same arguments (and thread count) gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import random
+import string
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from sd3serve.models import world
+
+CLIP_LENGTH = 77
+T5_LENGTH = 256  # what the engine passes as max_sequence_length
+FEW_STEP_SIGMAS = (1.0, 0.9004, 0.7511, 0.5030, 0.3, 0.15)  # 4-step sgm_uniform at shift 3, then lower
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    seed: int = 0
+    text_dim: int = 32  # CLIP width; the pooled vector is 2 × this
+    t5_dim: int = 64  # T5 width = the transformer's joint_attention_dim (≥ 2 × text_dim)
+    hidden: int = 96  # transformer width (≥ 16 · patch²)
+    heads: int = 3
+    layers: int = 4
+    patch: int = 2
+    vae_channels: tuple[int, ...] = (8, 16, 32, 32, 32)  # 5 blocks: 16× downsampling
+    # One norm group: the initial autoencoder (see `init_vae`) keeps every group balanced around an anchor.
+    vae_groups: int = 1
+    max_pixels_side: int = 2048
+    shift: float = 3.0
+
+
+@dataclass
+class Schedule:
+    """Step counts and batch sizes; `for_minutes` scales them to a time budget by fixed cost estimates."""
+
+    vae_steps: int = 200
+    vae_batch: int = 8
+    vae_crop: int = 128
+    vae_lr: float = 1e-3
+    pool: dict[int, int] = field(default_factory=lambda: {256: 2000, 512: 1500, 768: 300, 1024: 400})
+    steps: int = 1300
+    # resolution -> (share of steps, batch size)
+    mix: dict[int, tuple[float, int]] = field(
+        default_factory=lambda: {256: (0.2, 8), 512: (0.45, 6), 768: (0.1, 3), 1024: (0.25, 2)}
+    )
+    lr: float = 1e-3
+    text_lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.998
+
+    @classmethod
+    def for_minutes(cls, minutes: float) -> Schedule:
+        """The default schedule took 20 minutes on one thread of the shared 2-core CPU (measured: 82 s of
+        autoencoder, 45 s of latent pools, 18 minutes for 1300 transformer steps, 0.65-1.6 s a step depending
+        on what else runs); other budgets scale the step counts linearly."""
+        s = cls()
+        k = minutes / 20.0
+        s.vae_steps = max(2, round(s.vae_steps * k))
+        s.pool = {r: max(4, round(n * min(1.0, k))) for r, n in s.pool.items()}
+        s.steps = max(2, round(s.steps * k))
+        s.warmup = min(s.warmup, max(1, s.steps // 10))
+        return s
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+
+
+def _bpe_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """BPE merges learnt on the vocabulary words until each is a single token (ties broken by name)."""
+    segs = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for s in segs.values():
+            for pair in itertools.pairwise(s):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        pair = max(sorted(counts), key=lambda p: counts[p])
+        merges.append(pair)
+        for w, s in segs.items():
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == pair:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            segs[w] = out
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """Characters (so any text tokenizes) plus merges that make every vocabulary word one token."""
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    merges = _bpe_merges(world.VOCABULARY)
+    for a, b in merges:
+        if a + b not in tokens:
+            tokens.append(a + b)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=CLIP_LENGTH)
+
+
+def build_t5_tokenizer() -> T5TokenizerFast:
+    """A unigram vocabulary of characters (low score) and the vocabulary words (high score)."""
+    pieces = ["<pad>", "</s>", "<unk>", "▁", *sorted(set(string.ascii_lowercase + string.digits))]
+    vocab = [(p, 0.0 if i < 3 else -10.0) for i, p in enumerate(pieces)]
+    vocab += [("▁" + w, -1.0) for w in world.VOCABULARY]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+# ----------------------------------------------------------------------------------------------- components
+
+
+@dataclass
+class Components:
+    tokenizer: CLIPTokenizer
+    t5_tokenizer: T5TokenizerFast
+    text_encoder: CLIPTextModelWithProjection
+    text_encoder_2: CLIPTextModelWithProjection
+    text_encoder_3: T5EncoderModel
+    transformer: SD3Transformer2DModel
+    vae: AutoencoderKL
+
+
+def build_components(cfg: DemoConfig) -> Components:
+    if cfg.t5_dim < 2 * cfg.text_dim:
+        raise ValueError("t5_dim must be at least 2 * text_dim: SD3 pads the CLIP states to the T5 width")
+    torch.manual_seed(cfg.seed)
+    tok = build_clip_tokenizer()
+    t5_tok = build_t5_tokenizer()
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.text_dim,
+        intermediate_size=cfg.text_dim * 4,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_LENGTH,
+        projection_dim=cfg.text_dim,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    t5_cfg = T5Config(
+        vocab_size=len(t5_tok),
+        d_model=cfg.t5_dim,
+        d_kv=16,
+        d_ff=cfg.t5_dim * 2,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    vae_factor = 2 ** (len(cfg.vae_channels) - 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=1024 // vae_factor,
+        patch_size=cfg.patch,
+        in_channels=16,
+        out_channels=16,
+        num_layers=cfg.layers,
+        attention_head_dim=cfg.hidden // cfg.heads,
+        num_attention_heads=cfg.heads,
+        joint_attention_dim=cfg.t5_dim,
+        caption_projection_dim=cfg.hidden,
+        pooled_projection_dim=2 * cfg.text_dim,
+        pos_embed_max_size=cfg.max_pixels_side // vae_factor // cfg.patch,
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=cfg.vae_groups,
+        mid_block_add_attention=False,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    return Components(
+        tokenizer=tok,
+        t5_tokenizer=t5_tok,
+        text_encoder=CLIPTextModelWithProjection(clip_cfg),
+        text_encoder_2=CLIPTextModelWithProjection(clip_cfg),
+        text_encoder_3=T5EncoderModel(t5_cfg),
+        transformer=transformer,
+        vae=vae,
+    )
+
+
+class TextIds:
+    """Token ids of captions, tokenized once (as the diffusers pipeline tokenizes them)."""
+
+    def __init__(self, comps: Components) -> None:
+        self.comps = comps
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        for c in captions:
+            if c not in self.cache:
+                clip = self.comps.tokenizer(
+                    c, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt"
+                ).input_ids[0]
+                t5 = self.comps.t5_tokenizer(
+                    c, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt"
+                ).input_ids[0]
+                self.cache[c] = (clip, t5)
+        return (
+            torch.stack([self.cache[c][0] for c in captions]),
+            torch.stack([self.cache[c][1] for c in captions]),
+        )
+
+
+def encode_text(comps: Components, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled) exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them (clip_skip None)."""
+    states, pooled = [], []
+    for enc in (comps.text_encoder, comps.text_encoder_2):
+        out = enc(clip_ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    clip = torch.cat(states, dim=-1)
+    t5 = comps.text_encoder_3(t5_ids)[0]
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def vae_batches(rng: random.Random, batch: int, crop: int) -> Iterator[torch.Tensor]:
+    """Crops of pictures rendered at several sizes: objects from a few to a few hundred pixels across."""
+    while True:
+        images = []
+        for _ in range(batch):
+            size = rng.choice([crop, crop, 2 * crop, 4 * crop, 1024])
+            im = np.asarray(world.render(world.training_scene(rng), size))
+            y, x = rng.randrange(size - crop + 1), rng.randrange(size - crop + 1)
+            images.append(im[y : y + crop, x : x + crop])
+        yield to_tensor(images)
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@torch.no_grad()
+def init_vae(vae: AutoencoderKL, anchor: float = 50.0, lift: float = 20.0) -> None:
+    """Start the autoencoder at a working linear one, which gradient descent alone finds only slowly.
+
+    On flat-coloured pictures GroupNorm erases exactly what matters (each picture's colours), and a randomly
+    initialised autoencoder sits for a long time at "every picture is the mean picture". Here every residual
+    branch starts at zero; the encoder averages 2×2 at each level and ends in a space-to-depth that puts the
+    mean colour of each 8×8 quarter of a 16×16 block into latent channels 0-11; the decoder starts from the
+    block's mean colour with nearest upsampling. Each GroupNorm sees the signals next to their negatives and an
+    anchor pair ±``anchor`` (so its mean is 0 and its scale fixed), and a ``lift`` keeps SiLU in its linear range.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    enc, dec = vae.encoder, vae.decoder
+    for m in vae.modules():
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            m.bias.zero_()
+        if isinstance(m, ResnetBlock2D):
+            m.conv2.weight.zero_()
+            if m.conv_shortcut is not None:
+                m.conv_shortcut.weight.zero_()
+                for c in range(3):
+                    m.conv_shortcut.weight[c, c, 0, 0] = 1.0
+
+    def centre_identity(conv: nn.Conv2d) -> None:
+        conv.weight.zero_()
+        for c in range(3):
+            conv.weight[c, c, 1, 1] = 1.0
+
+    centre_identity(enc.conv_in)
+    downs = [b.downsamplers[0].conv for b in enc.down_blocks if b.downsamplers is not None]
+    for conv in downs[:-1]:
+        conv.weight.zero_()
+        for c in range(3):
+            conv.weight[c, c, 0:2, 0:2] = 0.25
+    last = downs[-1]
+    last.weight.zero_()
+    for dy in range(2):
+        for dx in range(2):
+            for c in range(3):
+                q = 3 * (2 * dy + dx) + c
+                last.weight[q, c, dy, dx] = 1.0
+                last.weight[12 + q, c, dy, dx] = -1.0
+    last.bias[24], last.bias[25] = anchor, -anchor
+    gn = enc.conv_norm_out
+    gn.weight.zero_()
+    gn.bias.zero_()
+    gn.weight[:12] = (2 * anchor**2 / last.out_channels) ** 0.5
+    gn.bias[:12] = lift
+    co = enc.conv_out
+    co.weight.zero_()
+    co.bias.zero_()
+    for j in range(12):
+        co.weight[j, j, 1, 1] = 1.0
+        co.bias[j] = -lift
+    co.bias[16:] = -12.0  # log-variance: a near-deterministic posterior
+
+    dec.conv_in.weight.zero_()
+    for q in range(4):
+        for c in range(3):
+            dec.conv_in.weight[c, 3 * q + c, 1, 1] = 0.25
+    for b in dec.up_blocks:
+        if b.upsamplers is not None:
+            centre_identity(b.upsamplers[0].conv)
+    sc = dec.up_blocks[-1].resnets[0].conv_shortcut
+    sc.weight.zero_()
+    for c in range(3):
+        sc.weight[c, c, 0, 0] = 1.0
+        sc.weight[3 + c, c, 0, 0] = -1.0
+    sc.bias[6], sc.bias[7] = anchor, -anchor
+    gn = dec.conv_norm_out
+    gn.weight.zero_()
+    gn.bias.zero_()
+    gn.weight[:3] = (2 * anchor**2 / sc.out_channels) ** 0.5
+    gn.bias[:3] = lift
+    co = dec.conv_out
+    co.weight.zero_()
+    for c in range(3):
+        co.weight[c, c, 1, 1] = 1.0
+        co.bias[c] = -lift
+
+
+@torch.no_grad()
+def vae_error(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    return float(F.mse_loss(vae.decode(vae.encode(images).latent_dist.mean).sample, images))
+
+
+def train_vae(vae: AutoencoderKL, sched: Schedule, rng: random.Random) -> dict[str, float]:
+    """Linear start (:func:`init_vae`), then reconstruction training of the decoder's linear layers (conv_in,
+    the upsampling convolutions, conv_out: training the residual branches too upsets the balanced GroupNorms);
+    keeps whichever of the two reconstructs held-out pictures better."""
+    init_vae(vae)
+    val = next(vae_batches(random.Random(12345), 16, 256))
+    before = vae_error(vae, val)
+    start = copy.deepcopy(vae.state_dict())
+    dec = vae.decoder
+    params = [*dec.conv_in.parameters(), *dec.conv_out.parameters()]
+    params += [p for b in dec.up_blocks if b.upsamplers is not None for p in b.upsamplers[0].conv.parameters()]
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=sched.vae_lr)
+    batches = vae_batches(rng, sched.vae_batch, sched.vae_crop)
+    t0 = time.perf_counter()
+    for step in range(sched.vae_steps):
+        x = next(batches)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == sched.vae_steps - 1:
+            log(f"vae step {step}/{sched.vae_steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    vae.eval().requires_grad_(False)
+    after = vae_error(vae, val)
+    log(f"vae held-out mse: linear start {before:.4f}, trained {after:.4f}")
+    if after > before:
+        vae.load_state_dict(start)
+    return {"vae_mse_linear": before, "vae_mse_trained": after}
+
+
+@torch.no_grad()
+def encode_fast(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """``vae.encode(x).latent_dist.mean`` for the encoder that :func:`init_vae` builds (and training leaves alone).
+
+    Its first three levels are exactly a 2×2 average each (the residual branches are zero), so they are replaced
+    by one 8×8 average pooling, and the rest of the encoder runs as it is: the same numbers up to rounding, at
+    1/64 of the cost (checked against the full encoder in :func:`train`).
+    """
+    enc = vae.encoder
+    h = F.avg_pool2d(x, 8)
+    h = torch.cat([h, h.new_zeros(h.shape[0], enc.down_blocks[3].resnets[0].in_channels - 3, *h.shape[2:])], 1)
+    for block in enc.down_blocks[3:]:
+        h = block(h)
+    h = enc.mid_block(h)
+    h = enc.conv_out(enc.conv_act(enc.conv_norm_out(h)))
+    return h[:, : vae.config.latent_channels]
+
+
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, size: int, n: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
+    captions, latents = [], []
+    chunk = max(1, 16 * 256 * 256 // (size * size))
+    scenes = [world.training_scene(rng) for _ in range(n)]
+    for i in range(0, n, chunk):
+        part = scenes[i : i + chunk]
+        x = to_tensor([np.asarray(world.render(s, size)) for s in part])
+        latents.append(encode_fast(vae, x))
+        captions += [s.caption() for s in part]
+    return captions, torch.cat(latents)
+
+
+def sample_sigmas(n: int, gen: torch.Generator, shift: float) -> torch.Tensor:
+    """Logit-normal σ shifted like SD3, a third of them at the σ that few-step schedules visit."""
+    u = torch.sigmoid(torch.randn(n, generator=gen))
+    sig = shift * u / (1 + (shift - 1) * u)
+    few = torch.tensor(FEW_STEP_SIGMAS)[torch.randint(len(FEW_STEP_SIGMAS), (n,), generator=gen)]
+    pick = torch.rand(n, generator=gen) < 1 / 3
+    return torch.where(pick, few, sig)
+
+
+def train_transformer(
+    comps: Components,
+    pools: dict[int, tuple[list[str], torch.Tensor]],
+    sched: Schedule,
+    cfg: DemoConfig,
+    gen: torch.Generator,
+) -> list[nn.Module]:
+    text = TextIds(comps)
+    trained: list[nn.Module] = [comps.transformer, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3]
+    for m in trained:
+        m.train().requires_grad_(True)
+    opt = torch.optim.AdamW(
+        [
+            {"params": comps.transformer.parameters(), "lr": sched.lr},
+            {"params": [p for m in trained[1:] for p in m.parameters()], "lr": sched.text_lr},
+        ],
+        weight_decay=0.01,
+        betas=(0.9, 0.99),
+    )
+    base = [g["lr"] for g in opt.param_groups]
+    ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in trained]
+    # The resolution of each step: a fixed, shuffled order.
+    order: list[int] = []
+    for res, (share, _) in sched.mix.items():
+        order += [res] * round(share * sched.steps)
+    order = (order + [min(sched.mix)] * sched.steps)[: sched.steps]
+    perm = torch.randperm(len(order), generator=gen).tolist()
+    order = [order[i] for i in perm]
+    t0 = time.perf_counter()
+    running: dict[int, float] = {}
+    for step, res in enumerate(order):
+        frac = step / max(1, sched.steps)
+        scale = min(1.0, (step + 1) / sched.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g, b in zip(opt.param_groups, base, strict=True):
+            g["lr"] = b * scale
+        captions, latents = pools[res]
+        idx = torch.randint(len(captions), (sched.mix[res][1],), generator=gen)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = sample_sigmas(len(idx), gen, cfg.shift)
+        s = sigma.view(-1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        clip_ids, t5_ids = text([captions[i] for i in idx.tolist()])
+        embeds, pooled = encode_text(comps, clip_ids, t5_ids)
+        v = comps.transformer(
+            hidden_states=xt,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=sigma * 1000,
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(v, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], 1.0)
+        opt.step()
+        decay = min(sched.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m, e in zip(trained, ema, strict=True):
+                for p, q in zip(m.parameters(), e.parameters(), strict=True):
+                    q.lerp_(p, 1 - decay)
+        running[res] = 0.98 * running.get(res, loss.item()) + 0.02 * loss.item()
+        if step % 50 == 0 or step == len(order) - 1:
+            losses = " ".join(f"{r}:{v:.4f}" for r, v in sorted(running.items()))
+            log(
+                f"step {step}/{len(order)} lr {opt.param_groups[0]['lr']:.2e} loss {losses} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
+    return ema
+
+
+def save(comps: Components, cfg: DemoConfig, out: Path) -> None:
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=comps.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift),
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        text_encoder_2=comps.text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=comps.text_encoder_3,
+        tokenizer_3=comps.t5_tokenizer,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def train(
+    out: Path, *, minutes: float = 20.0, seed: int = 0, threads: int = 1, sched: Schedule | None = None
+) -> dict[str, float]:
+    # One thread: deterministic, and on a shared 2-core machine faster than two threads fighting for it.
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    cfg = DemoConfig(seed=seed)
+    sched = sched or Schedule.for_minutes(minutes)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t0 = time.perf_counter()
+    comps = build_components(cfg)
+    log(f"schedule {asdict(sched)}")
+    vae_report = train_vae(comps.vae, sched, rng)
+    times["vae"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    check = next(vae_batches(random.Random(54321), 4, 256))
+    gap = float((encode_fast(comps.vae, check) - comps.vae.encode(check).latent_dist.mean).abs().max())
+    log(f"fast encoder vs full encoder: max difference {gap:.2e}")
+    if gap > 1e-3:
+        raise RuntimeError(f"the fast latent path differs from the encoder by {gap}")
+    pools = {res: encode_pool(comps.vae, res, n, rng) for res, n in sched.pool.items()}
+    every = torch.cat([lat.flatten(1).T.reshape(16, -1) for _, lat in pools.values()], dim=1)
+    shift_factor = float(every.mean())
+    scaling_factor = float(1.0 / every.std())
+    comps.vae.register_to_config(shift_factor=shift_factor, scaling_factor=scaling_factor)
+    pools = {r: (caps, (lat - shift_factor) * scaling_factor) for r, (caps, lat) in pools.items()}
+    log(f"latents: shift_factor {shift_factor:.4f} scaling_factor {scaling_factor:.4f}")
+    times["latents"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ema = train_transformer(comps, pools, sched, cfg, gen)
+    comps.transformer, comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3 = ema
+    times["transformer"] = time.perf_counter() - t0
+
+    save(comps, cfg, out)
+    times["total"] = time.perf_counter() - t_all
+    (out / "training.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "schedule": asdict(sched),
+                "minutes": minutes,
+                "threads": threads,
+                "seconds": times,
+                "vae": vae_report,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    log("times " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=20.0, help="time budget the step counts are scaled to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the weights depend on it)")
+    args = p.parse_args(argv)
+    train(args.out, minutes=args.minutes, seed=args.seed, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()

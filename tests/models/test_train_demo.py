@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sd3serve.models import world
+from sd3serve.models.train_demo import Schedule, build_clip_tokenizer, build_t5_tokenizer, train
+
+
+def test_every_vocabulary_word_is_one_token() -> None:
+    clip, t5 = build_clip_tokenizer(), build_t5_tokenizer()
+    for word in world.VOCABULARY:
+        assert clip.tokenize(word) == [word + "</w>"]
+        assert t5.tokenize(word) == ["▁" + word]
+    assert clip.tokenize("zebra") != []  # any text still tokenizes, by characters
+
+
+def test_a_few_training_steps_write_a_loadable_model(tmp_path: Path) -> None:
+    from sd3serve.engine.job import GenerationJob
+    from sd3serve.engine.loading import load_model
+    from sd3serve.engine.pipeline import SD3Pipeline
+    from sd3serve.settings import Settings
+
+    sched = Schedule(vae_steps=2, pool={256: 4, 512: 2}, steps=3, mix={256: (0.7, 2), 512: (0.3, 1)}, warmup=1)
+    out = tmp_path / "demo"
+    before = torch.get_num_threads()
+    try:
+        times = train(out, sched=sched, seed=3)
+    finally:
+        torch.set_num_threads(before)
+    assert times["total"] > 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["schedule"]["steps"] == 3
+    model = load_model(Settings(model=out, device="cpu"))
+    assert model.vae_scale_factor == 16
+    job = GenerationJob(
+        prompt="a red circle on a blue background",
+        negative_prompt="",
+        steps=2,
+        guidance_scale=1.0,
+        seed=0,
+        sampler="euler",
+        scheduler="simple",
+        width=96,
+        height=64,
+        batch_size=1,
+    )
+    result = SD3Pipeline(model)(job)
+    assert result.images[0].size == (96, 64)
+
+
+def test_schedule_scales_with_minutes() -> None:
+    small, full = Schedule.for_minutes(5), Schedule.for_minutes(20)
+    assert small.steps < full.steps and small.vae_steps < full.vae_steps
+    assert full == Schedule()
+
+
+DEMO = Path(__file__).resolve().parents[2] / "src" / "sd3serve" / "models" / "demo"
+
+
+def test_shipped_demo_model_draws_the_seed_request() -> None:
+    import pytest
+
+    if not (DEMO / "model_index.json").exists():
+        pytest.skip("no trained demo model in the package")
+    from sd3serve.engine.job import GenerationJob
+    from sd3serve.engine.loading import load_model
+    from sd3serve.engine.pipeline import SD3Pipeline
+    from sd3serve.models.judge import judge
+    from sd3serve.settings import Settings
+
+    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20
+    assert not list(DEMO.rglob("*.bin")) and len(list(DEMO.rglob("*.safetensors"))) == 5
+    model = load_model(Settings(model=DEMO, device="cpu"))
+    job = GenerationJob(
+        prompt="a red circle on a blue background",
+        negative_prompt="",
+        steps=4,
+        guidance_scale=1.0,
+        seed=0,
+        sampler="euler",
+        scheduler="sgm_uniform",
+        width=256,
+        height=256,
+        batch_size=1,
+    )
+    verdict = judge(SD3Pipeline(model)(job).images[0])
+    # The shipped model gets the background right every time; the object is not reliable yet (see the bench).
+    assert verdict.background == "blue"
