@@ -154,7 +154,8 @@ def test_ops_endpoints(client: httpx.Client) -> None:
     assert client.get("/readyz").json() == {"status": "ready"}
     spec = client.get("/openapi.json").json()
     body = spec["paths"][URL]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["properties"]["sampler"]
+    assert body == {"$ref": "#/components/schemas/Txt2ImgRequestV1"}
+    assert spec["components"]["schemas"]["Txt2ImgRequest"]["properties"]["sampler"]
     assert client.get("/docs").status_code == 200
 
 

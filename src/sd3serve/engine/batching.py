@@ -69,6 +69,12 @@ class BatchingEngine:
         return self._pipeline
 
     @property
+    def max_batch_images(self) -> int:
+        if self.settings.max_batch_images:
+            return self.settings.max_batch_images
+        return 4 if self._model is not None and self._model.device.type == "cuda" else 1
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting for the model."""
         return len(self._queue)
@@ -152,7 +158,7 @@ class BatchingEngine:
             self._queue.remove(pending)
 
     def _retry_after(self) -> int:
-        waiting_batches = len(self._queue) / max(1, self.settings.max_batch_images) + 1
+        waiting_batches = len(self._queue) / max(1, self.max_batch_images) + 1
         return max(1, round(waiting_batches * self._batch_avg_s))
 
     def _expire(self) -> None:
@@ -165,7 +171,7 @@ class BatchingEngine:
 
     def _take_batch(self) -> list[_Pending]:
         first = self._queue.pop(0)
-        key, room = batch_key(first.job), self.settings.max_batch_images - first.job.batch_size
+        key, room = batch_key(first.job), self.max_batch_images - first.job.batch_size
         batch = [first]
         for p in list(self._queue):
             if room <= 0:
@@ -187,7 +193,7 @@ class BatchingEngine:
                     break
                 # Give a lone request a moment for company that could share its forward pass.
                 wait_s = self.settings.batch_wait_ms / 1000 - (time.monotonic() - self._queue[0].enqueued)
-                if wait_s > 0 and len(self._queue) < self.settings.max_batch_images:
+                if wait_s > 0 and len(self._queue) < self.max_batch_images:
                     await asyncio.sleep(wait_s)
                     continue
                 batch = self._take_batch()
