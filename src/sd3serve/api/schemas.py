@@ -35,6 +35,9 @@ ASPECT_RATIOS: dict[str, tuple[int, int] | None] = {
 AspectRatio = StrEnum("AspectRatio", {name: name for name in ASPECT_RATIOS})  # type: ignore[misc]
 
 MAX_SEED = 2**32 - 1
+# At least one character that Python's str.strip() keeps, spelled out so that the published JSON Schema (ECMA
+# regex, whose \s is a smaller set) and the server agree on what "blank" means.
+NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
 def _json_integer(v: Any) -> Any:
@@ -61,7 +64,7 @@ class Txt2ImgRequest(BaseModel):
     prompt: Annotated[
         str,
         Strict(),
-        Field(min_length=1, max_length=10000, pattern=r"\S", description="Prompt for image generation; not blank"),
+        Field(min_length=1, max_length=10000, pattern=NOT_BLANK, description="Prompt for image generation; not blank"),
     ]
     negative_prompt: Annotated[str, Strict(), Field(max_length=10000)] = "low quality, blurry"
     steps: Annotated[int, Field(ge=1, le=70), _JSON_INT] = 4
@@ -159,7 +162,9 @@ def parse_txt2img(body: Any, *, single_image_body: bool = True) -> Txt2ImgReques
             if err["type"] == "missing":
                 problems.append(f"{field}: required; allowed: {_ALLOWED.get(top, 'see the API docs')}")
                 continue
-            msg = "not one of the allowed names" if err["type"] == "enum" else err["msg"].removeprefix("Value error, ")
+            msg = {"enum": "not one of the allowed names", "string_pattern_mismatch": "must not be blank"}.get(
+                err["type"], err["msg"].removeprefix("Value error, ")
+            )
             allowed = _ALLOWED.get(top)
             problems.append(
                 f"{field}: {msg} (got {_short(err.get('input'))})" + (f"; allowed: {allowed}" if allowed else "")
