@@ -5,6 +5,7 @@ Disabled (404) unless the admin key is set; the server refuses to start with a w
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -35,8 +36,7 @@ class KeyOut(BaseModel):
 
     @classmethod
     def of(cls, k: KeyInfo) -> KeyOut:
-        return cls(id=k.id, name=k.name, prefix=k.prefix, credits=k.credits, spent=k.spent,
-                   created_at=k.created_at, revoked=k.revoked)  # fmt: skip
+        return cls(**dataclasses.asdict(k))
 
 
 class NewKeyIn(BaseModel):
