@@ -57,6 +57,28 @@ def build_t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def small_sd3_transformer(
+    *, hidden: int, heads: int, layers: int, patch: int, text_dim: int, t5_dim: int, vae_factor: int,
+    max_pixels_side: int,
+) -> SD3Transformer2DModel:  # fmt: skip
+    """An ``SD3Transformer2DModel`` shaped like SD3.5's (16 latent channels, qk RMS-norm) at a small width."""
+    return SD3Transformer2DModel(
+        sample_size=1024 // vae_factor,
+        patch_size=patch,
+        in_channels=16,
+        out_channels=16,
+        num_layers=layers,
+        attention_head_dim=hidden // heads,
+        num_attention_heads=heads,
+        # SD3 concatenates the CLIP hidden states (2 x text_dim) and zero-pads them to the T5 width.
+        joint_attention_dim=t5_dim,
+        caption_projection_dim=hidden,
+        pooled_projection_dim=2 * text_dim,
+        pos_embed_max_size=max_pixels_side // vae_factor // patch,  # covers the largest size served
+        qk_norm="rms_norm",
+    )
+
+
 def build_tiny_sd3(out_dir: Path, config: TinySD3Config | None = None) -> Path:
     """Create the model with seeded random weights and save it in diffusers layout at ``out_dir``."""
     from diffusers import StableDiffusion3Pipeline
@@ -97,21 +119,10 @@ def build_tiny_sd3(out_dir: Path, config: TinySD3Config | None = None) -> Path:
         )
         text_encoder_3 = T5EncoderModel(t5_cfg)
     vae_factor = 2 ** (len(cfg.vae_channels) - 1)
-    transformer = SD3Transformer2DModel(
-        sample_size=1024 // vae_factor,
-        patch_size=cfg.patch,
-        in_channels=16,
-        out_channels=16,
-        num_layers=cfg.layers,
-        attention_head_dim=cfg.hidden // cfg.heads,
-        num_attention_heads=cfg.heads,
-        # SD3 concatenates the CLIP hidden states (2 x text_dim) and zero-pads them to the T5 width.
-        joint_attention_dim=cfg.t5_dim,
-        caption_projection_dim=cfg.hidden,
-        pooled_projection_dim=2 * cfg.text_dim,
-        pos_embed_max_size=cfg.max_pixels_side // vae_factor // cfg.patch,
-        qk_norm="rms_norm",
-    )
+    transformer = small_sd3_transformer(
+        hidden=cfg.hidden, heads=cfg.heads, layers=cfg.layers, patch=cfg.patch, text_dim=cfg.text_dim,
+        t5_dim=cfg.t5_dim, vae_factor=vae_factor, max_pixels_side=cfg.max_pixels_side,
+    )  # fmt: skip
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from sd3serve.models import world
+from sd3serve.models.tiny import small_sd3_transformer
 
 CLIP_LENGTH = 77
 T5_LENGTH = 256  # what the engine passes as max_sequence_length
@@ -192,20 +193,10 @@ def build_components(cfg: DemoConfig) -> Components:
         eos_token_id=1,
     )
     vae_factor = 2 ** (len(cfg.vae_channels) - 1)
-    transformer = SD3Transformer2DModel(
-        sample_size=1024 // vae_factor,
-        patch_size=cfg.patch,
-        in_channels=16,
-        out_channels=16,
-        num_layers=cfg.layers,
-        attention_head_dim=cfg.hidden // cfg.heads,
-        num_attention_heads=cfg.heads,
-        joint_attention_dim=cfg.t5_dim,
-        caption_projection_dim=cfg.hidden,
-        pooled_projection_dim=2 * cfg.text_dim,
-        pos_embed_max_size=cfg.max_pixels_side // vae_factor // cfg.patch,
-        qk_norm="rms_norm",
-    )
+    transformer = small_sd3_transformer(
+        hidden=cfg.hidden, heads=cfg.heads, layers=cfg.layers, patch=cfg.patch, text_dim=cfg.text_dim,
+        t5_dim=cfg.t5_dim, vae_factor=vae_factor, max_pixels_side=cfg.max_pixels_side,
+    )  # fmt: skip
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
