@@ -59,9 +59,15 @@ def build_t5_tokenizer() -> T5TokenizerFast:
 
 def small_sd3_transformer(
     *, hidden: int, heads: int, layers: int, patch: int, text_dim: int, t5_dim: int, vae_factor: int,
-    max_pixels_side: int,
+    pos_embed_max_size: int | None,
 ) -> SD3Transformer2DModel:  # fmt: skip
-    """An ``SD3Transformer2DModel`` shaped like SD3.5's (16 latent channels, qk RMS-norm) at a small width."""
+    """An ``SD3Transformer2DModel`` shaped like SD3.5's (16 latent channels, qk RMS-norm) at a small width.
+
+    ``pos_embed_max_size`` as in SD3: the side, in tokens, of one fixed grid of positions that every image takes
+    its centre crop of (so it must cover the largest size served). ``None`` instead spreads the same range of
+    positions over every image (diffusers' interpolated sin-cos embedding): a token's position is then relative
+    to the picture, "the top left" is the same embedding at every size, and any size can be served.
+    """
     return SD3Transformer2DModel(
         sample_size=1024 // vae_factor,
         patch_size=patch,
@@ -74,7 +80,7 @@ def small_sd3_transformer(
         joint_attention_dim=t5_dim,
         caption_projection_dim=hidden,
         pooled_projection_dim=2 * text_dim,
-        pos_embed_max_size=max_pixels_side // vae_factor // patch,  # covers the largest size served
+        pos_embed_max_size=pos_embed_max_size,
         qk_norm="rms_norm",
     )
 
@@ -121,7 +127,8 @@ def build_tiny_sd3(out_dir: Path, config: TinySD3Config | None = None) -> Path:
     vae_factor = 2 ** (len(cfg.vae_channels) - 1)
     transformer = small_sd3_transformer(
         hidden=cfg.hidden, heads=cfg.heads, layers=cfg.layers, patch=cfg.patch, text_dim=cfg.text_dim,
-        t5_dim=cfg.t5_dim, vae_factor=vae_factor, max_pixels_side=cfg.max_pixels_side,
+        t5_dim=cfg.t5_dim, vae_factor=vae_factor,
+        pos_embed_max_size=cfg.max_pixels_side // vae_factor // cfg.patch,  # covers the largest size served
     )  # fmt: skip
     vae = AutoencoderKL(
         in_channels=3,
