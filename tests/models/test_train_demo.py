@@ -51,6 +51,26 @@ def test_a_few_training_steps_write_a_loadable_model(tmp_path: Path) -> None:
     assert result.images[0].size == (96, 64)
 
 
+def test_frozen_text_encoders_and_object_weight(tmp_path: Path) -> None:
+    """The two training options the shipped model does not use still train: the encoders stay as built."""
+    from safetensors.torch import load_file
+
+    from sd3serve.models.train_demo import DemoConfig, build_components
+
+    sched = Schedule(
+        vae_steps=2, pool={256: 4}, steps=3, mix={256: (1.0, 2)}, warmup=1, object_weight=4.0,
+        train_text_encoders=False,
+    )  # fmt: skip
+    before = torch.get_num_threads()
+    try:
+        train(tmp_path / "demo", sched=sched, seed=3)
+    finally:
+        torch.set_num_threads(before)
+    built = build_components(DemoConfig(seed=3)).text_encoder_3.state_dict()
+    saved = load_file(tmp_path / "demo" / "text_encoder_3" / "model.safetensors")
+    assert all(torch.equal(saved[k], built[k]) for k in saved)
+
+
 def test_schedule_scales_with_minutes() -> None:
     small, full = Schedule.for_minutes(5), Schedule.for_minutes(50)
     assert small.steps < full.steps and small.vae_steps < full.vae_steps
