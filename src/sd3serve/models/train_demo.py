@@ -90,7 +90,7 @@ class Schedule:
     warmup: int = 100
     ema: float = 0.998
     # Two options that the shipped model does not use (see the README: they made the model follow the prompt
-    # more but, in 20 minutes, draw worse pictures): extra loss weight on the latent cells the object covers,
+    # more but, in 22 minutes, draw worse pictures): extra loss weight on the latent cells the object covers,
     # and text encoders frozen at their random start instead of trained with the transformer.
     object_weight: float = 0.0
     train_text_encoders: bool = True
