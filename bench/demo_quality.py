@@ -1,7 +1,7 @@
 """Quality and speed of the embedded demo model on held-out prompts, judged by plain image analysis.
 
     .venv/bin/python bench/demo_quality.py [--n 100] [--model DIR] [--configs default,512,euler,8steps]
-        [--save-examples DIR]
+        [--save-examples DIR] [--figure docs/demo/held-out-1024-4steps.jpg]
 
 Every prompt combines a (colour, shape, background) triple never seen in training with a random position and
 size (``world.held_out_scenes``). Each configuration generates one image per prompt (seed = prompt index) through
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import load_model
@@ -40,10 +41,30 @@ CONFIGS: dict[str, tuple[int, int, str, str]] = {
 }
 
 
-def run_config(pipe: SD3Pipeline, name: str, scenes: list[world.Scene], save: Path | None) -> dict[str, float]:
+FIGURE_COLUMNS = 6
+
+
+def write_figure(path: Path, scenes: list[world.Scene], images: list[Image.Image]) -> None:
+    """Ground truth (top row) against the model (bottom row), 256 px a picture, captions underneath."""
+    n, side = len(images), 256
+    fig = Image.new("RGB", (n * side, 2 * side + 40), "white")
+    draw = ImageDraw.Draw(fig)
+    for i, (scene, image) in enumerate(zip(scenes, images, strict=True)):
+        fig.paste(world.render(scene, side), (i * side, 0))
+        fig.paste(image.convert("RGB").resize((side, side), Image.Resampling.BOX), (i * side, side))
+        words = scene.caption().split(" on ")
+        for j, line in enumerate([words[0], "on " + words[1]] if len(words) == 2 else words):
+            draw.text((i * side + 4, 2 * side + 4 + 16 * j), line, fill="black")
+    fig.save(path, quality=90)
+
+
+def run_config(
+    pipe: SD3Pipeline, name: str, scenes: list[world.Scene], save: Path | None, figure: Path | None = None
+) -> dict[str, float]:
     size, steps, sampler, scheduler = CONFIGS[name]
     hits = dict.fromkeys(ATTRIBUTES, 0)
     all_four = 0
+    shown: list[Image.Image] = []
     timings: dict[str, list[float]] = {"encode": [], "denoise": [], "decode": [], "jpeg": [], "total": []}
     for i, scene in enumerate(scenes):
         job = GenerationJob(
@@ -74,6 +95,10 @@ def run_config(pipe: SD3Pipeline, name: str, scenes: list[world.Scene], save: Pa
         all_four += all(matches[a] for a in ("background", "colour", "shape", "position"))
         if save is not None and i < 4:
             result.images[0].save(save / f"{name}-{i:02d}.jpg", quality=90)
+        if figure is not None and i < FIGURE_COLUMNS:
+            shown.append(result.images[0])
+    if figure is not None:
+        write_figure(figure, scenes[: len(shown)], shown)
     n = len(scenes)
     print(f"\n## {name}: {size}x{size}, {steps} steps, {sampler}/{scheduler}, guidance 1, {n} held-out prompts")
     print("| " + " | ".join(ATTRIBUTES) + " | background+colour+shape+position |")
@@ -95,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", default="default,512,euler,8steps", help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--save-examples", type=Path, default=None, help="save the first images of each config here")
+    p.add_argument(
+        "--figure", type=Path, default=None, help="write ground truth against the first config's first images here"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = SD3Pipeline(model)
     scenes = world.held_out_scenes(args.n)
     print(f"model {args.model}; torch threads {torch.get_num_threads()}")
-    for name in args.configs.split(","):
-        run_config(pipe, name, scenes, args.save_examples)
+    for k, name in enumerate(args.configs.split(",")):
+        run_config(pipe, name, scenes, args.save_examples, args.figure if k == 0 else None)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,18 @@ def test_every_sampler_and_scheduler_through_the_pipeline(
     images = pixels(SD3Pipeline(tiny_model), job)
     assert len(images) == 2 and images[0].shape == (96, 64, 3)
     assert not np.array_equal(images[0], images[1])
+
+
+def test_t5_window_is_diffusers_default_or_the_tokenizers_shorter_limit(tiny_model: LoadedModel) -> None:
+    from sd3serve.engine.pipeline import t5_length
+
+    pipe = tiny_model.pipe
+    assert pipe.tokenizer_3.model_max_length > 256 and t5_length(pipe) == 256  # SD3.5's tokenizer says 512
+    embeds, _ = SD3Pipeline(tiny_model).encode_text("a red circle")
+    assert embeds.shape[1] == pipe.tokenizer_max_length + 256
+    pipe.tokenizer_3.model_max_length = 16  # the demo model's
+    try:
+        assert t5_length(pipe) == 16
+        assert SD3Pipeline(tiny_model).encode_text("a red circle")[0].shape[1] == pipe.tokenizer_max_length + 16
+    finally:
+        pipe.tokenizer_3.model_max_length = 512

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
 from sd3serve.engine.flow import FlowSampling
@@ -25,6 +26,7 @@ from sd3serve.engine.schedules import get_sigmas
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all)
 VAE_TILING_ABOVE = 1536  # pixels a side: "auto" decodes larger images in tiles (2048² in little memory)
 MIN_VAE_TILE = 512  # pixels
+T5_MAX_LENGTH = 256  # tokens: diffusers' default max_sequence_length, SD3's training window
 
 
 class FlowDenoiser:
@@ -90,6 +92,13 @@ class FlowDenoiser:
         return out.float()
 
 
+def t5_length(pipe: StableDiffusion3Pipeline) -> int:
+    """The T5 window the prompt is padded to: diffusers' 256, or the T5 tokenizer's own limit where it is shorter
+    (the demo model is trained on 16-token windows; SD3.5's tokenizer says 512)."""
+    tok = pipe.tokenizer_3
+    return min(T5_MAX_LENGTH, tok.model_max_length) if tok is not None else T5_MAX_LENGTH
+
+
 def batch_key(job: GenerationJob) -> tuple[object, ...]:
     """Jobs with the same key can share a forward pass: everything but the prompts, seeds and batch size."""
     return (job.width, job.height, job.steps, job.sampler, job.scheduler, job.guidance_scale)
@@ -129,19 +138,19 @@ class SD3Pipeline:
             do_classifier_free_guidance=False,
             num_images_per_prompt=1,
             device=self.model.device,
-            max_sequence_length=256,
+            max_sequence_length=t5_length(self.model.pipe),
         )
         value = (embeds.to(self.model.dtype), pooled.to(self.model.dtype))
         self.prompt_cache.put(text, value)
         return value
 
     def is_truncated(self, text: str) -> bool:
-        """Whether the text encoders see only the start of ``text`` (CLIP: 77 tokens, T5: 256), as diffusers
+        """Whether the text encoders see only the start of ``text`` (SD3.5: CLIP 77 tokens, T5 256), as diffusers
         truncates."""
         pipe = self.model.pipe
         limits = [(pipe.tokenizer, pipe.tokenizer_max_length), (pipe.tokenizer_2, pipe.tokenizer_max_length)]
         if pipe.tokenizer_3 is not None and pipe.text_encoder_3 is not None:
-            limits.append((pipe.tokenizer_3, 256))
+            limits.append((pipe.tokenizer_3, t5_length(pipe)))
         return any(len(tok(text, truncation=False).input_ids) > limit for tok, limit in limits)
 
     def __call__(self, job: GenerationJob, *, progress: ProgressCallback | None = None) -> GenerationResult:

@@ -17,7 +17,8 @@ from sd3serve.models.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, unit
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float32)
-_TEMPLATE = 48  # side of the shape templates and of the resampled object mask
+_TEMPLATE = 48  # side the shape templates are drawn at
+_GRID = 12  # side of the coarse grid that shapes are compared on
 _NONE = "none"
 
 
@@ -48,7 +49,9 @@ def _nearest(pixels: np.ndarray) -> np.ndarray:
 
 @cache
 def _templates() -> dict[str, np.ndarray]:
-    return {s: unit_shape_mask(s, _TEMPLATE) for s in SHAPES}
+    """Each shape's share of every cell of a _GRID² grid over its box."""
+    k = _TEMPLATE // _GRID
+    return {s: unit_shape_mask(s, _TEMPLATE).reshape(_GRID, k, _GRID, k).mean(axis=(1, 3)) for s in SHAPES}
 
 
 def _position_name(col: int, row: int) -> str:
@@ -71,10 +74,18 @@ def judge(image: Image.Image) -> Verdict:
     frac = float(mask.mean())
     if mask.sum() < max(8, hh * ww // 2000):
         return Verdict(_PALETTE_NAMES[bg_idx], _NONE, _NONE, _NONE, _NONE, frac)
-    votes = np.bincount(_nearest(arr[mask]), minlength=len(_PALETTE))
+    nearest = _nearest(arr.reshape(-1, 3)).reshape(hh, ww)
+    votes = np.bincount(nearest[mask], minlength=len(_PALETTE))
     votes[bg_idx] = 0
-    colour = _PALETTE_NAMES[int(votes.argmax())]
-    ys, xs = np.nonzero(mask)
+    colour_idx = int(votes.argmax())
+    colour = _PALETTE_NAMES[colour_idx]
+    # Each pixel's share of object: where its colour lies between the background's and the object's. A decoder
+    # that averages colours over blocks paints an edge block in between, in proportion to the object it covers.
+    obj_rgb = np.median(arr[mask & (nearest == colour_idx)], axis=0)
+    span = obj_rgb - bg_rgb
+    cover = np.clip(((arr - bg_rgb) @ span) / max(1.0, float(span @ span)), 0.0, 1.0)
+    inside = cover > 0.5
+    ys, xs = np.nonzero(inside if inside.sum() >= 8 else mask)
     x0, x1 = np.percentile(xs, [0.5, 99.5])
     y0, y1 = np.percentile(ys, [0.5, 99.5])
     x1, y1 = x1 + 1, y1 + 1
@@ -82,12 +93,13 @@ def judge(image: Image.Image) -> Verdict:
     col, row = min(2, int(cx * 3)), min(2, int(cy * 3))
     side = max(x1 - x0, y1 - y0) / min(ww, hh)
     size = min(SIZES, key=lambda k: abs(SIZES[k] - side))
-    # Shape: the object's mask inside its box, resampled to the template size, against each template.
-    crop = Image.fromarray((mask * 255).astype(np.uint8)).crop((int(x0), int(y0), int(np.ceil(x1)), int(np.ceil(y1))))
-    obj = np.asarray(crop.resize((_TEMPLATE, _TEMPLATE), Image.Resampling.BILINEAR)) > 127
+    # Shape: the object's share of each cell of a coarse grid over its box, against each template on the same
+    # grid (soft IoU). Coarse, so that a staircase edge (a decoder drawing in 8-pixel blocks) reads as the slope.
+    crop = Image.fromarray(cover.astype(np.float32)).crop((int(x0), int(y0), int(np.ceil(x1)), int(np.ceil(y1))))
+    obj = np.asarray(crop.resize((_GRID, _GRID), Image.Resampling.BOX), dtype=np.float32)
     best, best_iou = _NONE, -1.0
     for name, tmpl in _templates().items():
-        iou = float((obj & tmpl).sum()) / max(1.0, float((obj | tmpl).sum()))
+        iou = float(np.minimum(obj, tmpl).sum()) / max(1e-6, float(np.maximum(obj, tmpl).sum()))
         if iou > best_iou:
             best, best_iou = name, iou
     return Verdict(_PALETTE_NAMES[bg_idx], colour, best, _position_name(col, row), size, frac)
