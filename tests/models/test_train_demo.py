@@ -119,12 +119,17 @@ def test_shipped_demo_model_draws_the_seed_request() -> None:
         steps=4,
         guidance_scale=1.0,
         seed=0,
-        sampler="euler",
+        sampler="dpmpp_2m",
         scheduler="sgm_uniform",
-        width=256,
-        height=256,
+        width=512,
+        height=512,
         batch_size=1,
     )
     verdict = judge(SD3Pipeline(model)(job).images[0])
-    # The shipped model gets the background right every time; the object is not reliable yet (see the bench).
-    assert verdict.background == "blue"
+    assert (verdict.background, verdict.colour, verdict.shape, verdict.position, verdict.size) == (
+        "blue",
+        "red",
+        "circle",
+        "center",
+        "medium",
+    )

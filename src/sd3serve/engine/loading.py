@@ -17,7 +17,7 @@ from sd3serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_VERSION = "shapes-v2"
+DEMO_MODEL_VERSION = "shapes-v3"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 

@@ -3,14 +3,16 @@
 ``python -m sd3serve.models.train_demo --out DIR [--minutes M] [--seed S]``
 
 1. Build the components (the classes of SD3.5: two CLIP text encoders with projection, a T5 encoder,
-   ``SD3Transformer2DModel``, a 16-channel ``AutoencoderKL`` with 16× downsampling) and word-level tokenizers.
-2. Train the autoencoder on rendered pictures (reconstruction + a little KL), freeze it, and set its
-   ``shift_factor`` / ``scaling_factor`` from the latents' statistics.
+   ``SD3Transformer2DModel``, a 16-channel ``AutoencoderKL`` with 16× downsampling) and word-level tokenizers
+   with 16-token windows.
+2. Train the autoencoder on rendered pictures (reconstruction), freeze it, and set its ``shift_factor`` /
+   ``scaling_factor`` from the latents' statistics.
 3. Encode pools of training pictures at 256², 512², 768² and 1024².
-4. Train the transformer and (by default) the text encoders together with SD3's rectified-flow objective (velocity
-   ``ε - x0`` at ``x = (1-σ)·x0 + σ·ε``), σ from a logit-normal shifted by 3 mixed with the σ of few-step
-   schedules, at every resolution.
-5. Save the pipeline (EMA weights) in diffusers layout, safetensors.
+4. Pretrain the text encoders to name each attribute of a caption's scene (:func:`pretrain_text_encoders`), and
+   freeze them, as SD3 uses pretrained, frozen encoders.
+5. Train the transformer with SD3's rectified-flow objective (velocity ``ε - x0`` at ``x = (1-σ)·x0 + σ·ε``), σ
+   from a logit-normal shifted by 3 mixed with the σ of few-step schedules, at every resolution.
+6. Save the pipeline (EMA weights) in diffusers layout, safetensors.
 
 Step counts follow from ``--minutes`` by fixed per-step cost estimates, never from the clock, so a rerun with
 the same arguments (and thread count) gives the same weights.
@@ -106,12 +108,13 @@ class Schedule:
 
     @classmethod
     def for_minutes(cls, minutes: float) -> Schedule:
-        """The default schedule is sized for 50 minutes with two threads on the 2-core CPU (measured on 2000 of
-        its steps: 40 s of autoencoder, 41 s of latent pools, 0.435 s a transformer step); other budgets scale
-        the step counts linearly."""
+        """The default schedule is sized for 50 minutes with two threads on the 2-core CPU (the shipped run: 29 s
+        of autoencoder, 142 s of latent pools, 68 s of text encoders, 0.203 s a transformer step, 51.3 minutes in
+        all); other budgets scale the step counts linearly."""
         s = cls()
         k = minutes / 50.0
         s.vae_steps = max(2, round(s.vae_steps * k))
+        s.text_steps = max(2, round(s.text_steps * min(1.0, k)))
         s.pool = {r: max(4, round(n * min(1.0, k))) for r, n in s.pool.items()}
         s.steps = max(2, round(s.steps * k))
         s.warmup = min(s.warmup, max(1, s.steps // 10))
@@ -329,11 +332,9 @@ def pretrain_text_encoders(comps: Components, sched: Schedule, rng: random.Rando
     encoders = [comps.text_encoder, comps.text_encoder_2, comps.text_encoder_3]
     text = TextIds(comps)
     dims = [f.shape[-1] for f in text_features(comps, *text(["a red circle"]))]
-    heads = nn.ModuleList(
-        nn.ModuleDict({a: nn.Linear(d, len(values)) for a, values in ATTRIBUTES.items()}) for d in dims
-    )
-    params = [p for m in [*encoders, heads] for p in m.parameters()]
-    for m in [*encoders, heads]:
+    heads = [nn.ModuleDict({a: nn.Linear(d, len(values)) for a, values in ATTRIBUTES.items()}) for d in dims]
+    params = [p for m in [*encoders, *heads] for p in m.parameters()]
+    for m in [*encoders, *heads]:
         m.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=sched.text_lr, weight_decay=0.0)
 
