@@ -30,6 +30,8 @@ class Body(BaseModel):
 def build(model_dir: str) -> FastAPI:
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    # The model's own T5 window, as the engine uses (256 for SD3.5; the demo model is trained on 16 tokens).
+    t5_window = min(256, pipe.tokenizer_3.model_max_length) if pipe.tokenizer_3 is not None else 256
     lock = threading.Lock()
     app = FastAPI()
 
@@ -43,6 +45,7 @@ def build(model_dir: str) -> FastAPI:
             image = pipe(
                 body.prompt, num_inference_steps=body.steps, width=body.width, height=body.height,
                 guidance_scale=body.guidance_scale, generator=torch.Generator().manual_seed(body.seed),
+                max_sequence_length=t5_window,
             ).images[0]  # fmt: skip
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=95)

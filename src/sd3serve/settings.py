@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)  # requests waiting (not running); more get 503 with Retry-After
     queue_timeout_s: float = Field(300.0, gt=0)  # a request still queued after this fails, uncharged
     # Images in one batch; 0: auto, 4 on CUDA and 1 on a CPU (measured there: a batch of 4 is 0.92-1.04x as
-    # fast as 4 single passes with exact batches, 0.71-0.87x as one forward pass, and it raises p99 latency).
+    # fast as 4 single passes with exact batches, 0.71-0.91x as one forward pass, and it raises p99 latency).
     max_batch_images: int = Field(0, ge=0)
     batch_wait_ms: float = Field(0.0, ge=0)  # how long a lone request waits for company (GPU: try 5-20)
     prompt_cache_mb: float = Field(256.0, ge=0)  # prompt embeddings kept, by bytes
