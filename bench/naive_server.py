@@ -17,6 +17,8 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from sd3serve.engine.pipeline import t5_length
+
 
 class Body(BaseModel):
     prompt: str
@@ -30,8 +32,7 @@ class Body(BaseModel):
 def build(model_dir: str) -> FastAPI:
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    # The model's own T5 window, as the engine uses (256 for SD3.5; the demo model is trained on 16 tokens).
-    t5_window = min(256, pipe.tokenizer_3.model_max_length) if pipe.tokenizer_3 is not None else 256
+    t5_window = t5_length(pipe)  # the model's own T5 window, as the engine pads to (256 for SD3.5, 16 for the demo)
     lock = threading.Lock()
     app = FastAPI()
 

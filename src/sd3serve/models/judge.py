@@ -74,14 +74,15 @@ def judge(image: Image.Image) -> Verdict:
     frac = float(mask.mean())
     if mask.sum() < max(8, hh * ww // 2000):
         return Verdict(_PALETTE_NAMES[bg_idx], _NONE, _NONE, _NONE, _NONE, frac)
-    nearest = _nearest(arr.reshape(-1, 3)).reshape(hh, ww)
-    votes = np.bincount(nearest[mask], minlength=len(_PALETTE))
+    object_pixels = arr[mask]
+    nearest = _nearest(object_pixels)
+    votes = np.bincount(nearest, minlength=len(_PALETTE))
     votes[bg_idx] = 0
     colour_idx = int(votes.argmax())
     colour = _PALETTE_NAMES[colour_idx]
     # Each pixel's share of object: where its colour lies between the background's and the object's. A decoder
     # that averages colours over blocks paints an edge block in between, in proportion to the object it covers.
-    obj_rgb = np.median(arr[mask & (nearest == colour_idx)], axis=0)
+    obj_rgb = np.median(object_pixels[nearest == colour_idx], axis=0)
     span = obj_rgb - bg_rgb
     cover = np.clip(((arr - bg_rgb) @ span) / max(1.0, float(span @ span)), 0.0, 1.0)
     inside = cover > 0.5

@@ -281,15 +281,22 @@ class TextIds:
         )
 
 
-def encode_text(comps: Components, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, pooled) exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them (clip_skip None)."""
-    states, pooled = [], []
+def run_text_encoders(
+    comps: Components, clip_ids: torch.Tensor, t5_ids: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """What SD3 takes from its encoders: each CLIP's pooled vector and penultimate states, and the T5 states."""
+    pooled, states = [], []
     for enc in (comps.text_encoder, comps.text_encoder_2):
         out = enc(clip_ids, output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled.append(out[0])
+    return pooled, states, comps.text_encoder_3(t5_ids)[0]
+
+
+def encode_text(comps: Components, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled) exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them (clip_skip None)."""
+    pooled, states, t5 = run_text_encoders(comps, clip_ids, t5_ids)
     clip = torch.cat(states, dim=-1)
-    t5 = comps.text_encoder_3(t5_ids)[0]
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
@@ -297,12 +304,8 @@ def encode_text(comps: Components, clip_ids: torch.Tensor, t5_ids: torch.Tensor)
 def text_features(comps: Components, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> list[torch.Tensor]:
     """What each encoder hands the transformer, one vector per caption: each CLIP's pooled vector and the mean of
     its penultimate states, and the mean of the T5 states."""
-    feats = []
-    for enc in (comps.text_encoder, comps.text_encoder_2):
-        out = enc(clip_ids, output_hidden_states=True)
-        feats += [out[0], out.hidden_states[-2].mean(1)]
-    feats.append(comps.text_encoder_3(t5_ids)[0].mean(1))
-    return feats
+    pooled, states, t5 = run_text_encoders(comps, clip_ids, t5_ids)
+    return [pooled[0], states[0].mean(1), pooled[1], states[1].mean(1), t5.mean(1)]
 
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
