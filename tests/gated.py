@@ -20,11 +20,11 @@ class GatedEngine(BatchingEngine):
         self.pause_at_step: int | None = None  # None: wait before the batch; k: wait after step k
         self.paused = threading.Event()
 
-    def _run_gated(self, jobs: list[GenerationJob], progress: object) -> list:
+    def _run_gated(self, jobs: list[GenerationJob], progress: object, live: object = None) -> list:
         if self.pause_at_step is None:
             self.paused.set()
             self.gate.wait(timeout=60)
-            return super().pipeline.generate_many(jobs, progress=progress)  # type: ignore[arg-type]
+            return super().pipeline.generate_many(jobs, progress=progress, live=live)  # type: ignore[arg-type]
 
         def pausing(done: int, total: int) -> None:
             progress(done, total)  # type: ignore[operator]
@@ -32,12 +32,12 @@ class GatedEngine(BatchingEngine):
                 self.paused.set()
                 self.gate.wait(timeout=60)
 
-        return super().pipeline.generate_many(jobs, progress=pausing)
+        return super().pipeline.generate_many(jobs, progress=pausing, live=live)  # type: ignore[arg-type]
 
     @property
     def pipeline(self) -> SD3Pipeline:
         real = super().pipeline
         gated = dataclasses.make_dataclass("Gated", [])()
-        gated.generate_many = lambda jobs, progress=None: self._run_gated(jobs, progress)  # type: ignore[attr-defined]
+        gated.generate_many = lambda jobs, progress=None, live=None: self._run_gated(jobs, progress, live)  # type: ignore[attr-defined]
         gated.prompt_cache = real.prompt_cache  # type: ignore[attr-defined]
         return gated  # type: ignore[return-value]

@@ -7,6 +7,7 @@ from typing import Any
 from PIL import Image
 
 from sd3serve.engine.job import GenerationJob, GenerationResult
+from sd3serve.engine.protocol import EngineStats
 
 
 class StubEngine:
@@ -26,6 +27,16 @@ class StubEngine:
         )
 
     async def abort(self, request_id: str) -> None: ...
+
+    def abort_all(self, reason: str) -> int:
+        return 0
+
+    def admit(self) -> None: ...
+
+    def stats(self) -> EngineStats:
+        return EngineStats(ready=True, queued=0, running=0, batches=0, failed_batches=0, aborted=0,
+                           prompt_cache_hits=0, prompt_cache_misses=0, prompt_cache_entries=0,
+                           prompt_cache_bytes=0)  # fmt: skip
 
     async def check_health(self) -> None: ...
 

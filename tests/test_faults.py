@@ -46,12 +46,12 @@ class FailsAtStep2(BatchingEngine):
         class Failing:
             prompt_cache = real.prompt_cache
 
-            def generate_many(self, jobs: list[GenerationJob], progress: Any = None) -> Any:
+            def generate_many(self, jobs: list[GenerationJob], progress: Any = None, **kwargs: Any) -> Any:
                 def step(done: int, total: int) -> None:
                     if done == 2 and jobs[0].seed % 2:
                         raise RuntimeError("CUDA out of memory (simulated)")
 
-                return real.generate_many(jobs, progress=step)
+                return real.generate_many(jobs, progress=step, **kwargs)
 
         return Failing()  # type: ignore[return-value]
 

@@ -81,8 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sd3serve.api.schemas import parse_txt2img
-    from sd3serve.engine.loading import load_model
-    from sd3serve.engine.pipeline import SD3Pipeline
+    from sd3serve.engine.pipeline import build_pipeline
     from sd3serve.errors import InvalidRequest
     from sd3serve.imaging import encode_image
 
@@ -117,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     job = req.to_job()
-    result = SD3Pipeline(load_model(settings), exact_batches=settings.exact_batches)(job)
+    result = build_pipeline(settings)(job)  # the engine exactly as `serve` builds it
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
         path.write_bytes(encode_image(image, req.image_format, req.image_quality))

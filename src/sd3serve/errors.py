@@ -63,5 +63,10 @@ class QueueTimeout(Overloaded):
         super().__init__(message, retry_after_s=5)
 
 
+class ReservationLost(SD3ServeError):
+    """The request's credit hold is gone before its images were delivered (503): another process declared this
+    one dead and returned the hold, or the task was settled elsewhere. Nothing is delivered, nothing charged."""
+
+
 class GenerationFailed(SD3ServeError):
     """The engine raised while generating (500); nothing is charged."""

@@ -17,6 +17,7 @@ from PIL import Image
 from live_server import SMALL, URL, LiveServer, run_live_server
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.settings import Settings
+from stub_engine import StubEngine
 
 GEN_HEADERS = ("x-remaining-credits", "x-cost", "x-generation-time", "x-seed-value", "x-request-id")
 
@@ -175,21 +176,11 @@ def test_concurrent_requests_never_overdraw(client: httpx.Client, live_server: L
     assert info.credits == 0
 
 
-class FailingEngine:
+class FailingEngine(StubEngine):
     """An engine that fails on purpose, to prove a failed generation costs nothing."""
-
-    is_ready = True
-
-    async def start(self) -> None: ...
 
     async def generate(self, job: GenerationJob, *, request_id: str, progress: Any = None) -> GenerationResult:
         raise RuntimeError("secret internal detail: CUDA out of memory at /opt/model.py:42")
-
-    async def abort(self, request_id: str) -> None: ...
-
-    async def check_health(self) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 def test_500_is_json_and_charges_nothing(tmp_path: Path) -> None:

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 
-from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound
+from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound, ReservationLost
 from sd3serve.store.credits import CreditStore, digest
 
 
@@ -56,8 +55,9 @@ def test_hold_capture_release(store: CreditStore) -> None:
     assert store.balance(key_id=info.id) == 3
     h2 = store.hold(key_id=info.id, credits=Decimal(2), request_id="c")
     assert store.capture(h2) == 1
-    # Capturing or releasing twice changes nothing.
-    assert store.capture(h2) == 1
+    # A hold is settled once: capturing again is refused (nothing delivered twice), releasing changes nothing.
+    with pytest.raises(ReservationLost):
+        store.capture(h2)
     store.release(h2)
     key = store.get_key(key_id=info.id)
     assert (key.credits, key.spent) == (1, 2)
@@ -80,12 +80,41 @@ def test_add_credits_and_unknown_ids(store: CreditStore) -> None:
         store.revoke(key_id=999)
 
 
-def test_stale_holds_are_returned(store: CreditStore) -> None:
-    info, _ = store.create_key(credits=4)
-    store.hold(key_id=info.id, credits=Decimal(3), request_id="crashed")
-    assert store.release_stale_holds(older_than=timedelta(hours=1)) == 0
-    assert store.release_stale_holds(older_than=timedelta(seconds=-1)) == 1
-    assert store.balance(key_id=info.id) == 4
+def test_reservation_captures_once_or_refunds_on_close(store: CreditStore) -> None:
+    info, _ = store.create_key(credits=5)
+    r = store.reserve(key_id=info.id, credits=Decimal(2), request_id="a", owner="me")
+    assert (r.credits, store.balance(key_id=info.id)) == (2, 3)
+    assert r.capture() == 3
+    r.close()  # after a capture: nothing to return
+    assert (store.get_key(key_id=info.id).credits, store.get_key(key_id=info.id).spent) == (3, 2)
+
+    failed = store.reserve(key_id=info.id, credits=Decimal(1), request_id="b", owner="me")
+    failed.close()
+    failed.close()  # idempotent
+    assert store.balance(key_id=info.id) == 3
+
+    def boom(_s: object, _h: object) -> None:
+        raise RuntimeError("the delivery failed")
+
+    undelivered = store.reserve(key_id=info.id, credits=Decimal(1), request_id="c", owner="me")
+    with pytest.raises(RuntimeError):
+        undelivered.capture(deliver=boom)  # the charge rolls back with the delivery
+    assert store.get_key(key_id=info.id).spent == 2
+    undelivered.close()
+    assert store.balance(key_id=info.id) == 3
+
+
+def test_capture_after_the_hold_was_returned_delivers_nothing(store: CreditStore) -> None:
+    """Another process presumed this one dead and returned its hold: the late capture must not charge or deliver."""
+    info, _ = store.create_key(credits=5)
+    r = store.reserve(key_id=info.id, credits=Decimal(2), request_id="a", owner="me")
+    store.release(r.hold)  # what recovery does for a dead owner
+    delivered: list[bool] = []
+    with pytest.raises(ReservationLost):
+        r.capture(deliver=lambda _s, _h: delivered.append(True))
+    assert delivered == []
+    key = store.get_key(key_id=info.id)
+    assert (key.credits, key.spent) == (5, 0)
 
 
 def test_concurrent_holds_never_overdraw(store: CreditStore) -> None:

@@ -1,4 +1,5 @@
-"""v2 tasks on SQLite and PostgreSQL: completion and charge commit together, as do failure and refund."""
+"""v2 tasks on SQLite and PostgreSQL: created with their hold, completed with their charge, failed with their
+refund, each in one transaction; a dead owner's tasks and holds are settled by another process."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 
-from sd3serve.errors import NotFound
-from sd3serve.store.credits import CreditStore
+from sd3serve.errors import InsufficientCredits, NotFound, ReservationLost
+from sd3serve.store.credits import CreditStore, Reservation
+from sd3serve.store.models import Hold, Instance
+from sd3serve.store.recovery import DIED_MESSAGE, Recovery
 from sd3serve.store.tasks import TaskStore
 
 TTL = timedelta(hours=1)
@@ -23,51 +28,127 @@ def stores(store_url: str) -> Iterator[tuple[CreditStore, TaskStore]]:
     credits.close()
 
 
-def _task(credits: CreditStore, tasks: TaskStore, task_id: str, amount: int = 2) -> tuple[int, object]:
-    key, _ = credits.create_key(credits=5)
-    hold = credits.hold(key_id=key.id, credits=Decimal(amount), request_id=task_id)
-    tasks.create(task_id=task_id, key_id=key.id, seed=1, base64=False, media_type="image/png",
-                 request_json="{}", hold=hold, owner="me")  # fmt: skip
-    return key.id, hold
+def _task(
+    credits: CreditStore, task_id: str, amount: int = 2, *, owner: str = "me", key_id: int | None = None
+) -> tuple[int, Reservation]:
+    if key_id is None:
+        key_id = credits.create_key(credits=5)[0].id
+    create = TaskStore.creation(task_id=task_id, key_id=key_id, seed=1, base64=False, media_type="image/png",
+                                request_json="{}", owner=owner)  # fmt: skip
+    return key_id, credits.reserve(key_id=key_id, credits=Decimal(amount), request_id=task_id, owner=owner,
+                                   with_hold=create)  # fmt: skip
+
+
+def _complete(task_id: str, images: list[bytes], ttl: timedelta = TTL) -> object:
+    return TaskStore.completion(task_id, images=images, inference_time=0.5, steps=4, ttl=ttl)
 
 
 def test_complete_charges_once(stores: tuple[CreditStore, TaskStore]) -> None:
     credits, tasks = stores
-    key_id, hold = _task(credits, tasks, "t1")
+    key_id, res = _task(credits, "t1")
     assert tasks.get(task_id="t1", key_id=key_id).status == "QUEUED"
     tasks.set_progress("t1", step=1, total=4)
     view = tasks.get(task_id="t1", key_id=key_id)
     assert (view.status, view.progress_step, view.progress_total) == ("PROCESSING", 1, 4)
-    tasks.complete("t1", images=[b"a", b"bb"], inference_time=0.5, hold=hold, ttl=TTL)  # type: ignore[arg-type]
+    res.capture(deliver=_complete("t1", [b"a", b"bb"]))  # type: ignore[arg-type]
     view = tasks.get(task_id="t1", key_id=key_id)
     assert (view.status, view.image_count, view.progress_step) == ("COMPLETED", 2, 4)
     assert tasks.image(task_id="t1", key_id=key_id, index=1) == (b"bb", "image/png")
     key = credits.get_key(key_id=key_id)
     assert (key.credits, key.spent) == (3, 2)
-    tasks.fail("t1", error="late", hold=hold, ttl=TTL)  # type: ignore[arg-type]  # a finished task stays so
+    res.fail(also=TaskStore.failure("t1", error="late", ttl=TTL))  # a finished task stays so
     assert tasks.get(task_id="t1", key_id=key_id).status == "COMPLETED"
     assert credits.get_key(key_id=key_id).credits == 3
 
 
 def test_fail_refunds(stores: tuple[CreditStore, TaskStore]) -> None:
     credits, tasks = stores
-    key_id, hold = _task(credits, tasks, "t2")
-    tasks.fail("t2", error="boom", hold=hold, ttl=TTL)  # type: ignore[arg-type]
+    key_id, res = _task(credits, "t2")
+    res.fail(also=TaskStore.failure("t2", error="boom", ttl=TTL))
     view = tasks.get(task_id="t2", key_id=key_id)
     assert (view.status, view.error) == ("FAILED", "boom")
     key = credits.get_key(key_id=key_id)
     assert (key.credits, key.spent) == (5, 0)
 
 
+def test_no_task_without_its_hold(stores: tuple[CreditStore, TaskStore]) -> None:
+    credits, tasks = stores
+    key_id, _ = _task(credits, "t4", amount=5)
+    with pytest.raises(InsufficientCredits):
+        _task(credits, "t5", amount=1, key_id=key_id)
+    with pytest.raises(NotFound):
+        tasks.get(task_id="t5", key_id=key_id)
+
+
 def test_foreign_and_expired(stores: tuple[CreditStore, TaskStore]) -> None:
     credits, tasks = stores
-    key_id, hold = _task(credits, tasks, "t3")
+    key_id, res = _task(credits, "t3")
     other, _ = credits.create_key(credits=1)
     with pytest.raises(NotFound):
         tasks.get(task_id="t3", key_id=other.id)
     with pytest.raises(NotFound):
         tasks.image(task_id="t3", key_id=key_id, index=0)
-    tasks.complete("t3", images=[b"x"], inference_time=0.1, hold=hold, ttl=timedelta(seconds=-1))  # type: ignore[arg-type]
+    res.capture(deliver=_complete("t3", [b"x"], ttl=timedelta(seconds=-1)))  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        tasks.image(task_id="t3", key_id=other.id, index=0)
     assert tasks.delete_expired() == 1
     with pytest.raises(NotFound):
         tasks.get(task_id="t3", key_id=key_id)
+
+
+def _age(credits: CreditStore, instance_id: str, seconds: float) -> None:
+    from datetime import UTC, datetime
+
+    with Session(credits.engine) as s, s.begin():
+        s.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(heartbeat_at=datetime.now(UTC) - timedelta(seconds=seconds))
+        )
+
+
+def test_a_paused_process_presumed_dead_delivers_nothing_unpaid(stores: tuple[CreditStore, TaskStore]) -> None:
+    """A settles B (heartbeat stale); B resumes and completes its task: refused, no images, nothing charged."""
+    credits, tasks = stores
+    a, b = Recovery(credits.engine), Recovery(credits.engine)
+    a.register()
+    b.register()
+    key_id, res = _task(credits, "paused", owner=b.instance_id)
+    sync = credits.reserve(key_id=key_id, credits=Decimal(1), request_id="v1", owner=b.instance_id)
+    _age(credits, b.instance_id, 60)
+    assert a.settle_dead(dead_after=timedelta(seconds=30)) == 1
+    assert credits.balance(key_id=key_id) == 5
+    view = tasks.get(task_id="paused", key_id=key_id)
+    assert (view.status, view.error) == ("FAILED", DIED_MESSAGE)
+
+    with pytest.raises(ReservationLost):
+        res.capture(deliver=_complete("paused", [b"late"]))  # type: ignore[arg-type]
+    with pytest.raises(ReservationLost):
+        sync.capture()
+    view = tasks.get(task_id="paused", key_id=key_id)
+    assert (view.status, view.image_count) == ("FAILED", 0)
+    key = credits.get_key(key_id=key_id)
+    assert (key.credits, key.spent) == (5, 0)
+    # B learns it at its next heartbeat and goes on under a new id.
+    old = b.instance_id
+    assert b.heartbeat() is False and b.instance_id != old
+    assert b.heartbeat() is True and a.heartbeat() is True
+
+
+def test_live_peers_keep_their_old_holds_and_orphans_are_returned(stores: tuple[CreditStore, TaskStore]) -> None:
+    """Only holds of dead or unknown owners go back; a live peer's hold stays however old it is."""
+    from datetime import UTC, datetime
+
+    credits, tasks = stores
+    a, b = Recovery(credits.engine), Recovery(credits.engine)
+    a.register()
+    b.register()
+    key_id, _ = _task(credits, "live", owner=b.instance_id)
+    credits.reserve(key_id=key_id, credits=Decimal(1), request_id="orphan", owner="gone-without-a-trace")
+    assert credits.balance(key_id=key_id) == 2
+    assert a.settle_dead(dead_after=timedelta(seconds=30)) == 0  # the orphan is too recent to judge
+    with Session(credits.engine) as s, s.begin():
+        s.execute(update(Hold).values(created_at=datetime.now(UTC) - timedelta(hours=2)))
+    assert a.settle_dead(dead_after=timedelta(seconds=30)) == 1  # the orphan only
+    assert credits.balance(key_id=key_id) == 3
+    assert tasks.get(task_id="live", key_id=key_id).status == "QUEUED"

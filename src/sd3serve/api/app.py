@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -21,6 +20,8 @@ from sd3serve.api.metrics import Metrics
 from sd3serve.api.middleware import RequestContextMiddleware
 from sd3serve.api.routes import admin, credits, generate, ops, v2
 from sd3serve.api.schemas import openapi_request_schemas
+from sd3serve.api.service import GenerationService
+from sd3serve.api.state import AppState
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
@@ -30,35 +31,27 @@ from sd3serve.store.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 
-# A hold this old with no owner cannot belong to a live request (holds from before owners were recorded).
-STALE_HOLD_AGE = timedelta(hours=1)
+PRESUMED_DEAD = "this server was presumed dead by another process; the request's hold was returned, retry"
 
 
-async def _housekeeping(app: FastAPI, settings: Settings) -> None:
-    """Every heartbeat: prove this process alive, settle dead ones, retry deferred refunds, expire results."""
-    recovery: Recovery = app.state.recovery
+async def _housekeeping(state: AppState) -> None:
+    """Every heartbeat: prove this process alive (or learn that it was presumed dead, and stop what it runs),
+    settle dead ones, retry deferred refunds, expire results."""
+    settings, recovery = state.settings, state.recovery
     dead_after = timedelta(seconds=3 * settings.heartbeat_s)
     while True:
         try:
-            await run_in_threadpool(recovery.heartbeat)
+            if not await run_in_threadpool(recovery.heartbeat):
+                stopped = state.engine.abort_all(PRESUMED_DEAD)
+                log.error("presumed dead by another process: stopped %d request(s); their holds were returned",
+                          stopped)  # fmt: skip
             await run_in_threadpool(recovery.settle_dead, dead_after=dead_after)
-            await run_in_threadpool(app.state.store.retry_deferred)
-            await run_in_threadpool(app.state.tasks.delete_expired)
+            await run_in_threadpool(state.store.retry_deferred)
+            await run_in_threadpool(state.tasks.delete_expired)
             await run_in_threadpool(recovery.prune_rate_windows, before_window=int(time.time() // 60) - 1)
         except Exception as e:  # the database may be away; try again next beat
             log.warning("housekeeping failed: %s", e)
         await asyncio.sleep(settings.heartbeat_s)
-
-
-async def _drain(app: FastAPI, grace_s: float) -> None:
-    """On shutdown: let v2 tasks already accepted finish for up to ``grace_s``, then fail the rest (refunded)."""
-    background: set[asyncio.Task[None]] = app.state.background
-    if background:
-        log.info("waiting up to %.0f s for %d v2 task(s)", grace_s, len(background))
-        _, pending = await asyncio.wait(set(background), timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _document_400_not_422(spec: dict[str, Any]) -> None:
@@ -93,38 +86,41 @@ def _publish_request_schemas(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, store: CreditStore | None = None) -> FastAPI:
+    """The app; ``engine`` and ``store`` may be given (tests), else they are built from the settings."""
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from sd3serve.engine.batching import BatchingEngine
 
-        app.state.store = store or CreditStore(settings.resolved_database_url)
-        app.state.tasks = TaskStore(app.state.store.engine)
-        app.state.rate_limiter = RateLimiter(app.state.store.engine)
-        app.state.recovery = Recovery(app.state.store.engine, app.state.instance_id)
-        await run_in_threadpool(app.state.store.create_schema)
-        await run_in_threadpool(app.state.recovery.register)
-        released = await run_in_threadpool(app.state.store.release_stale_holds, older_than=STALE_HOLD_AGE)
-        if released:
-            log.warning("returned %d credit holds left by a process that died", released)
-        app.state.engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
-        app.state.background = set()
-        housekeeping = asyncio.create_task(_housekeeping(app, settings), name="housekeeping")
+        credit_store = store or CreditStore(settings.resolved_database_url)
+        tasks = TaskStore(credit_store.engine)
+        recovery = Recovery(credit_store.engine)
+        await run_in_threadpool(credit_store.create_schema)
+        await run_in_threadpool(recovery.register)
+        the_engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
+        state = AppState(
+            settings=settings, metrics=metrics, store=credit_store, tasks=tasks,
+            rate_limiter=RateLimiter(credit_store.engine), recovery=recovery, engine=the_engine,
+            service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, recovery=recovery,
+                                      settings=settings, metrics=metrics),
+        )  # fmt: skip
+        app.state.sd3 = state
+        housekeeping = asyncio.create_task(_housekeeping(state), name="housekeeping")
         try:
-            await app.state.engine.start()
+            await the_engine.start()
             yield
         finally:
-            await _drain(app, settings.shutdown_grace_s)
+            await state.service.drain(settings.shutdown_grace_s)
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
-            await app.state.engine.close()
+            await the_engine.close()
             with contextlib.suppress(Exception):
-                await run_in_threadpool(app.state.store.retry_deferred)
-                await run_in_threadpool(app.state.recovery.unregister)
+                await run_in_threadpool(credit_store.retry_deferred)
+                await run_in_threadpool(recovery.unregister)
             if store is None:
-                app.state.store.close()
+                credit_store.close()
 
     app = FastAPI(
         title="sd3serve",
@@ -132,9 +128,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.instance_id = uuid.uuid4().hex
     install_error_handlers(app)
     _publish_request_schemas(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -1,39 +1,45 @@
-"""Dependencies of the routes: settings, store, engine and the caller's key, as ``Annotated`` aliases."""
+"""Dependencies of the routes: the typed application state and the caller's key, as ``Annotated`` aliases."""
 
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
 from sd3serve.api.metrics import Metrics
+from sd3serve.api.service import GenerationService
+from sd3serve.api.state import AppState, app_state
 from sd3serve.engine.protocol import Engine
 from sd3serve.errors import Forbidden, NotFound, RateLimited
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore, KeyInfo
-from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.tasks import TaskStore
 
 
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def get_state(request: Request) -> AppState:
+    return app_state(request.app)
 
 
-def get_store(request: Request) -> CreditStore:
-    store: CreditStore = request.app.state.store
-    return store
+StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+def _part(name: str) -> Any:
+    """A dependency that returns one part of the application state."""
+
+    def get(state: StateDep) -> Any:
+        return getattr(state, name)
+
+    get.__name__ = f"get_{name}"
+    return Depends(get)
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[CreditStore, Depends(get_store)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, _part("settings")]
+StoreDep = Annotated[CreditStore, _part("store")]
+EngineDep = Annotated[Engine, _part("engine")]
+TaskStoreDep = Annotated[TaskStore, _part("tasks")]
+MetricsDep = Annotated[Metrics, _part("metrics")]
+ServiceDep = Annotated[GenerationService, _part("service")]
 
 
 def get_api_key(
@@ -58,26 +64,11 @@ def request_id(request: Request) -> str:
 RequestIdDep = Annotated[str, Depends(request_id)]
 
 
-def get_metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
-
-
-def get_tasks(request: Request) -> TaskStore:
-    tasks: TaskStore = request.app.state.tasks
-    return tasks
-
-
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-TaskStoreDep = Annotated[TaskStore, Depends(get_tasks)]
-
-
-def get_generation_key(request: Request, key: ApiKeyDep, settings: SettingsDep) -> KeyInfo:
+def get_generation_key(key: ApiKeyDep, state: StateDep) -> KeyInfo:
     """The caller's key, counted against its rate limit (generation requests only: polling is free)."""
-    limit = settings.rate_limit_per_minute
+    limit = state.settings.rate_limit_per_minute
     if limit > 0:
-        limiter: RateLimiter = request.app.state.rate_limiter
-        decision = limiter.hit(key_id=key.id, per_minute=limit)
+        decision = state.rate_limiter.hit(key_id=key.id, per_minute=limit)
         if not decision.allowed:
             raise RateLimited(limit, decision.reset_at)
     return key

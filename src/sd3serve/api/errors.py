@@ -24,6 +24,7 @@ from sd3serve.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    ReservationLost,
     SD3ServeError,
 )
 
@@ -40,6 +41,7 @@ STATUS: dict[type[SD3ServeError], int] = {
     GenerationFailed: 500,
     Overloaded: 503,
     DatabaseUnavailable: 503,
+    ReservationLost: 503,
 }
 
 HTTP_MESSAGES = {
@@ -58,7 +60,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
-    elif isinstance(exc, DatabaseUnavailable):
+    elif isinstance(exc, DatabaseUnavailable | ReservationLost):
         headers = {"Retry-After": "5"}
     elif isinstance(exc, RateLimited):
         reset = datetime.fromtimestamp(exc.reset_at, UTC)

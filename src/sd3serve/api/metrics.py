@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from sd3serve.engine.protocol import EngineStats
+
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -31,10 +33,29 @@ class Metrics:
         self.credits_charged = Counter("sd3serve_credits_charged", "Credits charged", registry=r)
         self.prompt_cache_hits = Gauge("sd3serve_prompt_cache_hits", "Prompt-embedding cache hits", registry=r)
         self.prompt_cache_misses = Gauge("sd3serve_prompt_cache_misses", "Prompt-embedding cache misses", registry=r)
+        self.prompt_cache_entries = Gauge("sd3serve_prompt_cache_entries", "Prompts in the cache", registry=r)
+        self.prompt_cache_bytes = Gauge("sd3serve_prompt_cache_bytes", "Bytes the prompt cache holds", registry=r)
+        self.engine_running = Gauge("sd3serve_engine_running", "Requests in the batch on the model", registry=r)
+        self.engine_batches = Gauge("sd3serve_engine_batches", "Batches run since start", registry=r)
+        self.engine_failed_batches = Gauge("sd3serve_engine_failed_batches", "Batches that raised", registry=r)
+        self.engine_aborted = Gauge(
+            "sd3serve_engine_aborted", "Requests stopped early because every requester was gone", registry=r
+        )
 
     def observe_batch(self, images: int, seconds: float) -> None:
         self.batch_images.observe(images)
         self.batch_seconds.observe(seconds)
+
+    def observe_engine(self, stats: EngineStats) -> None:
+        self.queue_depth.set(stats.queued)
+        self.engine_running.set(stats.running)
+        self.engine_batches.set(stats.batches)
+        self.engine_failed_batches.set(stats.failed_batches)
+        self.engine_aborted.set(stats.aborted)
+        self.prompt_cache_hits.set(stats.prompt_cache_hits)
+        self.prompt_cache_misses.set(stats.prompt_cache_misses)
+        self.prompt_cache_entries.set(stats.prompt_cache_entries)
+        self.prompt_cache_bytes.set(stats.prompt_cache_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,6 +35,7 @@ ASPECT_RATIOS: dict[str, tuple[int, int] | None] = {
 AspectRatio = StrEnum("AspectRatio", {name: name for name in ASPECT_RATIOS})  # type: ignore[misc]
 
 MAX_SEED = 2**32 - 1
+MAX_BATCH_SIZE = 10
 # At least one character that Python's str.strip() keeps, spelled out so that the published JSON Schema (ECMA
 # regex, whose \s is a smaller set) and the server agree on what "blank" means.
 NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
@@ -75,7 +76,7 @@ class Txt2ImgRequest(BaseModel):
     width: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16"), _JSON_INT] = 1024
     height: Annotated[int, Field(ge=64, le=2048, description="rounded down to a multiple of 16"), _JSON_INT] = 1024
     aspect_ratio: AspectRatio = AspectRatio("custom")
-    batch_size: Annotated[int, Field(ge=1, le=10), _JSON_INT] = 1
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE), _JSON_INT] = 1
     image_format: ImageFormat = ImageFormat.jpeg
     image_quality: Annotated[int, Field(ge=10, le=100), _JSON_INT] = 95
     base64: Annotated[bool, Strict()] = False

@@ -2,8 +2,10 @@
 
 Every request gets its own future. The worker takes the oldest request, adds every queued request that can
 share its forward pass (same ``batch_key``) up to ``max_batch_images``, waiting up to ``batch_wait_ms`` for
-more, and runs them as one batch on a worker thread; an error goes to every future of the batch. Each
-request's images are what it gets alone (its own seeds; bit-identical with ``exact_batches``).
+more, and runs them as one batch on the model's thread; an error goes to every future of the batch, and the
+worker goes on with the next one. Each request's images are what it gets alone (its own seeds; bit-identical
+with ``exact_batches``). A request whose caller is gone (cancelled, disconnected) stops at the next step; a
+request still queued at its deadline fails then, even while a long batch runs.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sd3serve.engine.acceleration import apply_acceleration
 from sd3serve.engine.job import GenerationJob, GenerationResult
-from sd3serve.engine.loading import LoadedModel, load_model
-from sd3serve.engine.pipeline import SD3Pipeline, batch_key
-from sd3serve.engine.protocol import Aborted, ProgressCallback
+from sd3serve.engine.loading import LoadedModel
+from sd3serve.engine.pipeline import AllAborted, SD3Pipeline, batch_key, build_pipeline
+from sd3serve.engine.protocol import Aborted, EngineStats, ProgressCallback
 from sd3serve.errors import Overloaded, QueueTimeout
 from sd3serve.settings import Settings
 
@@ -36,7 +37,8 @@ class _Pending:
     future: asyncio.Future[GenerationResult]
     progress: ProgressCallback | None
     enqueued: float = field(default_factory=time.monotonic)
-    aborted: bool = False
+    aborted: bool = False  # read by the model's thread before every model call
+    deadline: asyncio.TimerHandle | None = None
 
 
 class BatchingEngine:
@@ -49,12 +51,13 @@ class BatchingEngine:
         # One thread runs the model: it is not re-entrant, and a second thread would only contend for the cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd3-engine")
         self._queue: list[_Pending] = []
-        self._running: dict[str, _Pending] = {}
+        self._running: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._ready = False
         self._on_batch = on_batch
         self._batch_avg_s = 1.0  # a running estimate, for Retry-After
+        self._batches = self._failed_batches = self._aborted = 0
 
     # --- Engine interface -----------------------------------------------------------------------------------
 
@@ -84,6 +87,15 @@ class BatchingEngine:
         """Requests running on the model now."""
         return len(self._running)
 
+    def stats(self) -> EngineStats:
+        cache = self._pipeline.prompt_cache if self._pipeline is not None else None
+        return EngineStats(
+            ready=self._ready, queued=len(self._queue), running=len(self._running), batches=self._batches,
+            failed_batches=self._failed_batches, aborted=self._aborted,
+            prompt_cache_hits=cache.hits if cache else 0, prompt_cache_misses=cache.misses if cache else 0,
+            prompt_cache_entries=len(cache) if cache else 0, prompt_cache_bytes=cache.nbytes if cache else 0,
+        )  # fmt: skip
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load_and_warm)
@@ -91,25 +103,16 @@ class BatchingEngine:
         self._ready = True
 
     def _load_and_warm(self) -> None:
-        model = self._model or load_model(self.settings)
-        self._model = model
-        apply_acceleration(model, self.settings)
-        self._pipeline = SD3Pipeline(
-            model,
-            exact_batches=self.settings.exact_batches,
-            prompt_cache_bytes=int(self.settings.prompt_cache_mb * 2**20),
-            vae_tiling=self.settings.vae_tiling,
-        )
+        self._pipeline = build_pipeline(self.settings, self._model)
+        self._model = self._pipeline.model
         warm = GenerationJob(
             prompt="", negative_prompt="", steps=1, guidance_scale=1.0, seed=0, sampler="euler",
             scheduler="simple", width=256, height=256, batch_size=1,
         )  # fmt: skip
         self._pipeline(warm)
-        log.info("engine ready: %s", model.source)
+        log.info("engine ready: %s", self._model.source)
 
-    async def generate(
-        self, job: GenerationJob, *, request_id: str, progress: ProgressCallback | None = None
-    ) -> GenerationResult:
+    def admit(self) -> None:
         if not self._ready:
             raise Overloaded("the model is still loading", retry_after_s=5)
         if len(self._queue) >= self.settings.max_queue:
@@ -117,21 +120,33 @@ class BatchingEngine:
                 f"the queue is full ({self.settings.max_queue} requests waiting); retry later",
                 retry_after_s=self._retry_after(),
             )
-        pending = _Pending(job, request_id, asyncio.get_running_loop().create_future(), progress)
+
+    async def generate(
+        self, job: GenerationJob, *, request_id: str, progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        self.admit()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(job, request_id, loop.create_future(), progress)
+        pending.deadline = loop.call_later(self.settings.queue_timeout_s, self._expire, pending)
         self._queue.append(pending)
         self._wakeup.set()
         try:
             return await pending.future
         except asyncio.CancelledError:
-            self._drop(pending)  # the caller went away: a queued request is dropped, a running one discarded
+            self._abort(pending)  # the caller went away: a queued request is dropped, a running one stopped
             raise
 
     async def abort(self, request_id: str) -> None:
-        for p in [*self._queue, *self._running.values()]:
+        for p in [*self._queue, *self._running]:
             if p.request_id == request_id:
-                self._drop(p)
-                if not p.future.done():
-                    p.future.set_exception(Aborted(request_id))
+                self._abort(p)
+
+    def abort_all(self, reason: str) -> int:
+        """Stop every queued and running request (this process was presumed dead: their holds are gone)."""
+        pending = [*self._queue, *self._running]
+        for p in pending:
+            self._abort(p, Aborted(reason))
+        return len(pending)
 
     async def check_health(self) -> None:
         if not self._ready:
@@ -145,29 +160,44 @@ class BatchingEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         for p in self._queue:
-            if not p.future.done():
-                p.future.set_exception(Overloaded("the server is shutting down", retry_after_s=5))
+            self._settle(p, error=Overloaded("the server is shutting down", retry_after_s=5))
         self._queue.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # --- the worker ---------------------------------------------------------------------------------------
 
-    def _drop(self, pending: _Pending) -> None:
-        pending.aborted = True
+    def _settle(
+        self, p: _Pending, *, result: GenerationResult | None = None, error: BaseException | None = None
+    ) -> None:
+        if p.deadline is not None:
+            p.deadline.cancel()
+        if p.future.done():
+            return
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            assert result is not None
+            p.future.set_result(result)
+
+    def _abort(self, p: _Pending, error: BaseException | None = None) -> None:
+        """Stop one request: out of the queue now, or out of its batch at the next model call."""
+        if not p.aborted:
+            p.aborted = True
+            self._aborted += 1
         with contextlib.suppress(ValueError):
-            self._queue.remove(pending)
+            self._queue.remove(p)
+        self._settle(p, error=error or Aborted(p.request_id))
 
     def _retry_after(self) -> int:
         waiting_batches = len(self._queue) / max(1, self.max_batch_images) + 1
         return max(1, round(waiting_batches * self._batch_avg_s))
 
-    def _expire(self) -> None:
-        """Fail requests that waited past the deadline: nothing was computed, nothing is charged."""
-        now, deadline = time.monotonic(), self.settings.queue_timeout_s
-        for p in [p for p in self._queue if now - p.enqueued > deadline]:
+    def _expire(self, p: _Pending) -> None:
+        """A request still queued at its deadline fails then (a timer, so a long batch cannot delay it)."""
+        if p in self._queue:
             self._queue.remove(p)
-            if not p.future.done():
-                p.future.set_exception(QueueTimeout(f"the request waited over {deadline:g} s in the queue"))
+            deadline = self.settings.queue_timeout_s
+            self._settle(p, error=QueueTimeout(f"the request waited over {deadline:g} s in the queue"))
 
     def _take_batch(self) -> list[_Pending]:
         first = self._queue.pop(0)
@@ -183,49 +213,68 @@ class BatchingEngine:
         return batch
 
     async def _run_worker(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while True:
-                self._expire()
-                if not self._queue:
-                    break
+            while self._queue:
                 # Give a lone request a moment for company that could share its forward pass.
                 wait_s = self.settings.batch_wait_ms / 1000 - (time.monotonic() - self._queue[0].enqueued)
                 if wait_s > 0 and len(self._queue) < self.max_batch_images:
                     await asyncio.sleep(wait_s)
                     continue
                 batch = self._take_batch()
-                await self._run_batch(loop, batch)
+                try:
+                    await self._run_batch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as e:  # a bug in the bookkeeping: fail this batch, keep serving
+                    log.exception("batch of %d requests failed outside the model", len(batch))
+                    for p in batch:
+                        self._settle(p, error=e)
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        self._running = batch
         for p in batch:
-            self._running[p.request_id] = p
+            if p.deadline is not None:
+                p.deadline.cancel()
 
-        def progress(done: int, total: int) -> None:  # on the worker thread
+        def progress(done: int, total: int) -> None:  # on the model's thread
             for p in batch:
                 if p.progress is not None and not p.aborted:
-                    p.progress(done, total)
+                    try:
+                        p.progress(done, total)
+                    except Exception:  # a listener's bug must not fail the batch
+                        log.warning("progress listener of %s failed", p.request_id, exc_info=True)
 
+        def live() -> list[bool]:  # on the model's thread: plain reads of flags the event loop sets
+            return [not p.aborted for p in batch]
+
+        jobs = [p.job for p in batch]
         start = time.perf_counter()
         try:
-            results = await loop.run_in_executor(
-                self._executor, lambda: self.pipeline.generate_many([p.job for p in batch], progress=progress)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: self.pipeline.generate_many(jobs, progress=progress, live=live)
             )
+            if len(results) != len(batch):
+                raise RuntimeError(f"the pipeline returned {len(results)} results for {len(batch)} requests")
+        except AllAborted:
+            for p in batch:
+                self._settle(p, error=Aborted(p.request_id))
         except Exception as e:
+            self._failed_batches += 1
             log.exception("batch of %d requests failed", len(batch))
             for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(e)
+                self._settle(p, error=e)
         else:
             for p, r in zip(batch, results, strict=True):
-                if not p.future.done():
-                    p.future.set_exception(Aborted(p.request_id)) if p.aborted else p.future.set_result(r)
+                self._settle(p, error=Aborted(p.request_id)) if p.aborted else self._settle(p, result=r)
         finally:
-            for p in batch:
-                self._running.pop(p.request_id, None)
+            self._running = []
         elapsed = time.perf_counter() - start
+        self._batches += 1
         self._batch_avg_s = 0.8 * self._batch_avg_s + 0.2 * elapsed
         if self._on_batch is not None:
-            self._on_batch(sum(p.job.batch_size for p in batch), elapsed)
+            try:
+                self._on_batch(sum(p.job.batch_size for p in batch), elapsed)
+            except Exception:
+                log.warning("batch observer failed", exc_info=True)

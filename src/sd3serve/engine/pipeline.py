@@ -8,25 +8,35 @@ with seed + i (and, with ``exact_batches``, bit for bit).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
+from sd3serve.engine.acceleration import apply_acceleration
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.job import GenerationJob, GenerationResult
-from sd3serve.engine.loading import LoadedModel
+from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.prompt_cache import PromptCache, TextEmbedding
+from sd3serve.engine.protocol import ProgressCallback
 from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import get_sigmas
+from sd3serve.settings import Settings
 
-ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all)
+# Which jobs of a batch are still wanted, asked before every model call (True: keep computing it). A job whose
+# requesters are all gone stops at the next step: its rows are no longer computed, and when no job is left the
+# batch ends with AllAborted.
+LiveJobs = Callable[[], Sequence[bool]]
 VAE_TILING_ABOVE = 1536  # pixels a side: "auto" decodes larger images in tiles (2048² in little memory)
 MIN_VAE_TILE = 512  # pixels
 T5_MAX_LENGTH = 256  # tokens: diffusers' default max_sequence_length, SD3's training window
+
+
+class AllAborted(Exception):
+    """Every job of the batch was aborted: the batch stopped early."""
 
 
 class FlowDenoiser:
@@ -43,6 +53,7 @@ class FlowDenoiser:
         uncond: tuple[torch.Tensor, torch.Tensor] | None,
         guidance_scale: float,
         exact_batches: bool,
+        live_rows: Callable[[], list[int] | None] | None = None,
     ) -> None:
         self.transformer = model.pipe.transformer
         self.flow: FlowSampling = model.flow
@@ -51,19 +62,40 @@ class FlowDenoiser:
         self.uncond = uncond if guidance_scale > 1 else None
         self.guidance_scale = guidance_scale
         self.exact_batches = exact_batches
+        self.live_rows = live_rows
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.with_uncond(x, sigma)[0]
 
     def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.uncond is None:
-            x0 = x - sigma * self._velocity(x, sigma, self.cond)
+        rows = self.live_rows() if self.live_rows is not None else None
+        if rows is None or len(rows) == x.shape[0]:
+            return self._guided(x, sigma, self.cond, self.uncond)
+        if not rows:
+            raise AllAborted
+        # Only the rows still wanted go through the model; the others are frozen (x0 = x: no change).
+        idx = torch.tensor(rows, device=x.device)
+        pick = lambda t: (t[0][idx], t[1][idx])  # noqa: E731
+        guided, uncond = self._guided(x[idx], sigma, pick(self.cond), pick(self.uncond) if self.uncond else None)
+        full_guided, full_uncond = x.clone(), x.clone()
+        full_guided[idx], full_uncond[idx] = guided, uncond
+        return full_guided, full_uncond
+
+    def _guided(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: tuple[torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if uncond is None:
+            x0 = x - sigma * self._velocity(x, sigma, cond)
             return x0, x0
         if self.exact_batches:
-            v_cond = self._velocity(x, sigma, self.cond)
-            v_uncond = self._velocity(x, sigma, self.uncond)
+            v_cond = self._velocity(x, sigma, cond)
+            v_uncond = self._velocity(x, sigma, uncond)
         else:  # one forward for both halves, as diffusers does
-            both = (torch.cat([self.cond[0], self.uncond[0]]), torch.cat([self.cond[1], self.uncond[1]]))
+            both = (torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))
             v_cond, v_uncond = self._velocity(torch.cat([x, x]), sigma, both).chunk(2)
         x0_cond = x - sigma * v_cond
         x0_uncond = x - sigma * v_uncond
@@ -158,9 +190,12 @@ class SD3Pipeline:
 
     @torch.no_grad()
     def generate_many(
-        self, jobs: list[GenerationJob], *, progress: ProgressCallback | None = None
+        self, jobs: list[GenerationJob], *, progress: ProgressCallback | None = None, live: LiveJobs | None = None
     ) -> list[GenerationResult]:
-        """Several compatible jobs (same ``batch_key``) in one batch; each job's images are what it gets alone."""
+        """Several compatible jobs (same ``batch_key``) in one batch; each job's images are what it gets alone.
+
+        With ``live``, a job that is no longer wanted stops at the next model call (its result has no images)
+        while the others go on unchanged; AllAborted when none is left."""
         if len({batch_key(j) for j in jobs}) != 1:
             raise ValueError("jobs in one batch must share size, steps, sampler, scheduler and guidance")
         model, first, timings = self.model, jobs[0], {}
@@ -185,9 +220,16 @@ class SD3Pipeline:
         x = eps * sigmas[0]
 
         # 4. Sample.
+        row_job = [k for k, j in enumerate(jobs) for _ in range(j.batch_size)]
+
+        def live_rows() -> list[int] | None:
+            wanted = live() if live is not None else None
+            return None if wanted is None or all(wanted) else [r for r, k in enumerate(row_job) if wanted[k]]
+
         denoiser = FlowDenoiser(
-            model, cond=cond, uncond=uncond, guidance_scale=first.guidance_scale, exact_batches=self.exact_batches
-        )
+            model, cond=cond, uncond=uncond, guidance_scale=first.guidance_scale, exact_batches=self.exact_batches,
+            live_rows=live_rows,
+        )  # fmt: skip
         n_steps = len(sigmas) - 1
 
         def on_step(i: int, n: int) -> None:
@@ -199,22 +241,24 @@ class SD3Pipeline:
         x0 = SAMPLERS[first.sampler](denoiser, x, sigmas, noise=noise, callback=on_step)
         timings["denoise"] = time.perf_counter() - t0
 
-        # 5. Decode, crop to the requested size, hand each job its images.
+        # 5. Decode the rows still wanted, crop to the requested size, hand each job its images.
         t0 = time.perf_counter()
-        images = self.decode(x0)
+        rows = live_rows()
+        if rows == []:
+            raise AllAborted
+        kept = list(range(len(row_job))) if rows is None else rows
+        decoded = self.decode(x0[kept] if rows is not None else x0)
         if (gen_h, gen_w) != (first.height, first.width):
             top, left = (gen_h - first.height) // 2, (gen_w - first.width) // 2
-            images = [im.crop((left, top, left + first.width, top + first.height)) for im in images]
+            decoded = [im.crop((left, top, left + first.width, top + first.height)) for im in decoded]
+        images: dict[int, Image.Image] = dict(zip(kept, decoded, strict=True))
         timings["decode"] = time.perf_counter() - t0
-        timings["batch_images"] = len(images)
+        timings["batch_images"] = len(decoded)
         results, start = [], 0
         for j in jobs:
             truncated = self.is_truncated(j.prompt) or (guidance and self.is_truncated(j.negative_prompt))
-            results.append(
-                GenerationResult(
-                    images=images[start : start + j.batch_size], timings=dict(timings), prompt_truncated=truncated
-                )
-            )
+            mine = [images[r] for r in range(start, start + j.batch_size) if r in images]
+            results.append(GenerationResult(images=mine, timings=dict(timings), prompt_truncated=truncated))
             start += j.batch_size
         return results
 
@@ -235,3 +279,16 @@ def _stack(texts: list[TextEmbedding], jobs: list[GenerationJob]) -> TextEmbeddi
     embeds = torch.cat([t[0].expand(j.batch_size, -1, -1) for t, j in zip(texts, jobs, strict=True)])
     pooled = torch.cat([t[1].expand(j.batch_size, -1) for t, j in zip(texts, jobs, strict=True)])
     return embeds, pooled
+
+
+def build_pipeline(settings: Settings, model: LoadedModel | None = None) -> SD3Pipeline:
+    """The pipeline exactly as the server runs it (``serve`` and ``generate`` both build it here): the model
+    loaded and accelerated as the settings say, with the prompt cache and VAE tiling settings."""
+    model = model or load_model(settings)
+    apply_acceleration(model, settings)
+    return SD3Pipeline(
+        model,
+        exact_batches=settings.exact_batches,
+        prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
+        vae_tiling=settings.vae_tiling,
+    )

@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from sd3serve.engine.job import GenerationJob, GenerationResult
 
-ProgressCallback = Callable[[int, int], None]  # (steps done, steps in all)
+# (steps done, steps in all). Called on the engine's thread between model calls: it must return at once (no I/O,
+# no locks held for long); the API side reads the latest value from a ``ProgressChannel``.
+ProgressCallback = Callable[[int, int], None]
 
 
 class Aborted(Exception):
-    """The request was aborted (its client went away) before it finished."""
+    """The request was aborted (its client went away, or it was cancelled) before it finished."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What /metrics and /readyz show of the engine."""
+
+    ready: bool
+    queued: int  # requests waiting for the model
+    running: int  # requests in the batch on the model now
+    batches: int  # batches run since start
+    failed_batches: int  # batches that raised (their requests failed, uncharged)
+    aborted: int  # requests stopped early because every requester was gone
+    prompt_cache_hits: int
+    prompt_cache_misses: int
+    prompt_cache_entries: int
+    prompt_cache_bytes: int
 
 
 class Engine(Protocol):
@@ -27,10 +46,24 @@ class Engine(Protocol):
     async def generate(
         self, job: GenerationJob, *, request_id: str, progress: ProgressCallback | None = None
     ) -> GenerationResult:
-        """Run the job; raises Aborted if ``abort(request_id)`` was called first."""
+        """Run the job. Raises Aborted after ``abort(request_id)``, Overloaded when the queue is full,
+        QueueTimeout when it waited past the deadline. Cancelling the awaiting task aborts the job too."""
         ...
 
-    async def abort(self, request_id: str) -> None: ...
+    async def abort(self, request_id: str) -> None:
+        """Stop the request: a queued one leaves the queue, a running one stops at the next step (the other
+        requests of its batch go on)."""
+        ...
+
+    def abort_all(self, reason: str) -> int:
+        """Stop every queued and running request (raising Aborted(reason) in their callers); returns how many."""
+        ...
+
+    def admit(self) -> None:
+        """Raise Overloaded (with its Retry-After) if a request submitted now would be refused."""
+        ...
+
+    def stats(self) -> EngineStats: ...
 
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""

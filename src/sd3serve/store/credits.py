@@ -2,7 +2,8 @@
 
 A request's cost is *held* (taken from the balance) when it is admitted, in one conditional UPDATE, so two
 concurrent requests can never spend the same credit; the hold is *captured* when the images are delivered
-or *released* (returned) when the request fails. Holds left by a crashed process are released at start-up.
+or *released* (returned) when the request fails. A :class:`Reservation` wraps one hold and settles it exactly
+once; every generation route goes through it. Holds left by a dead process are returned by recovery.py.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from sqlalchemy import Engine, create_engine, delete, event, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound
+from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound, ReservationLost
 from sd3serve.store.models import MICRO, ApiKey, Base, Hold
 
 KEY_PREFIX = "sk-"
@@ -171,13 +173,24 @@ class CreditStore:
     def balance(self, *, key_id: int) -> float:
         return self.get_key(key_id=key_id).credits
 
-    # --- holds --------------------------------------------------------------------------------------------
+    # --- holds and reservations ---------------------------------------------------------------------------
 
-    def hold(self, *, key_id: int, credits: Decimal, request_id: str, owner: str = "") -> CreditHold:
-        """Take ``credits`` from the balance for a request in flight, or raise InsufficientCredits.
+    def reserve(
+        self, *, key_id: int, credits: Decimal, request_id: str, owner: str, with_hold: SessionStep | None = None
+    ) -> Reservation:
+        """Hold ``credits`` for a request in flight (InsufficientCredits if the balance is short) and return the
+        :class:`Reservation` that settles it. ``with_hold(session, hold)`` runs in the hold's transaction (a v2
+        task row is created with its hold, or neither is).
 
         ``owner`` is the server process: if it dies, the hold goes back to the balance (see recovery.py).
         """
+        return Reservation(self, self.hold(key_id=key_id, credits=credits, request_id=request_id, owner=owner,
+                                           with_hold=with_hold))  # fmt: skip
+
+    def hold(
+        self, *, key_id: int, credits: Decimal, request_id: str, owner: str = "", with_hold: SessionStep | None = None
+    ) -> CreditHold:
+        """Take ``credits`` from the balance for a request in flight, or raise InsufficientCredits."""
         amount = to_micro(credits)
         with self._session.begin() as s:
             res = s.execute(
@@ -190,22 +203,34 @@ class CreditStore:
                 if row is None or row.revoked_at is not None:
                     raise InvalidApiKey("invalid or revoked API key")
                 raise InsufficientCredits(from_micro(row.balance_micro), from_micro(amount))
-            hold = Hold(key_id=key_id, request_id=request_id, amount_micro=amount, owner=owner)
-            s.add(hold)
+            row_hold = Hold(key_id=key_id, request_id=request_id, amount_micro=amount, owner=owner)
+            s.add(row_hold)
             s.flush()
-            return CreditHold(id=hold.id, key_id=key_id, amount_micro=amount)
+            hold = CreditHold(id=row_hold.id, key_id=key_id, amount_micro=amount)
+            if with_hold is not None:
+                with_hold(s, hold)
+            return hold
 
-    def capture(self, hold: CreditHold) -> float:
-        """Spend a hold (its images were delivered); returns the key's remaining balance."""
+    def capture(self, hold: CreditHold, *, deliver: SessionStep | None = None) -> float:
+        """Spend a hold and, in the same transaction, ``deliver(session, hold)`` (a v2 task's images): both or
+        neither. ReservationLost if the hold is gone (another process declared this one dead and returned it).
+        Returns the key's remaining balance."""
         with self._session.begin() as s:
-            capture_hold(s, hold)
+            if not capture_hold(s, hold):
+                raise ReservationLost("this request's credit hold was returned before delivery (the server was "
+                                      "presumed dead); nothing was delivered or charged, retry")  # fmt: skip
+            if deliver is not None:
+                deliver(s, hold)
             row = s.get(ApiKey, hold.key_id)
             return from_micro(row.balance_micro) if row else 0.0
 
-    def release(self, hold: CreditHold) -> None:
-        """Return a hold to the balance (the request failed or was not delivered)."""
+    def release(self, hold: CreditHold, *, also: SessionStep | None = None) -> None:
+        """Return a hold to the balance (the request failed or was not delivered); ``also(session, hold)`` runs
+        in the same transaction (a v2 task marked FAILED with its refund)."""
         with self._session.begin() as s:
             release_hold(s, hold)
+            if also is not None:
+                also(s, hold)
 
     def release_or_defer(self, hold: CreditHold) -> None:
         """Release now, or, if the database cannot be reached, remember to (``retry_deferred``)."""
@@ -229,15 +254,48 @@ class CreditStore:
             self._deferred.extend(failed)
             return len(self._deferred)
 
-    def release_stale_holds(self, *, older_than: timedelta) -> int:
-        """Return the holds of requests that cannot still be running (their process died)."""
-        cutoff = datetime.now(UTC) - older_than
-        with self._session() as s:
-            stale = s.scalars(select(Hold).where(Hold.created_at < cutoff)).all()
-            holds = [CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro) for h in stale]
-        for h in holds:
-            self.release(h)
-        return len(holds)
+
+SessionStep = Callable[[Session, CreditHold], None]  # a step of the store's transaction that settles a hold
+
+
+class Reservation:
+    """A request's credits from admission to delivery: held at creation, then settled exactly once.
+
+    ``capture`` spends them when the images are delivered (with the delivery in the same transaction);
+    ``close`` returns them if nothing was captured — on any failure, cancel or disconnect — and is idempotent,
+    so callers end with ``finally: reservation.close()``. Blocking (database) calls: run them off the event loop.
+    """
+
+    def __init__(self, store: CreditStore, hold: CreditHold) -> None:
+        self.store = store
+        self.hold = hold
+        self._settled = False
+
+    @property
+    def credits(self) -> float:
+        return from_micro(self.hold.amount_micro)
+
+    def capture(self, *, deliver: SessionStep | None = None) -> float:
+        """Charge (and deliver); returns the remaining balance. On ReservationLost the hold is already gone."""
+        try:
+            remaining = self.store.capture(self.hold, deliver=deliver)
+        except ReservationLost:
+            self._settled = True
+            raise
+        self._settled = True
+        return remaining
+
+    def fail(self, *, also: SessionStep | None = None) -> None:
+        """Refund now, with ``also`` in the refund's transaction; raises if the database is away (retry it)."""
+        if not self._settled:
+            self.store.release(self.hold, also=also)
+            self._settled = True
+
+    def close(self) -> None:
+        """Refund unless captured; if the database is away, the refund is retried by housekeeping."""
+        if not self._settled:
+            self._settled = True
+            self.store.release_or_defer(self.hold)
 
 
 # Capture and release as steps of a caller's transaction, so that a v2 task's completion and its charge

@@ -4,11 +4,16 @@ Each process registers in ``instances`` and refreshes its heartbeat. A process w
 ``dead_after`` died (SIGKILL, power loss): its unfinished v2 tasks become FAILED and every hold it had goes
 back to the balance, in one transaction per process, so no credit is lost and none is charged twice (a hold
 that was captured no longer exists; a task that completed is not touched).
+
+A process presumed dead may only have been paused (SIGSTOP, a long GC, a frozen VM). When it resumes, its
+captures fail (the holds are gone) and its task completions fail (the tasks are FAILED), so nothing it made is
+delivered unpaid; its next heartbeat tells it, and it aborts what it still runs.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, select, update
@@ -16,6 +21,7 @@ from sqlalchemy.orm import sessionmaker
 
 from sd3serve.store.credits import CreditHold, release_hold
 from sd3serve.store.models import Hold, Instance, RateWindow, Task
+from sd3serve.store.tasks import FAILED, RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -23,44 +29,67 @@ DIED_MESSAGE = "the server process running this task stopped; nothing was charge
 
 
 class Recovery:
-    def __init__(self, engine: Engine, instance_id: str) -> None:
+    def __init__(self, engine: Engine, instance_id: str | None = None) -> None:
         self._session = sessionmaker(engine, expire_on_commit=False)
-        self.instance_id = instance_id
+        self.instance_id = instance_id or uuid.uuid4().hex
 
     def register(self) -> None:
         with self._session.begin() as s:
             s.merge(Instance(id=self.instance_id, heartbeat_at=datetime.now(UTC)))
 
-    def heartbeat(self) -> None:
+    def heartbeat(self) -> bool:
+        """Prove this process alive. False if another process declared it dead meanwhile (its tasks failed and
+        its holds returned): the caller must abort what it still runs, whose holds are gone; this process then
+        goes on under a new id, so work it admits from now on is its own again."""
         with self._session.begin() as s:
             res = s.execute(
                 update(Instance).where(Instance.id == self.instance_id).values(heartbeat_at=datetime.now(UTC))
             )
-            if res.rowcount != 1:  # type: ignore[attr-defined]  # declared dead by another process: come back
-                s.add(Instance(id=self.instance_id, heartbeat_at=datetime.now(UTC)))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                return True
+        log.error("process %s was presumed dead by another process; continuing under a new id", self.instance_id)
+        self.instance_id = uuid.uuid4().hex
+        self.register()
+        return False
 
     def unregister(self) -> None:
         with self._session.begin() as s:
             s.execute(delete(Instance).where(Instance.id == self.instance_id))
 
     def settle_dead(self, *, dead_after: timedelta) -> int:
-        """Fail the tasks and return the holds of every process whose heartbeat stopped; returns how many died."""
+        """Fail the tasks and return the holds of every process whose heartbeat stopped, and of owners that are
+        not registered at all (orphans older than ``dead_after``); returns how many owners were settled."""
         cutoff = datetime.now(UTC) - dead_after
         with self._session() as s:
-            dead = s.scalars(
-                select(Instance.id).where(Instance.heartbeat_at < cutoff, Instance.id != self.instance_id)
-            ).all()
+            dead = set(
+                s.scalars(
+                    select(Instance.id).where(Instance.heartbeat_at < cutoff, Instance.id != self.instance_id)
+                ).all()
+            )
+            live = select(Instance.id)
+            dead |= set(s.scalars(select(Hold.owner).where(Hold.created_at < cutoff, Hold.owner.not_in(live))))
+            dead |= set(
+                s.scalars(
+                    select(Task.owner).where(
+                        Task.created_at < cutoff, Task.status.in_(RUNNING), Task.owner.not_in(live)
+                    )
+                )
+            )
+        dead.discard(self.instance_id)
         for owner in dead:
-            self._settle(owner)
+            self._settle(owner, cutoff)
         return len(dead)
 
-    def _settle(self, owner: str) -> None:
+    def _settle(self, owner: str, cutoff: datetime) -> None:
         now = datetime.now(UTC)
         with self._session.begin() as s:
+            # Re-checked inside the transaction: a heartbeat since the first look means the owner lives.
+            if s.scalars(select(Instance.id).where(Instance.id == owner, Instance.heartbeat_at >= cutoff)).first():
+                return
             tasks = s.execute(
                 update(Task)
-                .where(Task.owner == owner, Task.status.in_(["QUEUED", "PROCESSING"]))
-                .values(status="FAILED", error=DIED_MESSAGE, finished_at=now, expires_at=now + timedelta(hours=1))
+                .where(Task.owner == owner, Task.status.in_(RUNNING))
+                .values(status=FAILED, error=DIED_MESSAGE, finished_at=now, expires_at=now + timedelta(hours=1))
             ).rowcount  # type: ignore[attr-defined]
             holds = s.scalars(select(Hold).where(Hold.owner == owner)).all()
             for h in holds:

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from sd3serve.errors import NotFound
-from sd3serve.store.credits import CreditHold, capture_hold, release_hold
+from sd3serve.errors import NotFound, ReservationLost
+from sd3serve.store.credits import CreditHold, SessionStep
 from sd3serve.store.models import Task, TaskImage
 
 QUEUED, PROCESSING, COMPLETED, FAILED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED"
+RUNNING = (QUEUED, PROCESSING)
 
 
 @dataclass(frozen=True)
@@ -44,52 +45,64 @@ class TaskStore:
     def __init__(self, engine: Engine) -> None:
         self._session = sessionmaker(engine, expire_on_commit=False)
 
-    def create(
-        self, *, task_id: str, key_id: int, seed: int, base64: bool, media_type: str, request_json: str,
-        hold: CreditHold, owner: str,
-    ) -> None:  # fmt: skip
-        with self._session.begin() as s:
-            s.add(
-                Task(
-                    id=task_id, key_id=key_id, status=QUEUED, seed=seed, base64=base64, media_type=media_type,
-                    request_json=request_json, hold_id=hold.id, owner=owner,
+    # Each of these returns a step for the credit store's transaction (``CreditStore.reserve / capture /
+    # release``): a task is created with its hold, completed with its charge and failed with its refund.
+
+    @staticmethod
+    def creation(
+        *, task_id: str, key_id: int, seed: int, base64: bool, media_type: str, request_json: str, owner: str
+    ) -> SessionStep:
+        def create(s: Session, hold: CreditHold) -> None:
+            s.add(Task(id=task_id, key_id=key_id, status=QUEUED, seed=seed, base64=base64, media_type=media_type,
+                       request_json=request_json, hold_id=hold.id, owner=owner))  # fmt: skip
+
+        return create
+
+    @staticmethod
+    def completion(
+        task_id: str, *, images: list[bytes], inference_time: float, steps: int, ttl: timedelta
+    ) -> SessionStep:
+        """Store the images and mark the task COMPLETED, only if it is still running: a task that another
+        process already settled (FAILED when this one was presumed dead) raises ReservationLost, which rolls
+        the charge back with it."""
+
+        def complete(s: Session, hold: CreditHold) -> None:
+            now = datetime.now(UTC)
+            done = s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.status.in_(RUNNING), Task.hold_id == hold.id)
+                .values(
+                    status=COMPLETED, inference_time=inference_time, finished_at=now, expires_at=now + ttl,
+                    progress_step=steps, progress_total=steps,
                 )
             )  # fmt: skip
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise ReservationLost(f"task {task_id} was settled elsewhere before its images were stored")
+            s.add_all(TaskImage(task_id=task_id, index=i, data=data) for i, data in enumerate(images))
+
+        return complete
+
+    @staticmethod
+    def failure(task_id: str, *, error: str, ttl: timedelta) -> SessionStep:
+        """Mark a running task FAILED (a finished one stays as it is)."""
+
+        def fail(s: Session, _hold: CreditHold) -> None:
+            now = datetime.now(UTC)
+            s.execute(
+                update(Task)
+                .where(Task.id == task_id, Task.status.in_(RUNNING))
+                .values(status=FAILED, error=error, finished_at=now, expires_at=now + ttl)
+            )
+
+        return fail
 
     def set_progress(self, task_id: str, *, step: int, total: int) -> None:
         with self._session.begin() as s:
             s.execute(
                 update(Task)
-                .where(Task.id == task_id, Task.status.in_([QUEUED, PROCESSING]))
+                .where(Task.id == task_id, Task.status.in_(RUNNING))
                 .values(status=PROCESSING, progress_step=step, progress_total=total)
             )
-
-    def complete(
-        self, task_id: str, *, images: list[bytes], inference_time: float, hold: CreditHold, ttl: timedelta
-    ) -> None:
-        now = datetime.now(UTC)
-        with self._session.begin() as s:
-            s.add_all(TaskImage(task_id=task_id, index=i, data=data) for i, data in enumerate(images))
-            s.execute(
-                update(Task)
-                .where(Task.id == task_id)
-                .values(
-                    status=COMPLETED, inference_time=inference_time, finished_at=now, expires_at=now + ttl,
-                    progress_step=Task.progress_total,
-                )
-            )  # fmt: skip
-            capture_hold(s, hold)
-
-    def fail(self, task_id: str, *, error: str, hold: CreditHold | None, ttl: timedelta) -> None:
-        now = datetime.now(UTC)
-        with self._session.begin() as s:
-            s.execute(
-                update(Task)
-                .where(Task.id == task_id, Task.status.in_([QUEUED, PROCESSING]))
-                .values(status=FAILED, error=error, finished_at=now, expires_at=now + ttl)
-            )
-            if hold is not None:
-                release_hold(s, hold)
 
     def get(self, *, task_id: str, key_id: int) -> TaskView:
         """The caller's task; another key's task is NotFound, like a task that does not exist."""

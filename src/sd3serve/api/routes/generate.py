@@ -2,43 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import EngineDep, GenerationKeyDep, MetricsDep, RequestIdDep, SettingsDep, StoreDep
-from sd3serve.api.generation import generate_unless_disconnected
-from sd3serve.api.schemas import Base64ImagesResponse, ErrorResponse, parse_txt2img
+from sd3serve.api.deps import GenerationKeyDep, RequestIdDep, ServiceDep, SettingsDep
+from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
+from sd3serve.api.schemas import Base64ImagesResponse, parse_txt2img
+from sd3serve.api.service import ClientGone
 from sd3serve.imaging import to_base64
-
-MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
 
 router = APIRouter(tags=["generation"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "Bad input: the error names the field, what was wrong and what is allowed",
-        401: "Missing, unknown or revoked API key",
-        406: "Not enough credits",
-        413: "Request body too large",
-        500: "The server failed; nothing is charged",
-        503: "The queue is full or the request waited too long; retry after Retry-After seconds",
-    }.items()
-}
+CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection: nothing was sent, nothing charged
 
 
-def request_body(component: str) -> dict[str, Any]:
-    """The body as ``openapi_extra`` (the route reads it itself); the component is added in ``app.py``."""
-    ref = {"$ref": f"#/components/schemas/{component}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
-
-
-def credits_header(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:g}"
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 @router.post(
@@ -56,47 +40,25 @@ def credits_header(value: float) -> str:
                 "application/json": {"schema": Base64ImagesResponse.model_json_schema()},
             },
         },
-        **ERRORS,
+        **GENERATION_ERRORS,
     },
 )
 async def txt2img_v1(
-    request: Request,
-    key: GenerationKeyDep,
-    store: StoreDep,
-    engine: EngineDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    request_id: RequestIdDep,
+    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep
 ) -> Response:
     req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes))
-    job = req.to_job()
-    cost = settings.price_per_image * job.batch_size
-    hold = await run_in_threadpool(
-        store.hold, key_id=key.id, credits=cost, request_id=request_id, owner=request.app.state.instance_id
-    )
-    delivered = False
     try:
-        out = await generate_unless_disconnected(request, engine, req, job, request_id=request_id, metrics=metrics)
-        if out is None:  # the client went away: nothing to deliver, nothing charged
-            return Response(status_code=499)
-        remaining = await run_in_threadpool(store.capture, hold)
-        delivered = True
-    finally:
-        if not delivered:
-            await run_in_threadpool(store.release_or_defer, hold)
-    metrics.images.inc(job.batch_size)
-    metrics.credits_charged.inc(float(cost))
-
-    headers = {
-        "x-remaining-credits": credits_header(remaining),
-        "x-cost": credits_header(float(cost)),
+        out = await service.generate(key, req, request_id=request_id, disconnected=lambda: until_disconnected(request))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    headers = cost_headers(cost=out.cost, remaining=out.remaining) | {
         "x-generation-time": f"{out.seconds:.3f}",
-        "x-seed-value": str(job.seed),
+        "x-seed-value": str(out.seed),
     }
     if out.prompt_truncated:
         headers["x-prompt-truncated"] = "true"  # the encoders saw only the start (CLIP 77 tokens, T5 256)
     if req.base64:
         encoded = [to_base64(f) for f in out.files]
-        body = Base64ImagesResponse(image=encoded[0], images=encoded, seed=job.seed)
+        body = Base64ImagesResponse(image=encoded[0], images=encoded, seed=out.seed)
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(content=out.files[0], media_type=req.image_format.media_type, headers=headers)

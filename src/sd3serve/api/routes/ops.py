@@ -29,11 +29,5 @@ async def readyz(engine: EngineDep) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(metrics: MetricsDep, engine: EngineDep) -> Response:
-    depth = getattr(engine, "queue_depth", None)
-    if depth is not None:
-        metrics.queue_depth.set(depth)
-    cache = getattr(getattr(engine, "pipeline", None), "prompt_cache", None) if engine.is_ready else None
-    if cache is not None:
-        metrics.prompt_cache_hits.set(cache.hits)
-        metrics.prompt_cache_misses.set(cache.misses)
+    metrics.observe_engine(engine.stats())
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

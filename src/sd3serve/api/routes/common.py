@@ -1,0 +1,36 @@
+"""What the generation routes share in their wire format: the model slug, documented errors, the credit headers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sd3serve.api.schemas import ErrorResponse
+
+MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
+
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Bad input: the error names the field, what was wrong and what is allowed",
+        401: "Missing, unknown or revoked API key",
+        406: "Not enough credits",
+        413: "Request body too large",
+        500: "The server failed; nothing is charged",
+        503: "The queue is full, the request waited too long, or the server was interrupted; nothing is charged, "
+        "retry after Retry-After seconds",
+    }.items()
+}
+
+
+def request_body(component: str) -> dict[str, Any]:
+    """The body as ``openapi_extra`` (the route reads it itself); the component is added in ``app.py``."""
+    ref = {"$ref": f"#/components/schemas/{component}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def credits_header(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+def cost_headers(*, cost: float, remaining: float) -> dict[str, str]:
+    return {"x-remaining-credits": credits_header(remaining), "x-cost": credits_header(cost)}

@@ -1,0 +1,250 @@
+"""The one generation path: every route (v1, v2, and later ones) parses its wire format and calls this service.
+
+For each request: check that the engine would admit it, reserve its cost in the store (406 if short), run it on
+the engine, encode its images, and settle the reservation: captured with the delivery, or returned on any
+failure, abort, disconnect or shutdown. The engine reports progress to a channel; only this side writes to the
+database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import DBAPIError
+
+from sd3serve.api.metrics import Metrics
+from sd3serve.api.progress import ProgressChannel
+from sd3serve.api.schemas import Txt2ImgRequest
+from sd3serve.engine.job import GenerationJob
+from sd3serve.engine.protocol import Aborted, Engine
+from sd3serve.errors import GenerationFailed, ReservationLost, SD3ServeError
+from sd3serve.imaging import encode_image
+from sd3serve.settings import Settings
+from sd3serve.store.credits import CreditStore, KeyInfo, Reservation
+from sd3serve.store.recovery import Recovery
+from sd3serve.store.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PROGRESS_WRITE_INTERVAL_S = 0.25  # v2 progress reaches the database at most this often per task
+PERSIST_ATTEMPTS = 60  # about 5 minutes of retries while the database is away
+STOPPED = "this request was stopped before it finished (the server was presumed dead); nothing was charged, retry"
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its images were ready: nothing delivered, nothing charged."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a synchronous request gets: its encoded images and what they cost."""
+
+    files: list[bytes]
+    seed: int
+    seconds: float
+    cost: float
+    remaining: float
+    prompt_truncated: bool
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What an asynchronous submission gets: the task to poll."""
+
+    task_id: str
+    cost: float
+    remaining: float
+
+
+@dataclass(frozen=True)
+class _Generated:
+    files: list[bytes]
+    seconds: float
+    prompt_truncated: bool
+    steps: int
+
+
+class GenerationService:
+    def __init__(
+        self, *, engine: Engine, store: CreditStore, tasks: TaskStore, recovery: Recovery, settings: Settings,
+        metrics: Metrics,
+    ) -> None:  # fmt: skip
+        self.engine = engine
+        self.store = store
+        self.tasks = tasks
+        self.recovery = recovery
+        self.settings = settings
+        self.metrics = metrics
+        self._background: set[asyncio.Task[None]] = set()
+
+    def price(self, job: GenerationJob) -> Decimal:
+        return self.settings.price_per_image * job.batch_size
+
+    # --- synchronous (v1) -----------------------------------------------------------------------------------
+
+    async def generate(
+        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, disconnected: Callable[[], Awaitable[None]]
+    ) -> Delivery:
+        """Run the request while the client waits; ClientGone if ``disconnected()`` returns first (the engine
+        then stops the job at its next step)."""
+        job = req.to_job()
+        self.engine.admit()  # a full queue is a 503 before any credit is held
+        reservation = await self._reserve(key, job, request_id)
+        try:
+            out = await _first_or_gone(self._generate(req, job, request_id=request_id), disconnected())
+            remaining = await run_in_threadpool(reservation.capture)
+        finally:
+            await run_in_threadpool(reservation.close)
+        self._count(job, reservation)
+        return Delivery(files=out.files, seed=job.seed, seconds=out.seconds, cost=reservation.credits,
+                        remaining=remaining, prompt_truncated=out.prompt_truncated)  # fmt: skip
+
+    # --- asynchronous (v2) ----------------------------------------------------------------------------------
+
+    async def submit(self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str) -> Submission:
+        """Create the task with its hold (one transaction) and run it in the background."""
+        job = req.to_job()
+        self.engine.admit()  # a full queue is a 503 at submission, not a task that fails later
+        create = TaskStore.creation(
+            task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
+            media_type=req.image_format.media_type, request_json=req.model_dump_json(),
+            owner=self.recovery.instance_id,
+        )  # fmt: skip
+        reservation = await self._reserve(key, job, request_id, with_hold=create)
+        runner = asyncio.create_task(self._run_task(reservation, req, job, request_id), name=f"v2-{request_id}")
+        self._background.add(runner)
+        runner.add_done_callback(self._background.discard)
+        remaining = await run_in_threadpool(self.store.balance, key_id=key.id)
+        return Submission(task_id=request_id, cost=reservation.credits, remaining=remaining)
+
+    async def _run_task(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
+        ttl = timedelta(seconds=self.settings.task_ttl_s)
+        channel = ProgressChannel(asyncio.get_running_loop())
+        writer = asyncio.create_task(self._write_progress(task_id, channel), name=f"progress-{task_id}")
+
+        async def fail(error: str) -> None:
+            also = TaskStore.failure(task_id, error=error, ttl=ttl)
+            if not await _persist(f"fail task {task_id}", reservation.fail, also=also):
+                await run_in_threadpool(reservation.close)  # the refund at least, retried by housekeeping
+
+        try:
+            out = await self._generate(req, job, request_id=task_id, progress=channel.report)
+        except asyncio.CancelledError:
+            await fail("the server shut down before the task finished; nothing was charged")
+            raise
+        except Aborted:
+            await fail(STOPPED)
+            return
+        except SD3ServeError as e:
+            await fail(str(e))
+            return
+        except Exception:
+            log.exception("task %s failed", task_id)
+            await fail("internal error; nothing was charged")
+            return
+        finally:
+            writer.cancel()
+        deliver = TaskStore.completion(task_id, images=out.files, inference_time=out.seconds, steps=out.steps, ttl=ttl)
+        try:
+            await _persist(f"complete task {task_id}", reservation.capture, deliver=deliver)
+        except ReservationLost as e:
+            log.warning("task %s: %s", task_id, e)
+            return
+        self._count(job, reservation)
+
+    async def _write_progress(self, task_id: str, channel: ProgressChannel) -> None:
+        """Persist the latest progress, at most every PROGRESS_WRITE_INTERVAL_S (best effort)."""
+        while True:
+            step, steps = await channel.changed()
+            try:
+                await run_in_threadpool(self.tasks.set_progress, task_id, step=step, total=steps)
+            except Exception as e:
+                log.warning("task %s: could not record progress: %s", task_id, e)
+            await asyncio.sleep(PROGRESS_WRITE_INTERVAL_S)
+
+    async def drain(self, grace_s: float) -> None:
+        """On shutdown: let accepted v2 tasks finish for up to ``grace_s``, then fail the rest (refunded)."""
+        if self._background:
+            log.info("waiting up to %.0f s for %d v2 task(s)", grace_s, len(self._background))
+            _, pending = await asyncio.wait(set(self._background), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- shared steps ---------------------------------------------------------------------------------------
+
+    async def _reserve(self, key: KeyInfo, job: GenerationJob, request_id: str, **kwargs: Any) -> Reservation:
+        return await run_in_threadpool(
+            self.store.reserve, key_id=key.id, credits=self.price(job), request_id=request_id,
+            owner=self.recovery.instance_id, **kwargs,
+        )  # fmt: skip
+
+    async def _generate(
+        self, req: Txt2ImgRequest, job: GenerationJob, *, request_id: str, progress: Any = None
+    ) -> _Generated:
+        """The request's encoded images. Engine failures become GenerationFailed; domain errors pass through."""
+        start = time.perf_counter()
+        try:
+            result = await self.engine.generate(job, request_id=request_id, progress=progress)
+        except Aborted:
+            raise
+        except SD3ServeError:
+            raise
+        except Exception as e:
+            raise GenerationFailed("image generation failed; nothing was charged") from e
+        files = await run_in_threadpool(
+            lambda: [encode_image(im, req.image_format, req.image_quality) for im in result.images]
+        )
+        seconds = time.perf_counter() - start
+        self.metrics.generation_seconds.observe(seconds)
+        if result.prompt_truncated:
+            log.info("request %s: the prompt is longer than the text encoders' windows and was truncated", request_id)
+        return _Generated(files=files, seconds=seconds, prompt_truncated=result.prompt_truncated, steps=job.steps)
+
+    def _count(self, job: GenerationJob, reservation: Reservation) -> None:
+        self.metrics.images.inc(job.batch_size)
+        self.metrics.credits_charged.inc(reservation.credits)
+
+
+async def _first_or_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
+    """``work``'s result, or ClientGone if ``gone`` finishes first (``work`` is then cancelled). An engine
+    Aborted (this process was presumed dead) becomes ReservationLost: the hold is gone, retry."""
+    work_task = asyncio.ensure_future(work)
+    gone_task = asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone_task.cancel()
+    if not work_task.done():
+        work_task.cancel()
+        await asyncio.gather(work_task, return_exceptions=True)
+        raise ClientGone
+    try:
+        return work_task.result()
+    except Aborted:
+        raise ReservationLost(STOPPED) from None
+
+
+async def _persist(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
+    """Write a task's outcome; if the database is away, keep trying (the images wait in memory). False if it
+    never could; other errors (ReservationLost) propagate."""
+    for attempt in range(PERSIST_ATTEMPTS):
+        try:
+            await run_in_threadpool(fn, *args, **kwargs)
+            return True
+        except DBAPIError as e:
+            if attempt == PERSIST_ATTEMPTS - 1:
+                log.error("could not %s: %s", what, e)
+                return False
+            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+    return False

@@ -1,0 +1,119 @@
+"""The one generation path through a live server: a client that leaves stops its job, a locked database never
+stalls the model, and a full queue refuses v2 at submission."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_engine_guard import CountingGate
+
+from gated import GatedEngine
+from live_server import SMALL, URL, run_live_server
+from sd3serve.api import service
+from sd3serve.engine.loading import LoadedModel
+from sd3serve.settings import Settings
+
+SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+def test_a_client_that_disconnects_frees_the_model_within_a_step(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
+    engine = CountingGate(settings, tiny_model)
+    gen = run_live_server(settings, engine=engine)
+    server = next(gen)
+    engine.pause_at_step, engine.gate = 2, threading.Event()
+    try:
+        key = server.new_key(3)
+        body = b'{"prompt": "a red circle", "width": 64, "height": 64, "steps": 20}'
+        head = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + body)
+            assert engine.paused.wait(60)  # the job is on the model, at step 2 of 20
+            assert server.store.list_keys()[-1].credits == 2  # held
+        # The socket is closed: the server notices, and the engine drops the job before its next step.
+        wait_for(lambda: engine.stats().aborted == 1)
+        engine.gate.set()
+        wait_for(lambda: engine.in_flight == 0)
+        assert max(engine.steps_seen) <= 3
+        wait_for(lambda: server.store.list_keys()[-1].credits == 3)  # refunded
+        assert server.store.list_keys()[-1].spent == 0
+        with server.client() as c:  # and the model serves the next request at once
+            assert c.post(URL, json=SMALL, headers={"x-api-key": key}).status_code == 200
+    finally:
+        engine.gate.set()
+        gen.close()
+
+
+def test_a_locked_database_does_not_stall_the_model(
+    tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "PROGRESS_WRITE_INTERVAL_S", 0.0)
+    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
+    engine = CountingGate(settings, tiny_model)
+    gen = run_live_server(settings, engine=engine)
+    server = next(gen)
+    engine.pause_at_step, engine.gate = 1, threading.Event()
+    lock = sqlite3.connect(settings.data_dir / "sd3serve.db", timeout=0, isolation_level=None)
+    try:
+        key = server.new_key(3)
+        with server.client() as c:
+            task_id = c.post(SUBMIT, json={**SMALL, "steps": 8}, headers={"x-api-key": key}).json()["request_id"]
+            assert engine.paused.wait(60)
+            lock.execute("BEGIN IMMEDIATE")  # another writer holds the database (a backup, a slow peer, ...)
+            engine.gate.set()
+            # The batch finishes while the lock is still held: the model never waits for the database
+            # (SQLite's busy timeout is 30 s per write; progress used to be written from the model's thread).
+            wait_for(lambda: engine.stats().batches == 1, timeout=25)
+            assert max(engine.steps_seen) == 8
+            status = c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()
+            assert status["status"] == "PROCESSING"  # reads go on (WAL); the result waits for the lock
+            lock.execute("ROLLBACK")
+            wait_for(lambda: c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()["status"]
+                     == "COMPLETED")  # fmt: skip
+            status = c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()
+            assert status["progress"] == {"step": 8, "steps": 8}  # progress caught up
+            assert c.get("/v1/get-user-credits", headers={"x-api-key": key}).json() == {"credits": 2}
+    finally:
+        engine.gate.set()
+        lock.close()
+        gen.close()
+
+
+def test_v2_past_the_queue_limit_is_503_at_submission(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0, max_queue=1)
+    engine = GatedEngine(settings, tiny_model)
+    gen = run_live_server(settings, engine=engine)
+    server = next(gen)
+    engine.gate.clear()
+    try:
+        key = server.new_key(10)
+        with server.client() as c:
+            h = {"x-api-key": key}
+            first = c.post(SUBMIT, json=SMALL, headers=h)
+            wait_for(lambda: engine.in_flight == 1)
+            second = c.post(SUBMIT, json=SMALL, headers=h)
+            wait_for(lambda: engine.queue_depth == 1)
+            refused = c.post(SUBMIT, json=SMALL, headers=h)
+            assert (first.status_code, second.status_code, refused.status_code) == (200, 200, 503)
+            assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["error"]
+            assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 8}  # nothing held for it
+            engine.gate.set()
+    finally:
+        engine.gate.set()
+        gen.close()
