@@ -22,26 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
 from conftest import GaussianDenoiser, exact_flow
+from sd3serve.engine.catalogue import SAMPLER_NAMES, STOCHASTIC_SAMPLERS
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
-from sd3serve.engine.samplers import SAMPLER_NAMES, SAMPLERS
+from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import get_sigmas
 
-STOCHASTIC = {
-    "euler_ancestral",
-    "euler_ancestral_cfg_pp",
-    "dpm_2_ancestral",
-    "dpmpp_2s_ancestral",
-    "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde",
-    "dpmpp_sde_gpu",
-    "dpmpp_2m_sde",
-    "dpmpp_2m_sde_gpu",
-    "dpmpp_3m_sde",
-    "dpmpp_3m_sde_gpu",
-    "ddpm",
-    "lcm",
-}
 STEPS = (4, 8, 16, 32)
 MU, S = 0.5, 1.0
 
@@ -60,7 +46,7 @@ def accuracy_table() -> None:
             sigmas = get_sigmas("sgm_uniform", ms, n).double()
             model = GaussianDenoiser(MU, S)
             out = SAMPLERS[name](model, eps.clone(), sigmas, noise=BatchNoise([0]))
-            if name in STOCHASTIC:
+            if name in STOCHASTIC_SAMPLERS:
                 err = abs(out.mean().item() - MU) + abs(out.std().item() - S)
                 cells.append(f"~{err:8.2e}")
             else:

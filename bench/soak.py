@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from common import URL, rich_key, sd3serve
-from sd3serve.engine.samplers import SAMPLERS
+from sd3serve.engine.catalogue import SAMPLER_INFO
 
 PROMPTS = ["a red circle", "a blue square on a yellow background", "a green triangle at the top left", "a star"]
 
@@ -48,7 +48,8 @@ def main() -> None:
         statuses: Counter[int] = Counter()
         lock = threading.Lock()
         stop_at = time.monotonic() + args.minutes * 60
-        samplers = [s for s in SAMPLERS if s != "dpm_adaptive"]  # adaptive: up to 120 calls, skews the load
+        # adaptive step sizes (dpm_adaptive, up to 120 calls) would skew the load
+        samplers = [name for name, info in SAMPLER_INFO.items() if info.calls_per_step is not None]
 
         def client(i: int) -> None:
             rng = random.Random(i)

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from sd3serve.api.schemas import ASPECT_RATIOS, parse_txt2img
-from sd3serve.engine.samplers import SAMPLERS
-from sd3serve.engine.schedules import SCHEDULERS
+from sd3serve.api.schemas import ASPECT_RATIOS, Sampler, Scheduler, parse_txt2img
+from sd3serve.engine.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3serve.errors import InvalidRequest
 
+# The contract's lists, typed out here on purpose: the catalogue must not drift from the published API.
 CONTRACT_SAMPLERS = [
     "euler",
     "euler_cfg_pp",
@@ -65,8 +65,10 @@ def test_defaults_match_the_contract() -> None:
 
 
 def test_every_contract_sampler_and_scheduler_is_accepted() -> None:
-    assert sorted(SAMPLERS) == sorted(CONTRACT_SAMPLERS)
-    assert sorted(SCHEDULERS) == sorted(CONTRACT_SCHEDULERS)
+    assert sorted(SAMPLER_NAMES) == sorted(CONTRACT_SAMPLERS)
+    assert sorted(SCHEDULER_NAMES) == sorted(CONTRACT_SCHEDULERS)
+    assert [s.value for s in Sampler] == list(SAMPLER_NAMES)
+    assert [s.value for s in Scheduler] == list(SCHEDULER_NAMES)
     for s in CONTRACT_SAMPLERS:
         assert parse_txt2img({"prompt": "x", "sampler": s}).sampler.value == s
     for s in CONTRACT_SCHEDULERS:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
+from transformers.utils import logging as transformers_logging
 
 from sd3serve.engine.loading import ModelLoadError, demo_model_dir, load_model
 from sd3serve.settings import Settings
@@ -49,6 +52,31 @@ def test_errors_are_clear(tiny_model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "sd3.safetensors").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="model-config-dir"):
         load_model(Settings(model=tmp_path / "sd3.safetensors"))
+
+
+def test_loading_a_model_turns_the_hub_off_and_the_library_logs_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    verbosity = transformers_logging.get_verbosity()
+    try:
+        transformers_logging.set_verbosity_warning()
+        with pytest.raises(ModelLoadError):
+            load_model(Settings(model=tmp_path / "missing"))  # the settings come first, before any file is read
+        assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.is_offline_mode()
+        assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def test_an_offline_setting_of_the_user_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelLoadError):
+        load_model(Settings(model=tmp_path / "missing"))
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and not huggingface_hub.constants.is_offline_mode()
 
 
 def test_the_embedded_demo_model_is_the_default(tmp_path: Path) -> None:

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sd3serve.engine.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.engine.pipeline import SD3Pipeline
-from sd3serve.engine.samplers import SAMPLERS
-from sd3serve.engine.schedules import SCHEDULERS
 from sd3serve.models.tiny import TinySD3Config, build_tiny_sd3
 from sd3serve.settings import Settings
 
@@ -88,7 +87,7 @@ def test_sizes_the_model_cannot_take_are_generated_larger_and_cropped(tmp_path: 
 
 @pytest.mark.parametrize(
     ("sampler", "scheduler"),
-    [(s, "sgm_uniform") for s in SAMPLERS] + [("dpmpp_2m", s) for s in SCHEDULERS if s != "sgm_uniform"],
+    [(s, "sgm_uniform") for s in SAMPLER_NAMES] + [("dpmpp_2m", s) for s in SCHEDULER_NAMES if s != "sgm_uniform"],
 )
 def test_every_sampler_and_scheduler_through_the_pipeline(
     tiny_model: LoadedModel, sampler: str, scheduler: str

@@ -9,22 +9,19 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from conftest import GaussianDenoiser, exact_flow
+from sd3serve.engine.catalogue import (
+    CFG_PP_SAMPLERS,
+    DETERMINISTIC_SAMPLERS,
+    GPU_NOISE_SAMPLERS,
+    SAMPLER_INFO,
+    SAMPLER_NAMES,
+    STOCHASTIC_SAMPLERS,
+)
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
-from sd3serve.engine.samplers import SAMPLER_NAMES, SAMPLERS, sample_dpm_adaptive
+from sd3serve.engine.samplers import SAMPLERS, sample_dpm_adaptive
 from sd3serve.engine.schedules import get_sigmas
 
-COMFY_SAMPLERS = (
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
-    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "ddim", "uni_pc", "uni_pc_bh2",
-)
-STOCHASTIC = {
-    "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral",
-    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
-}
 MU, S = 0.5, 0.3
 MS = FlowSampling(3.0)
 
@@ -34,8 +31,7 @@ def run(name: str, model: GaussianDenoiser, x: torch.Tensor, sigmas: torch.Tenso
 
 
 def test_tables_complete_and_distinct() -> None:
-    assert SAMPLER_NAMES == COMFY_SAMPLERS
-    assert set(SAMPLERS) == set(COMFY_SAMPLERS)
+    assert tuple(SAMPLERS) == SAMPLER_NAMES  # the names: tests/engine/test_catalogue.py, tests/api/test_schemas.py
     funcs = [SAMPLERS[n] for n in SAMPLER_NAMES]
     assert len(set(map(id, funcs))) == len(funcs), "some name is an alias of another sampler"
 
@@ -83,12 +79,12 @@ def test_turbo_default_path() -> None:
 # data N(0.5, 0.3²), RMS over ε ∈ [-2.5, 2.5]. Observed order = log2(err(N) / err(2N)) at the N given below,
 # where the asymptotic regime is reached: multistep methods warm up with an Euler step from σ = 1, whose O(h²)
 # error eventually caps every method at order 2, so the higher-order ones are measured at 16 → 32.
+# The catalogue's order gives (N, lowest accepted observed order); dpm_fast is measured at a multiple of 3, where N
+# and 2N end in the same stage orders (…, 3, 2, 1).
 ORDERS = {
-    "euler": (32, 0.8), "ddim": (32, 0.8), "euler_cfg_pp": (32, 0.8), "heunpp2": (32, 0.8),
-    "heun": (32, 1.6), "dpm_2": (32, 1.6), "dpmpp_2m": (32, 1.6), "dpmpp_2m_cfg_pp": (32, 1.6),
-    "dpm_fast": (30, 1.6),  # orders 3,…,3,2,1: the final first-order step makes it second order
-    "lms": (16, 2.5), "ipndm": (16, 2.5), "ipndm_v": (16, 2.5), "deis": (16, 2.5),
-    "uni_pc": (16, 2.5), "uni_pc_bh2": (16, 2.5),
+    name: (30 if name == "dpm_fast" else 32 if info.order <= 2 else 16, {1: 0.8, 2: 1.6}.get(info.order, 2.5))
+    for name, info in SAMPLER_INFO.items()
+    if info.order is not None
 }
 
 
@@ -167,13 +163,16 @@ def test_batch_item_equals_single_request(name: str) -> None:
     assert torch.equal(batch, again)
 
 
-@pytest.mark.parametrize("name", sorted(STOCHASTIC))
-def test_stochastic_samplers_use_the_noise(name: str) -> None:
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_only_stochastic_samplers_use_the_noise(name: str) -> None:
     sigmas = get_sigmas("simple", MS, 6)
     x = BatchNoise([1])(torch.empty(1, 4, 8, 8))
     a = SAMPLERS[name](GaussianDenoiser(MU, S), x.clone(), sigmas, noise=BatchNoise([1]))
     b = SAMPLERS[name](GaussianDenoiser(MU, S), x.clone(), sigmas, noise=BatchNoise([2]))
-    assert not torch.allclose(a, b)
+    if name in STOCHASTIC_SAMPLERS:
+        assert not torch.allclose(a, b)
+    else:
+        assert name in DETERMINISTIC_SAMPLERS and torch.equal(a, b)
 
 
 class RecordingNoise(BatchNoise):
@@ -186,13 +185,15 @@ class RecordingNoise(BatchNoise):
         return super().__call__(like, on_device=on_device)
 
 
-@pytest.mark.parametrize("base", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"])
-def test_gpu_variants_draw_on_device(base: str) -> None:
+@pytest.mark.parametrize("name", GPU_NOISE_SAMPLERS)
+def test_gpu_variants_draw_on_device(name: str) -> None:
+    base = SAMPLER_INFO[name].base
+    assert base is not None
     sigmas = get_sigmas("simple", MS, 6)
     x = BatchNoise([5])(torch.empty(1, 4, 8, 8))
     cpu_noise, dev_noise = RecordingNoise([5]), RecordingNoise([5])
     a = SAMPLERS[base](GaussianDenoiser(MU, S), x.clone(), sigmas, noise=cpu_noise)
-    b = SAMPLERS[base + "_gpu"](GaussianDenoiser(MU, S), x.clone(), sigmas, noise=dev_noise)
+    b = SAMPLERS[name](GaussianDenoiser(MU, S), x.clone(), sigmas, noise=dev_noise)
     assert cpu_noise.flags and not any(cpu_noise.flags)
     assert dev_noise.flags and all(dev_noise.flags)
     torch.testing.assert_close(a, b)  # on a CPU tensor, "the device" is the CPU: same generator, same draws
@@ -200,22 +201,20 @@ def test_gpu_variants_draw_on_device(base: str) -> None:
 
 # CFG++ -----------------------------------------------------------------------------------------------------
 
-CFG_PP = {"euler_cfg_pp": "euler", "euler_ancestral_cfg_pp": "euler_ancestral",
-          "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral", "dpmpp_2m_cfg_pp": "dpmpp_2m"}
-
-
-@pytest.mark.parametrize("name", sorted(CFG_PP))
+@pytest.mark.parametrize("name", CFG_PP_SAMPLERS)
 def test_cfg_pp_equals_base_without_guidance(name: str) -> None:
+    base_name = SAMPLER_INFO[name].base
+    assert base_name is not None
     sigmas = get_sigmas("sgm_uniform", MS, 6)
     x = BatchNoise([9, 10])(torch.empty(2, 4, 8, 8))
     for w in (0.0, 1.0):
         model = GaussianDenoiser(MU, S, mu_uncond=-0.2, guidance=w)
         pp = SAMPLERS[name](model, x.clone(), sigmas, noise=BatchNoise([9, 10]))
-        base = SAMPLERS[CFG_PP[name]](model, x.clone(), sigmas, noise=BatchNoise([9, 10]))
+        base = SAMPLERS[base_name](model, x.clone(), sigmas, noise=BatchNoise([9, 10]))
         torch.testing.assert_close(pp, base, rtol=0, atol=1e-6)
     guided = GaussianDenoiser(MU, S, mu_uncond=-0.2, guidance=3.0)
     pp = SAMPLERS[name](guided, x.clone(), sigmas, noise=BatchNoise([9, 10]))
-    base = SAMPLERS[CFG_PP[name]](guided, x.clone(), sigmas, noise=BatchNoise([9, 10]))
+    base = SAMPLERS[base_name](guided, x.clone(), sigmas, noise=BatchNoise([9, 10]))
     assert not torch.allclose(pp, base, atol=1e-3)
     assert torch.isfinite(pp).all()
 

@@ -9,8 +9,9 @@ import mpmath
 import pytest
 import torch
 
+from sd3serve.engine.catalogue import SCHEDULER_NAMES
 from sd3serve.engine.flow import FlowSampling
-from sd3serve.engine.schedules import SCHEDULER_NAMES, SCHEDULERS, get_sigmas
+from sd3serve.engine.schedules import SCHEDULERS, get_sigmas
 
 SHIFT, T = 3.0, 1000
 MS = FlowSampling(SHIFT, T)

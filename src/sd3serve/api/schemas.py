@@ -1,6 +1,7 @@
 """Request and response bodies of the hosted API (``shared/spec/api-contract.md``).
 
-The sampler and scheduler enums are built from the engine's tables, so a name exists in one place.
+The sampler and scheduler enums are built from the engine's torch-free catalogue (which the sampler and schedule
+tables must match), so a name exists in one place and importing this module loads no tensor library.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
 
+from sd3serve.engine.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3serve.engine.job import GenerationJob
-from sd3serve.engine.samplers import SAMPLERS
-from sd3serve.engine.schedules import SCHEDULERS
 from sd3serve.errors import InvalidRequest
 from sd3serve.imaging import ImageFormat
 
-Sampler = StrEnum("Sampler", {name: name for name in SAMPLERS})  # type: ignore[misc]
-Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULERS})  # type: ignore[misc]
+Sampler = StrEnum("Sampler", {name: name for name in SAMPLER_NAMES})  # type: ignore[misc]
+Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULER_NAMES})  # type: ignore[misc]
 
 ASPECT_RATIOS: dict[str, tuple[int, int] | None] = {
     "custom": None,
@@ -129,8 +129,8 @@ _ALLOWED: dict[str, str] = {
     "steps": "an integer from 1 to 70",
     "guidance_scale": "a finite number from 1 to 15",
     "seed": f"an integer from 0 to {MAX_SEED}, or -1 for a random seed",
-    "sampler": "one of " + ", ".join(SAMPLERS),
-    "scheduler": "one of " + ", ".join(SCHEDULERS),
+    "sampler": "one of " + ", ".join(SAMPLER_NAMES),
+    "scheduler": "one of " + ", ".join(SCHEDULER_NAMES),
     "width": "an integer from 64 to 2048 (rounded down to a multiple of 16)",
     "height": "an integer from 64 to 2048 (rounded down to a multiple of 16)",
     "aspect_ratio": "one of " + ", ".join(ASPECT_RATIOS),

@@ -6,14 +6,27 @@ Nothing is downloaded: every load is ``local_files_only`` and a missing file is 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 import torch
-from diffusers import StableDiffusion3Pipeline
+from huggingface_hub.utils import disable_progress_bars
+from transformers.utils import logging as transformers_logging
 
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.settings import Settings
+
+# Importing diffusers' pipelines makes transformers log advisory warnings (no torchvision: the PIL image processors
+# stand in, which SD3 does not use). Hide them for this import only; the process's log settings stay as they were.
+_verbosity = transformers_logging.get_verbosity()
+transformers_logging.set_verbosity_error()
+try:
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.utils import logging as diffusers_logging
+finally:
+    transformers_logging.set_verbosity(_verbosity)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +81,27 @@ def demo_model_dir() -> Path:
     return path
 
 
+def configure_libraries() -> None:
+    """Process-wide settings for serving, applied by :func:`load_model` (idempotent): nothing is ever downloaded
+    at run time, so an accidental hub call fails at once instead of hanging; no progress bars, errors only.
+
+    An ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) the user set is kept as it is.
+    """
+    if "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # read from the environment when huggingface_hub loaded
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # read at every warning
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:  # the variable has priority over the call
+        disable_progress_bars()
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
 def load_model(settings: Settings) -> LoadedModel:
+    configure_libraries()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.model is None:

@@ -17,6 +17,9 @@ solvers in σ carry over. Everything that depends on the noise *schedule* uses t
 
 Scalar coefficients are computed in Python float64 from ``sigmas.tolist()`` (one host sync per call), tensors
 only see ``x ← a·x + b·D`` updates, so every batch item is computed independently of the others.
+
+What each sampler is (stochastic, CFG++, order, ...) is in :mod:`sd3serve.engine.catalogue`, torch-free; the table
+at the end must list its names in its order.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Protocol
 
 import torch
 
+from sd3serve.engine.catalogue import SAMPLER_NAMES, check_table
 from sd3serve.engine.noise import BatchNoise
 
 
@@ -1258,4 +1262,4 @@ SAMPLERS: dict[str, Sampler] = {
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": sample_uni_pc_bh2,
 }
-SAMPLER_NAMES = tuple(SAMPLERS)
+check_table("sampler", tuple(SAMPLERS), SAMPLER_NAMES)

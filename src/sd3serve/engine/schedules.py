@@ -3,7 +3,8 @@
 A schedule is ``f(model_sampling, steps) -> sigmas``: ``steps + 1`` descending σ values ending in 0 (float32,
 CPU). That array is the whole contract between schedule and sampler. Every schedule reads the model's shifted σ
 table (:class:`~sd3serve.engine.flow.FlowSampling`), so another shift or σ range changes the sigmas accordingly;
-the definitions follow ComfyUI's ``comfy/samplers.py`` for ``ModelSamplingDiscreteFlow``.
+the definitions follow ComfyUI's ``comfy/samplers.py`` for ``ModelSamplingDiscreteFlow``. The table at the end
+must list the names of :mod:`sd3serve.engine.catalogue` in its order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from sd3serve.engine.catalogue import SCHEDULER_NAMES, check_table
 from sd3serve.engine.flow import FlowSampling
 
 Schedule = Callable[[FlowSampling, int], torch.Tensor]
@@ -173,7 +175,7 @@ SCHEDULERS: dict[str, Schedule] = {
     "linear_quadratic": linear_quadratic,
     "kl_optimal": kl_optimal,
 }
-SCHEDULER_NAMES = tuple(SCHEDULERS)
+check_table("scheduler", tuple(SCHEDULERS), SCHEDULER_NAMES)
 
 
 def get_sigmas(name: str, ms: FlowSampling, steps: int) -> torch.Tensor:
