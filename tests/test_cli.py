@@ -67,3 +67,23 @@ def test_generate_writes_images(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert Image.open(tmp_path / f"out-{i}.png").size == (64, 64)
     bad = subprocess.run([*cmd[:5], "--steps", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "steps" in bad.stderr
+
+
+@pytest.mark.parametrize("credits", ["1e10", "0.0000001", "-1", "NaN"])
+def test_amounts_out_of_bounds_or_finer_than_a_micro_credit_are_refused(tmp_path: Path, credits: str) -> None:
+    with pytest.raises(SystemExit):
+        main(["keys", "--data-dir", str(tmp_path), "create", "--credits", credits])
+    with pytest.raises(SystemExit):
+        main(["keys", "--data-dir", str(tmp_path), "add-credits", "1", credits])
+
+
+def test_add_credits_cannot_overflow_the_balance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from decimal import Decimal
+
+    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    store.create_schema()
+    key_id = store.create_key(credits=Decimal(9 * 10**12) - 1)[0].id
+    args = ["keys", "--data-dir", str(tmp_path), "add-credits", str(key_id)]
+    assert main([*args, "2"]) == 2 and "exceed" in capsys.readouterr().err
+    assert main([*args, "1"]) == 0
+    store.close()

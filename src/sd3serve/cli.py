@@ -49,14 +49,24 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def _credits(text: str) -> Decimal:
+def _amount(text: str, *, positive: bool) -> Decimal:
+    from sd3serve.api.amounts import amount_error
+
     try:
         value = Decimal(text)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value.is_finite() or value < 0:
-        raise argparse.ArgumentTypeError("credits must be a non-negative number")
+    if error := amount_error(value, positive=positive):
+        raise argparse.ArgumentTypeError(error)
     return value
+
+
+def _credits(text: str) -> Decimal:
+    return _amount(text, positive=False)
+
+
+def _added_credits(text: str) -> Decimal:
+    return _amount(text, positive=True)
 
 
 def _configure_logging(level: str) -> None:
@@ -71,11 +81,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sd3serve.api.app import create_app
+    from sd3serve.api.connections import uvicorn_options
 
     settings = _settings(args)
     _configure_logging(settings.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    uvicorn.run(app, **uvicorn_options(settings))
     return 0
 
 
@@ -142,6 +153,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 status = "revoked" if k.revoked else "active"
                 print(f"{k.id:>4}  {k.prefix:<12} {k.credits:>12g} {k.spent:>12g}  {status:<8} {k.name}")
         elif args.keys_cmd == "add-credits":
+            from sd3serve.api.amounts import balance_error
+
+            if error := balance_error(store.get_key(key_id=args.key_id).credits, args.credits):
+                print(f"error: {error}", file=sys.stderr)
+                return 2
             k = store.add_credits(key_id=args.key_id, credits=args.credits)
             print(f"key {k.id}: {k.credits:g} credits")
         elif args.keys_cmd == "revoke":
@@ -191,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub.add_parser("list", help="list keys with their balances")
     add = ksub.add_parser("add-credits", help="add credits to a key")
     add.add_argument("key_id", type=int)
-    add.add_argument("credits", type=_credits)
+    add.add_argument("credits", type=_added_credits)
     revoke = ksub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id", type=int)
     keys.set_defaults(func=cmd_keys)

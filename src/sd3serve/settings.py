@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(60.0, ge=0)  # on SIGTERM, how long running v2 tasks may take to finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     public_url: str | None = None  # base for absolute URLs when behind a proxy; unset: from the request
+    # Connections: slow, idle or numerous clients cannot hold the server (api/connections.py, api/middleware.py).
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this, or the connection closes
+    body_timeout_s: float = Field(30.0, gt=0)  # a request's body must arrive within this after its headers, or 408
+    keep_alive_s: int = Field(5, ge=1)  # an idle keep-alive connection closes after this
+    max_connections: int = Field(1000, ge=0)  # open connections (and requests) past this get 503; 0: no cap
+    forwarded_allow_ips: str = ""  # proxies trusted for X-Forwarded-For/-Proto: IPs or CIDRs, comma-separated; "": none
 
     @field_validator("admin_key")
     @classmethod

@@ -13,7 +13,6 @@ from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import SD3Pipeline
-from sd3serve.engine.prompt_cache import PromptCache
 from sd3serve.errors import Overloaded, QueueTimeout
 from sd3serve.settings import Settings
 
@@ -76,24 +75,6 @@ def test_prompt_cache_gives_identical_images(tiny_model: LoadedModel) -> None:
     assert pipe.prompt_cache.hits == 2
     uncached = arrays(SD3Pipeline(tiny_model, prompt_cache_bytes=0)(guided))
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[0], uncached[0])
-
-
-def test_prompt_cache_is_bounded_by_bytes() -> None:
-    import torch
-
-    def emb() -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(1, 10, 10), torch.zeros(1, 10)  # 440 bytes
-
-    cache = PromptCache(max_bytes=1000)
-    for text in ("a", "b", "c"):
-        cache.put(text, emb())
-    assert len(cache) == 2 and cache.nbytes == 880
-    assert cache.get("a") is None and cache.get("c") is not None
-    cache.get("b")
-    cache.put("d", emb())  # evicts the least recently used: c
-    assert cache.get("c") is None and cache.get("b") is not None
-    cache.put("huge", (torch.zeros(1000), torch.zeros(1)))  # larger than the whole cache: not kept
-    assert cache.get("huge") is None
 
 
 def test_full_queue_is_503_and_deadline_fails_queued(tiny_model: LoadedModel) -> None:

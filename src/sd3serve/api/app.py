@@ -17,7 +17,12 @@ from fastapi.openapi.utils import get_openapi
 
 from sd3serve.api.errors import install_error_handlers
 from sd3serve.api.metrics import Metrics
-from sd3serve.api.middleware import RequestContextMiddleware
+from sd3serve.api.middleware import (
+    HeadMiddleware,
+    HostMiddleware,
+    RequestBodyMiddleware,
+    RequestContextMiddleware,
+)
 from sd3serve.api.routes import admin, credits, generate, ops, v2
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
@@ -130,7 +135,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
     )
     install_error_handlers(app)
     _publish_request_schemas(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(HeadMiddleware)
+    app.add_middleware(HostMiddleware, public_url=settings.public_url)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # the last added is the outermost
     app.include_router(generate.router)
     app.include_router(v2.router)
     app.include_router(credits.router)

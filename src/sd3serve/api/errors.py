@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from datetime import UTC, datetime
 
@@ -12,7 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from sd3serve.api.middleware import KNOWN_METHODS
 from sd3serve.errors import (
     DatabaseUnavailable,
     Forbidden,
@@ -74,12 +77,13 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method of every route on this path (Starlette's Allow names only the first route's)."""
-    methods: set[str] = set()
-    for route in request.app.routes:
-        regex = getattr(route, "path_regex", None)
-        if regex is not None and regex.match(request.url.path):
-            methods |= getattr(route, "methods", None) or set()
+    """Every method some route answers on this path: asked of the routes themselves (the app's route list holds
+    included routers, which have no path of their own). HEAD wherever GET (api/middleware.py)."""
+    methods = {
+        method
+        for method in KNOWN_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.routes)
+    }
     if "GET" in methods:
         methods.add("HEAD")
     return ", ".join(sorted(methods))
@@ -106,6 +110,18 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
                           {"Retry-After": "5"})  # fmt: skip
 
 
+INT64_MAX = 2**63 - 1
+
+
+async def _overflow(request: Request, exc: Exception) -> JSONResponse:
+    """A safety net for integer path parameters a route forgot to bound: past 64 bits the database overflows."""
+    digits = {name: re.fullmatch(r"[+-]?0*([0-9]+)", str(value)) for name, value in request.path_params.items()}
+    too_big = [name for name, m in digits.items() if m and (len(m[1]) > 19 or int(m[1]) > INT64_MAX)]
+    if too_big:
+        return error_response(400, f"path.{too_big[0]}: out of range; at most {INT64_MAX}")
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Never a stack trace to the client; the log has it.
     log.exception("request %s: unhandled error", getattr(request.state, "request_id", "-"))
@@ -117,4 +133,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(OverflowError, _overflow)
     app.add_exception_handler(Exception, _unexpected)

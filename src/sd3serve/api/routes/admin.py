@@ -6,23 +6,34 @@ Disabled (404) unless the admin key is set; the server refuses to start with a w
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from sd3serve.api.amounts import CREDIT_DECIMALS, MAX_CREDITS_PER_CALL, balance_error
+from sd3serve.api.body import read_json
 from sd3serve.api.deps import AdminDep, StoreDep
 from sd3serve.api.schemas import ErrorResponse
+from sd3serve.errors import InvalidRequest
 from sd3serve.store.credits import KeyInfo
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
+ADMIN_BODY_BYTES = 4096  # the admin bodies are a few fields
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Bad input"},
     403: {"model": ErrorResponse, "description": "Missing or wrong x-admin-key"},
     404: {"model": ErrorResponse, "description": "Admin API disabled, or no such key"},
+    413: {"model": ErrorResponse, "description": "Body too large"},
 }
+
+KeyId = Annotated[int, Path(ge=1, le=2**63 - 1, description="the key's id")]
 
 
 class KeyOut(BaseModel):
@@ -40,7 +51,7 @@ class KeyOut(BaseModel):
 
 
 class NewKeyIn(BaseModel):
-    credits: Decimal = Field(ge=0, le=10**12, allow_inf_nan=False)
+    credits: Decimal = Field(ge=0, le=MAX_CREDITS_PER_CALL, decimal_places=CREDIT_DECIMALS, allow_inf_nan=False)
     name: str = Field("", max_length=200)
 
 
@@ -49,11 +60,33 @@ class NewKeyOut(KeyOut):
 
 
 class CreditsIn(BaseModel):
-    credits: Decimal = Field(gt=0, le=10**12, allow_inf_nan=False)
+    credits: Decimal = Field(gt=0, le=MAX_CREDITS_PER_CALL, decimal_places=CREDIT_DECIMALS, allow_inf_nan=False)
 
 
-@router.post("/keys", summary="Create a key", responses=_ERRORS)
-def create_key(body: NewKeyIn, _: AdminDep, store: StoreDep) -> NewKeyOut:
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def admin_body(model: type[Model]) -> Callable[..., Awaitable[Model]]:
+    """A dependency that reads and validates the body only after the admin key was checked: FastAPI reads a
+    declared body parameter before it runs any dependency, so an anonymous client could make it parse anything."""
+
+    async def read(request: Request, _: AdminDep) -> Model:
+        data = await read_json(request, limit=ADMIN_BODY_BYTES)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+    return read
+
+
+def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    schema = {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
+    return {"requestBody": schema}
+
+
+@router.post("/keys", summary="Create a key", responses=_ERRORS, openapi_extra=_documented_body(NewKeyIn))
+def create_key(body: Annotated[NewKeyIn, Depends(admin_body(NewKeyIn))], store: StoreDep) -> NewKeyOut:
     info, plaintext = store.create_key(credits=body.credits, name=body.name)
     return NewKeyOut(**KeyOut.of(info).model_dump(), key=plaintext)
 
@@ -63,11 +96,18 @@ def list_keys(_: AdminDep, store: StoreDep) -> list[KeyOut]:
     return [KeyOut.of(k) for k in store.list_keys()]
 
 
-@router.post("/keys/{key_id}/credits", summary="Add credits to a key", responses=_ERRORS)
-def add_credits(key_id: int, body: CreditsIn, _: AdminDep, store: StoreDep) -> KeyOut:
+@router.post(
+    "/keys/{key_id}/credits",
+    summary="Add credits to a key",
+    responses=_ERRORS,
+    openapi_extra=_documented_body(CreditsIn),
+)
+def add_credits(key_id: KeyId, body: Annotated[CreditsIn, Depends(admin_body(CreditsIn))], store: StoreDep) -> KeyOut:
+    if error := balance_error(store.get_key(key_id=key_id).credits, body.credits):
+        raise InvalidRequest(error)
     return KeyOut.of(store.add_credits(key_id=key_id, credits=body.credits))
 
 
 @router.post("/keys/{key_id}/revoke", summary="Revoke a key", responses=_ERRORS)
-def revoke_key(key_id: int, _: AdminDep, store: StoreDep) -> KeyOut:
+def revoke_key(key_id: KeyId, _: AdminDep, store: StoreDep) -> KeyOut:
     return KeyOut.of(store.revoke(key_id=key_id))
