@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from sd3serve.errors import NotFound
+    from sd3serve.errors import InvalidRequest, NotFound
     from sd3serve.store.credits import CreditStore
 
     settings = _settings(args)
@@ -153,12 +153,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 status = "revoked" if k.revoked else "active"
                 print(f"{k.id:>4}  {k.prefix:<12} {k.credits:>12g} {k.spent:>12g}  {status:<8} {k.name}")
         elif args.keys_cmd == "add-credits":
-            from sd3serve.api.amounts import balance_error
-
-            if error := balance_error(store.get_key(key_id=args.key_id).credits, args.credits):
-                print(f"error: {error}", file=sys.stderr)
+            try:
+                k = store.add_credits(key_id=args.key_id, credits=args.credits)
+            except InvalidRequest as e:  # the balance would overflow
+                print(f"error: {e}", file=sys.stderr)
                 return 2
-            k = store.add_credits(key_id=args.key_id, credits=args.credits)
             print(f"key {k.id}: {k.credits:g} credits")
         elif args.keys_cmd == "revoke":
             k = store.revoke(key_id=args.key_id)

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None  # unset: SQLite file in data_dir
-    price_per_image: Decimal = Field(Decimal(1), ge=0)
+    price_per_image: Decimal = Field(Decimal(1), ge=0, decimal_places=6)  # credits, in steps of one micro-credit
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     # Run each image of a batch through the model on its own, so batched images are bit-identical to single
     # ones (batched and single matrix kernels round differently). Turn off on GPUs for throughput.

@@ -134,3 +134,16 @@ def test_concurrent_holds_never_overdraw(store: CreditStore) -> None:
     key = store.get_key(key_id=info.id)
     assert sum(results) == 7
     assert (key.credits, key.spent) == (0, 7)
+
+
+def test_balances_stay_64_bit_integers_and_micro_credit_exact(store: CreditStore) -> None:
+    from sd3serve.errors import InvalidRequest
+    from sd3serve.store.credits import MAX_BALANCE
+
+    info, _ = store.create_key(credits=MAX_BALANCE - 1)
+    assert store.add_credits(key_id=info.id, credits=1).credits == float(MAX_BALANCE)
+    with pytest.raises(InvalidRequest, match="would exceed"):
+        store.add_credits(key_id=info.id, credits=Decimal("0.000001"))
+    assert store.get_key(key_id=info.id).credits == float(MAX_BALANCE)  # unchanged, still an integer column
+    with pytest.raises(InvalidRequest, match="steps of 0.000001"):
+        store.add_credits(key_id=info.id, credits=Decimal("1e-7"))  # would round to 0 without a word

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from sd3serve.store.credits import MAX_BALANCE
+
 CREDIT_DECIMALS = 6  # one micro-credit, the store's unit
 MAX_CREDITS_PER_CALL = Decimal(10**9)  # one `keys create` or `add-credits`
-MAX_BALANCE = Decimal(9 * 10**12)  # a balance; 2**63 - 1 micro-credits is about 9.22e12 credits
 
 
 def amount_error(credits: Decimal, *, positive: bool) -> str | None:
@@ -23,8 +24,4 @@ def amount_error(credits: Decimal, *, positive: bool) -> str | None:
     return None
 
 
-def balance_error(balance: float, credits: Decimal) -> str | None:
-    """Why adding ``credits`` to ``balance`` would overflow the store, or None."""
-    if Decimal(str(balance)) + credits > MAX_BALANCE:
-        return f"the balance would exceed the maximum of {MAX_BALANCE} credits"
-    return None
+__all__ = ["CREDIT_DECIMALS", "MAX_BALANCE", "MAX_CREDITS_PER_CALL", "amount_error"]

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, create_engine, delete, event, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound, ReservationLost
+from sd3serve.errors import InsufficientCredits, InvalidApiKey, InvalidRequest, NotFound, ReservationLost
 from sd3serve.store.models import MICRO, ApiKey, Base, Hold
 
 KEY_PREFIX = "sk-"
@@ -32,8 +32,16 @@ def digest(api_key: str) -> str:
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
 
 
+MAX_BALANCE = Decimal(9 * 10**12)  # credits; a balance is a signed 64-bit count of micro-credits (≈ 9.22e12)
+
+
 def to_micro(credits: Decimal | int | float | str) -> int:
-    return int((Decimal(str(credits)) * MICRO).to_integral_value())
+    """Credits as micro-credits; InvalidRequest for an amount finer than one micro-credit or beyond any balance."""
+    micro = Decimal(str(credits)) * MICRO
+    if not micro.is_finite() or micro != micro.to_integral_value() or abs(micro) > MAX_BALANCE * MICRO:
+        raise InvalidRequest(f"{credits} is not an amount of credits the store can keep (at most {MAX_BALANCE}, "
+                             "in steps of 0.000001)")  # fmt: skip
+    return int(micro)
 
 
 def from_micro(micro: int) -> float:
@@ -139,13 +147,18 @@ class CreditStore:
             return KeyInfo.of(row)
 
     def add_credits(self, *, key_id: int, credits: Decimal | int) -> KeyInfo:
+        """Add to a balance, atomically bounded by MAX_BALANCE (the column stays a 64-bit integer)."""
         amount = to_micro(credits)
         with self._session.begin() as s:
             res = s.execute(
-                update(ApiKey).where(ApiKey.id == key_id).values(balance_micro=ApiKey.balance_micro + amount)
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.balance_micro <= to_micro(MAX_BALANCE) - amount)
+                .values(balance_micro=ApiKey.balance_micro + amount)
             )
             if res.rowcount != 1:  # type: ignore[attr-defined]
-                raise NotFound(f"no key with id {key_id}")
+                if s.get(ApiKey, key_id) is None:
+                    raise NotFound(f"no key with id {key_id}")
+                raise InvalidRequest(f"the balance would exceed the maximum of {MAX_BALANCE} credits")
         return self.get_key(key_id=key_id)
 
     def revoke(self, *, key_id: int) -> KeyInfo:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
@@ -15,11 +14,10 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from sd3serve.api.amounts import CREDIT_DECIMALS, MAX_CREDITS_PER_CALL, balance_error
+from sd3serve.api.amounts import CREDIT_DECIMALS, MAX_CREDITS_PER_CALL
 from sd3serve.api.body import read_json
 from sd3serve.api.deps import AdminDep, StoreDep
 from sd3serve.api.schemas import ErrorResponse
-from sd3serve.errors import InvalidRequest
 from sd3serve.store.credits import KeyInfo
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -36,27 +34,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 KeyId = Annotated[int, Path(ge=1, le=2**63 - 1, description="the key's id")]
 
 
-class KeyOut(BaseModel):
-    id: int
-    name: str
-    prefix: str
-    credits: float
-    spent: float
-    created_at: datetime
-    revoked: bool
-
-    @classmethod
-    def of(cls, k: KeyInfo) -> KeyOut:
-        return cls(**dataclasses.asdict(k))
+@dataclasses.dataclass(frozen=True)
+class NewKey(KeyInfo):
+    key: str  # the API key; shown only here, stored only as a digest
 
 
 class NewKeyIn(BaseModel):
     credits: Decimal = Field(ge=0, le=MAX_CREDITS_PER_CALL, decimal_places=CREDIT_DECIMALS, allow_inf_nan=False)
     name: str = Field("", max_length=200)
-
-
-class NewKeyOut(KeyOut):
-    key: str = Field(description="the API key; shown only here, stored only as a digest")
 
 
 class CreditsIn(BaseModel):
@@ -86,14 +71,14 @@ def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 @router.post("/keys", summary="Create a key", responses=_ERRORS, openapi_extra=_documented_body(NewKeyIn))
-def create_key(body: Annotated[NewKeyIn, Depends(admin_body(NewKeyIn))], store: StoreDep) -> NewKeyOut:
+def create_key(body: Annotated[NewKeyIn, Depends(admin_body(NewKeyIn))], store: StoreDep) -> NewKey:
     info, plaintext = store.create_key(credits=body.credits, name=body.name)
-    return NewKeyOut(**KeyOut.of(info).model_dump(), key=plaintext)
+    return NewKey(**dataclasses.asdict(info), key=plaintext)
 
 
 @router.get("/keys", summary="List keys", responses=_ERRORS)
-def list_keys(_: AdminDep, store: StoreDep) -> list[KeyOut]:
-    return [KeyOut.of(k) for k in store.list_keys()]
+def list_keys(_: AdminDep, store: StoreDep) -> list[KeyInfo]:
+    return store.list_keys()
 
 
 @router.post(
@@ -102,12 +87,10 @@ def list_keys(_: AdminDep, store: StoreDep) -> list[KeyOut]:
     responses=_ERRORS,
     openapi_extra=_documented_body(CreditsIn),
 )
-def add_credits(key_id: KeyId, body: Annotated[CreditsIn, Depends(admin_body(CreditsIn))], store: StoreDep) -> KeyOut:
-    if error := balance_error(store.get_key(key_id=key_id).credits, body.credits):
-        raise InvalidRequest(error)
-    return KeyOut.of(store.add_credits(key_id=key_id, credits=body.credits))
+def add_credits(key_id: KeyId, body: Annotated[CreditsIn, Depends(admin_body(CreditsIn))], store: StoreDep) -> KeyInfo:
+    return store.add_credits(key_id=key_id, credits=body.credits)
 
 
 @router.post("/keys/{key_id}/revoke", summary="Revoke a key", responses=_ERRORS)
-def revoke_key(key_id: KeyId, _: AdminDep, store: StoreDep) -> KeyOut:
-    return KeyOut.of(store.revoke(key_id=key_id))
+def revoke_key(key_id: KeyId, _: AdminDep, store: StoreDep) -> KeyInfo:
+    return store.revoke(key_id=key_id)
