@@ -51,15 +51,28 @@ async def send_error(send: Send, status: int, message: str, *, close: bool = Fal
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+class HttpMiddleware:
+    """Pure ASGI middleware for HTTP requests: other scopes (lifespan, websocket) pass through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestContextMiddleware(HttpMiddleware):
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
@@ -116,21 +129,18 @@ class RequestContextMiddleware:
 _HOST = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
-class HostMiddleware:
+class HostMiddleware(HttpMiddleware):
     """With ``public_url``, every absolute URL the app builds (v2 links, redirects) uses its scheme and host;
     without it, a ``Host`` that is not a plain host[:port] is a 400."""
 
     def __init__(self, app: ASGIApp, public_url: str | None) -> None:
-        self.app = app
+        super().__init__(app)
         self.public: tuple[str, bytes] | None = None
         if public_url:
             parts = urlsplit(public_url)
             self.public = (parts.scheme, parts.netloc.encode("idna"))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.public is not None:
             scheme, public_host = self.public
             scope["scheme"] = scheme
@@ -168,7 +178,7 @@ class HeadMiddleware:
             scope["method"] = "HEAD"
 
 
-class RequestBodyMiddleware:
+class RequestBodyMiddleware(HttpMiddleware):
     """Bounds every request body before any of it is read, on every route.
 
     A declared length over ``max_bytes`` is a 413 at once; a streamed (chunked) body is a 413 as soon as it
@@ -178,14 +188,11 @@ class RequestBodyMiddleware:
     """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         length = int(declared) if declared.isdigit() else None  # h11 refuses malformed lengths before us
