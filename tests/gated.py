@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
@@ -41,3 +42,19 @@ class GatedEngine(BatchingEngine):
         gated.generate_many = lambda jobs, progress=None, live=None: self._run_gated(jobs, progress, live)  # type: ignore[attr-defined]
         gated.prompt_cache = real.prompt_cache  # type: ignore[attr-defined]
         return gated  # type: ignore[return-value]
+
+
+class CountingGate(GatedEngine):
+    """A gated engine that records every step the model reports."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps_seen: list[int] = []
+
+    def _run_gated(self, jobs: list[GenerationJob], progress: object, live: object = None) -> list:
+        def counting(done: int, total: int) -> None:
+            self.steps_seen.append(done)
+            if progress is not None:
+                progress(done, total)  # type: ignore[operator]
+
+        return super()._run_gated(jobs, counting, live)

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # Serving: a bounded queue (503 past it), dynamic batching of compatible requests, a prompt-embedding cache.
     max_queue: int = Field(64, ge=1)  # requests waiting (not running); more get 503 with Retry-After
     queue_timeout_s: float = Field(300.0, gt=0)  # a request still queued after this fails, uncharged
+    # One request's work, in megapixel model evaluations (width·height/1e6 × images × steps × model calls per step,
+    # ×2 with guidance > 1); more is a 400. 3000 admits every request of the contract at guidance 1 with a
+    # one-call sampler (2048² × 10 images × 70 steps = 2936); 1024², 4 steps, 1 image is 4.2. 0: no limit.
+    max_request_work: float = Field(3000.0, ge=0)
     # Images in one batch; 0: auto, 4 on CUDA and 1 on a CPU (measured there: a batch of 4 is 0.92-1.04x as
     # fast as 4 single passes with exact batches, 0.71-0.91x as one forward pass, and it raises p99 latency).
     max_batch_images: int = Field(0, ge=0)

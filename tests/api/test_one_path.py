@@ -11,9 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_engine_guard import CountingGate
 
-from gated import GatedEngine
+from gated import CountingGate, GatedEngine
 from live_server import SMALL, URL, run_live_server
 from sd3serve.api import service
 from sd3serve.engine.loading import LoadedModel
@@ -69,7 +68,7 @@ def test_a_locked_database_does_not_stall_the_model(
     gen = run_live_server(settings, engine=engine)
     server = next(gen)
     engine.pause_at_step, engine.gate = 1, threading.Event()
-    lock = sqlite3.connect(settings.data_dir / "sd3serve.db", timeout=0, isolation_level=None)
+    lock = sqlite3.connect(settings.data_dir / "sd3serve.db", timeout=30, isolation_level=None)
     try:
         key = server.new_key(3)
         with server.client() as c:
@@ -116,4 +115,30 @@ def test_v2_past_the_queue_limit_is_503_at_submission(tiny_model: LoadedModel, t
             engine.gate.set()
     finally:
         engine.gate.set()
+        gen.close()
+
+
+def test_too_much_work_for_one_request_is_a_400_naming_the_limit(tmp_path: Path) -> None:
+    from stub_engine import StubEngine
+
+    settings = Settings(data_dir=tmp_path, device="cpu", max_request_work=100)
+    gen = run_live_server(settings, engine=StubEngine())
+    server = next(gen)
+    try:
+        key = server.new_key(10)
+        h = {"x-api-key": key}
+        huge = {"prompt": "a red circle", "width": 2048, "height": 2048, "steps": 70, "batch_size": 10,
+                "base64": True, "sampler": "heun", "guidance_scale": 3}  # fmt: skip
+        with server.client() as c:
+            for path in (URL, SUBMIT):
+                r = c.post(path, json=huge, headers=h)
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert "SD3SERVE_MAX_REQUEST_WORK" in error and "100" in error and "11744" in error  # 4.19 MP·10·280
+            # 1024², 4 steps, 4 images = 16.8 megapixel model evaluations: within the limit.
+            ok = c.post(URL, json={**huge, "width": 1024, "height": 1024, "steps": 4, "batch_size": 4,
+                                   "sampler": "euler", "guidance_scale": 1}, headers=h)  # fmt: skip
+            assert ok.status_code == 200
+            assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 6}  # only the 4 delivered
+    finally:
         gen.close()

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gated import GatedEngine
+from gated import CountingGate, GatedEngine
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel
@@ -75,22 +75,6 @@ def test_a_failing_batch_fails_only_its_requests(tiny_model: LoadedModel, fault:
             await engine.close()
 
     asyncio.run(scenario())
-
-
-class CountingGate(GatedEngine):
-    """A gated engine that records every step the model reports."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.steps_seen: list[int] = []
-
-    def _run_gated(self, jobs: list[GenerationJob], progress: object, live: object = None) -> list:
-        def counting(done: int, total: int) -> None:
-            self.steps_seen.append(done)
-            if progress is not None:
-                progress(done, total)  # type: ignore[operator]
-
-        return super()._run_gated(jobs, counting, live)
 
 
 def test_an_abandoned_job_stops_at_the_next_step_and_its_batch_mates_are_exact(tiny_model: LoadedModel) -> None:
@@ -175,6 +159,39 @@ def test_stats_report_the_queue_and_the_cache(tiny_model: LoadedModel) -> None:
             assert (stats.ready, stats.queued, stats.running, stats.batches) == (True, 0, 0, 2)
             assert stats.prompt_cache_hits >= 1 and stats.prompt_cache_entries >= 1 and stats.prompt_cache_bytes > 0
         finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_large_request_yields_to_small_ones_between_images(tiny_model: LoadedModel) -> None:
+    """max_batch_images 1: a request for 4 images runs one image at a time, and a small request that arrives
+    while it runs is served before its remaining images; every image is still what it is alone."""
+
+    async def scenario() -> None:
+        order: list[str] = []
+        engine = CountingGate(Settings(device="cpu", batch_wait_ms=0, max_batch_images=1), tiny_model)
+        await engine.start()
+        engine.pause_at_step = 1
+        engine.gate.clear()
+        try:
+            big_job = dataclasses.replace(JOB, steps=2, batch_size=4, seed=100)
+            big = asyncio.create_task(engine.generate(big_job, request_id="big"))
+            big.add_done_callback(lambda _: order.append("big"))
+            await asyncio.get_running_loop().run_in_executor(None, engine.paused.wait, 60)  # image 1 of 4 runs
+            small = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=2), request_id="small"))
+            small.add_done_callback(lambda _: order.append("small"))
+            engine.pause_at_step = None
+            engine.gate.set()
+            images = (await big).images
+            await small
+            assert order == ["small", "big"]
+            assert engine.stats().batches == 5  # 4 one-image batches for the large request, 1 for the small one
+            alone = SD3Pipeline(tiny_model)(big_job).images
+            assert len(images) == 4
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, alone, strict=True))
+        finally:
+            engine.gate.set()
             await engine.close()
 
     asyncio.run(scenario())

@@ -145,5 +145,5 @@ def test_balances_stay_64_bit_integers_and_micro_credit_exact(store: CreditStore
     with pytest.raises(InvalidRequest, match="would exceed"):
         store.add_credits(key_id=info.id, credits=Decimal("0.000001"))
     assert store.get_key(key_id=info.id).credits == float(MAX_BALANCE)  # unchanged, still an integer column
-    with pytest.raises(InvalidRequest, match="steps of 0.000001"):
+    with pytest.raises(InvalidRequest, match=r"steps of 0\.000001"):
         store.add_credits(key_id=info.id, credits=Decimal("1e-7"))  # would round to 0 without a word

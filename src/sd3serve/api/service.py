@@ -25,7 +25,7 @@ from sd3serve.api.progress import ProgressChannel
 from sd3serve.api.schemas import Txt2ImgRequest
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.protocol import Aborted, Engine
-from sd3serve.errors import GenerationFailed, ReservationLost, SD3ServeError
+from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError
 from sd3serve.imaging import encode_image
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore, KeyInfo, Reservation
@@ -98,7 +98,7 @@ class GenerationService:
         """Run the request while the client waits; ClientGone if ``disconnected()`` returns first (the engine
         then stops the job at its next step)."""
         job = req.to_job()
-        self.engine.admit()  # a full queue is a 503 before any credit is held
+        self._admit(job)
         reservation = await self._reserve(key, job, request_id)
         try:
             out = await _first_or_gone(self._generate(req, job, request_id=request_id), disconnected())
@@ -114,7 +114,7 @@ class GenerationService:
     async def submit(self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str) -> Submission:
         """Create the task with its hold (one transaction) and run it in the background."""
         job = req.to_job()
-        self.engine.admit()  # a full queue is a 503 at submission, not a task that fails later
+        self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
         create = TaskStore.creation(
             task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
             media_type=req.image_format.media_type, request_json=req.model_dump_json(),
@@ -182,6 +182,18 @@ class GenerationService:
             await asyncio.gather(*pending, return_exceptions=True)
 
     # --- shared steps ---------------------------------------------------------------------------------------
+
+    def _admit(self, job: GenerationJob) -> None:
+        """Refuse, before any credit is held, what the server will not run: too much work for one request (400),
+        or a full queue (503)."""
+        limit = self.settings.max_request_work
+        if limit and job.work > limit:
+            raise InvalidRequest(
+                f"too much work for one request: {job.width}x{job.height}, {job.batch_size} image(s), "
+                f"{job.model_calls} model calls each = {job.work:.0f} megapixel model evaluations; this server allows "
+                f"{limit:g} (SD3SERVE_MAX_REQUEST_WORK): use fewer steps, images or pixels"
+            )
+        self.engine.admit()
 
     async def _reserve(self, key: KeyInfo, job: GenerationJob, request_id: str, **kwargs: Any) -> Reservation:
         return await run_in_threadpool(

@@ -3,15 +3,18 @@
 Every request gets its own future. The worker takes the oldest request, adds every queued request that can
 share its forward pass (same ``batch_key``) up to ``max_batch_images``, waiting up to ``batch_wait_ms`` for
 more, and runs them as one batch on the model's thread; an error goes to every future of the batch, and the
-worker goes on with the next one. Each request's images are what it gets alone (its own seeds; bit-identical
-with ``exact_batches``). A request whose caller is gone (cancelled, disconnected) stops at the next step; a
-request still queued at its deadline fails then, even while a long batch runs.
+worker goes on with the next one. A request with more images than a batch holds runs a batch's worth at a time
+and goes back to the end of the queue in between, so small requests are not stuck behind a large one. Each
+request's images are what it gets alone (its own seeds; bit-identical with ``exact_batches``). A request whose
+caller is gone (cancelled, disconnected) stops at the next step; a request still queued at its deadline fails
+then, even while a long batch runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +42,22 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
     aborted: bool = False  # read by the model's thread before every model call
     deadline: asyncio.TimerHandle | None = None
+    done: GenerationResult = field(default_factory=lambda: GenerationResult(images=[]))  # images made so far
+
+    @property
+    def remaining(self) -> int:
+        return self.job.batch_size - len(self.done.images)
+
+    def chunk(self, room: int) -> GenerationJob:
+        """The next images of this request that fit in ``room``: image i keeps seed + i."""
+        made = len(self.done.images)
+        return dataclasses.replace(self.job, seed=self.job.seed + made, batch_size=min(self.remaining, room))
+
+    def add(self, part: GenerationResult) -> None:
+        self.done.images.extend(part.images)
+        self.done.prompt_truncated |= part.prompt_truncated
+        for k, v in part.timings.items():
+            self.done.timings[k] = self.done.timings.get(k, 0.0) + v
 
 
 class BatchingEngine:
@@ -199,17 +218,20 @@ class BatchingEngine:
             deadline = self.settings.queue_timeout_s
             self._settle(p, error=QueueTimeout(f"the request waited over {deadline:g} s in the queue"))
 
-    def _take_batch(self) -> list[_Pending]:
+    def _take_batch(self) -> list[tuple[_Pending, GenerationJob]]:
+        """The oldest request and every queued one that can share its forward pass, up to max_batch_images."""
         first = self._queue.pop(0)
-        key, room = batch_key(first.job), self.max_batch_images - first.job.batch_size
-        batch = [first]
+        room = max(1, self.max_batch_images)
+        batch = [(first, first.chunk(room))]
+        room -= batch[0][1].batch_size
+        key = batch_key(first.job)
         for p in list(self._queue):
             if room <= 0:
                 break
-            if batch_key(p.job) == key and p.job.batch_size <= room:
+            if batch_key(p.job) == key:
                 self._queue.remove(p)
-                batch.append(p)
-                room -= p.job.batch_size
+                batch.append((p, p.chunk(room)))
+                room -= batch[-1][1].batch_size
         return batch
 
     async def _run_worker(self) -> None:
@@ -229,27 +251,29 @@ class BatchingEngine:
                     raise
                 except BaseException as e:  # a bug in the bookkeeping: fail this batch, keep serving
                     log.exception("batch of %d requests failed outside the model", len(batch))
-                    for p in batch:
+                    for p, _ in batch:
                         self._settle(p, error=e)
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        self._running = batch
-        for p in batch:
+    async def _run_batch(self, batch: list[tuple[_Pending, GenerationJob]]) -> None:
+        self._running = [p for p, _ in batch]
+        for p in self._running:
             if p.deadline is not None:
                 p.deadline.cancel()
 
         def progress(done: int, total: int) -> None:  # on the model's thread
-            for p in batch:
+            for p, chunk in batch:
                 if p.progress is not None and not p.aborted:
+                    # Over the whole request: the images made so far count as finished.
+                    step = (len(p.done.images) * total + done * chunk.batch_size) // p.job.batch_size
                     try:
-                        p.progress(done, total)
+                        p.progress(step, total)
                     except Exception:  # a listener's bug must not fail the batch
                         log.warning("progress listener of %s failed", p.request_id, exc_info=True)
 
         def live() -> list[bool]:  # on the model's thread: plain reads of flags the event loop sets
-            return [not p.aborted for p in batch]
+            return [not p.aborted for p, _ in batch]
 
-        jobs = [p.job for p in batch]
+        jobs = [chunk for _, chunk in batch]
         start = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
@@ -258,16 +282,24 @@ class BatchingEngine:
             if len(results) != len(batch):
                 raise RuntimeError(f"the pipeline returned {len(results)} results for {len(batch)} requests")
         except AllAborted:
-            for p in batch:
+            for p, _ in batch:
                 self._settle(p, error=Aborted(p.request_id))
         except Exception as e:
             self._failed_batches += 1
             log.exception("batch of %d requests failed", len(batch))
-            for p in batch:
+            for p, _ in batch:
                 self._settle(p, error=e)
         else:
-            for p, r in zip(batch, results, strict=True):
-                self._settle(p, error=Aborted(p.request_id)) if p.aborted else self._settle(p, result=r)
+            for (p, _), r in zip(batch, results, strict=True):
+                if p.aborted:
+                    self._settle(p, error=Aborted(p.request_id))
+                    continue
+                p.add(r)
+                if p.remaining > 0:
+                    self._queue.append(p)  # the rest after the requests that waited meanwhile
+                    self._wakeup.set()
+                else:
+                    self._settle(p, result=p.done)
         finally:
             self._running = []
         elapsed = time.perf_counter() - start
@@ -275,6 +307,6 @@ class BatchingEngine:
         self._batch_avg_s = 0.8 * self._batch_avg_s + 0.2 * elapsed
         if self._on_batch is not None:
             try:
-                self._on_batch(sum(p.job.batch_size for p in batch), elapsed)
+                self._on_batch(sum(chunk.batch_size for chunk in jobs), elapsed)
             except Exception:
                 log.warning("batch observer failed", exc_info=True)

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from sd3serve.engine.catalogue import SAMPLER_INFO
+
+ADAPTIVE_MAX_CALLS = 120  # dpm_adaptive's cap on model calls per image (engine/samplers.py, max_nfe)
+
 
 @dataclass(frozen=True)
 class GenerationJob:
@@ -26,6 +30,18 @@ class GenerationJob:
     def seeds(self) -> list[int]:
         """Image i uses seed + i."""
         return [self.seed + i for i in range(self.batch_size)]
+
+    @property
+    def model_calls(self) -> int:
+        """Transformer evaluations per image, at most: steps × the sampler's calls per step, twice with guidance."""
+        per_step = SAMPLER_INFO[self.sampler].calls_per_step
+        calls = self.steps * per_step if per_step is not None else ADAPTIVE_MAX_CALLS
+        return calls * (2 if self.guidance_scale > 1 else 1)
+
+    @property
+    def work(self) -> float:
+        """What the request costs the model, in megapixel model evaluations (the ``max_request_work`` unit)."""
+        return self.width * self.height / 1e6 * self.batch_size * self.model_calls
 
 
 @dataclass
