@@ -1,8 +1,10 @@
-"""What the benchmarks share: a server process on a free port, and a key with credits to spare."""
+"""What the benchmarks share: a server process on a free port, a key with credits to spare, the engine in a
+process of its own, and the thread environment every process of a benchmark gets."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 import httpx
 
@@ -18,6 +21,17 @@ from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 
 URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def thread_env(wait_policy: str | None, threads: int = 0) -> dict[str, str]:
+    """This process's environment with OMP_WAIT_POLICY set (None: unset) and SD3SERVE_THREADS, for subprocesses
+    that should all run torch alike. libgomp reads the policy when torch loads, so it has to be in the environment
+    of each process from its start."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if wait_policy is not None:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    return env | {"SD3SERVE_THREADS": str(threads)}
 
 
 def free_port() -> int:
@@ -54,15 +68,22 @@ class Server:
 
 
 @contextlib.contextmanager
-def sd3serve(data_dir: Path, model: Path | None = None, **settings: object) -> Iterator[Server]:
-    """`sd3serve serve` in its own process, on the CPU, on a free port."""
+def sd3serve(
+    data_dir: Path,
+    model: Path | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    stderr: TextIO | None = None,
+    **settings: object,
+) -> Iterator[Server]:
+    """`sd3serve serve` in its own process, on the CPU, on a free port; `env`: its environment (default: ours)."""
     port = free_port()
-    env = {**os.environ, "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port), "SD3SERVE_DEVICE": "cpu",
-           "SD3SERVE_LOG_LEVEL": "warning"}  # fmt: skip
+    env = {**(os.environ if env is None else env), "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port),
+           "SD3SERVE_DEVICE": "cpu", "SD3SERVE_LOG_LEVEL": "warning"}  # fmt: skip
     env |= {f"SD3SERVE_{k.upper()}": str(v) for k, v in settings.items()}
     if model is not None:
         env["SD3SERVE_MODEL"] = str(model)
-    proc = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
@@ -70,3 +91,32 @@ def sd3serve(data_dir: Path, model: Path | None = None, **settings: object) -> I
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+class EngineWorker:
+    """bench/engine_worker.py: the engine and JPEG encoding in a process of its own, one request at a time."""
+
+    def __init__(self, env: dict[str, str], model: Path | None = None, placement: str = "thread") -> None:
+        cmd = [sys.executable, str(BENCH_DIR / "engine_worker.py"), "--placement", placement]
+        if model is not None:
+            cmd += ["--model", str(model)]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.report: dict[str, Any] = self._answer()  # sent once the model is loaded and warm
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"engine worker exited: {self.proc.args}")
+        return dict(json.loads(line))
+
+    def call(self, op: str, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)

@@ -1,151 +1,162 @@
-"""Serving throughput and latency: the engine called sequentially, this server, and a naive server.
+"""Serving throughput and latency: the engine on its own, this server, and a naive server, interleaved.
 
-    .venv/bin/python bench/serving.py [--sizes 512 1024] [--concurrency 1 4 16] [--requests 16] [--model DIR]
+    .venv/bin/python bench/serving.py [--sizes 512] [--concurrency 1 4] [--requests 100] [--model DIR]
+                                      [--wait-policy PASSIVE|ACTIVE|unset] [--threads 0]
 
-For each size and concurrency: N requests (distinct seeds, a few prompts) through
-  (a) the engine called sequentially in this process (pipeline + JPEG), the ideal with no serving at all;
-  (b) `sd3serve serve` in another process, c client threads;
-  (c) bench/naive_server.py (diffusers' pipeline under a lock) in another process, c client threads.
-Prints images/s and p50/p99 latency, and the ratios: server/sequential throughput (target >= 0.95) and
-server/naive p99 at the highest concurrency (target <= 1). Then the batching gain: one pass over a batch of 4
-against 4 passes, with exact (bit-identical) and fast batches. Systems run one after another in one run; compare
-ratios, not absolute times across runs (the machine is shared).
+Three systems, each in its own process started with the same thread environment (OMP_WAIT_POLICY, and torch's
+thread count from SD3SERVE_THREADS), each running torch on one dedicated thread that loads the model and runs
+every request:
+  sequential: the engine (pipeline + JPEG) called one request at a time, no HTTP (bench/engine_worker.py);
+  server:     `sd3serve serve`, c client threads;
+  naive:      bench/naive_server.py (diffusers' pipeline behind one FastAPI route), c client threads.
+The systems take turns round by round: a round is c requests to one system at once (c one after another for
+sequential), and the order of the three rotates every round, so machine noise falls on all of them alike.
+Prints images/s and p50/p99/max latency per system (p99 is the nearest rank: with fewer than 100 requests it is
+the max), then the ratios, then the batching gain (one pass over a batch of 4 against 4 passes, in the engine's
+process). Compare ratios, not absolute times across runs: the machine is shared.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
+import functools
+import itertools
+import math
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from common import free_port, rich_key, sd3serve, wait_ready
-from sd3serve.engine.job import GenerationJob
-from sd3serve.engine.loading import demo_model_dir, load_model
-from sd3serve.engine.pipeline import SD3Pipeline
-from sd3serve.imaging import ImageFormat, encode_image
-from sd3serve.settings import Settings
+import sd3serve as sd3serve_package
+from common import BENCH_DIR, URL, EngineWorker, free_port, rich_key, sd3serve, thread_env, wait_ready
+from sd3serve.models.world import POSITIONS, all_triples
+from sd3serve.threads import available_cores, describe
 
-PROMPTS = ["a red circle on a blue background", "a green square on a white background", "a yellow star"]
-BENCH_DIR = Path(__file__).resolve().parent
+# Every request of a run has a prompt of its own, so the server's prompt-embedding cache never hits: the three
+# systems do the same work (2,520 captions of the demo world; they repeat past that).
+PROMPTS = [f"a {c} {s} at the {p} on a {b} background" for c, s, b in all_triples() for p in POSITIONS]
+SYSTEMS = ("sequential", "server", "naive")
 
 
 def percentile(xs: list[float], q: float) -> float:
+    """Nearest rank: the smallest value with at least q of the values at or below it."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+    return xs[max(0, math.ceil(q * len(xs)) - 1)]
 
 
-def run_clients(n: int, concurrency: int, one: Callable[[int], None]) -> tuple[float, list[float]]:
-    """(wall seconds, per-request latencies) of n requests from `concurrency` threads."""
-    latencies: list[float] = []
+def timed_round(calls: Sequence[Callable[[], None]], concurrency: int) -> tuple[float, list[float]]:
+    """(wall seconds, per-call latencies) of the calls made from `concurrency` threads at once."""
 
-    def timed(i: int) -> None:
+    def timed(call: Callable[[], None]) -> float:
         t0 = time.perf_counter()
-        one(i)
-        latencies.append(time.perf_counter() - t0)
+        call()
+        return time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(timed, range(n)))
+        latencies = list(pool.map(timed, calls))
     return time.perf_counter() - t0, latencies
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--requests", type=int, default=100, help="per system and cell (100 or more for a p99)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--model", type=Path, default=None, help="default: the embedded demo model")
+    ap.add_argument("--wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of every system, or 'unset'")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of every system (0: the cores available)")
     args = ap.parse_args()
 
+    env = thread_env(None if args.wait_policy == "unset" else args.wait_policy, args.threads)
     data_dir = Path(tempfile.mkdtemp(prefix="sd3serving-"))
-    settings = Settings(model=args.model, data_dir=data_dir, device="cpu")
-    model_dir = args.model or demo_model_dir()
-    model = load_model(settings)
-    pipeline = SD3Pipeline(model, exact_batches=settings.exact_batches)
-
     key = rich_key(data_dir)
-    servers = contextlib.ExitStack()
-    ours_url = servers.enter_context(sd3serve(data_dir, model_dir, max_queue=1000)).url
-    naive_port = free_port()
-    naive = subprocess.Popen([sys.executable, str(BENCH_DIR / "naive_server.py"), str(model_dir), str(naive_port)])
-    servers.callback(naive.wait, timeout=60)
-    servers.callback(naive.terminate)
-    naive_url = f"http://127.0.0.1:{naive_port}"
-    try:
+    model_dir = args.model or Path(sd3serve_package.__file__).parent / "models" / "demo"  # the embedded demo model
+    with contextlib.ExitStack() as stack:
+        server_log = stack.enter_context((data_dir / "server.log").open("w+"))
+        ours = stack.enter_context(
+            sd3serve(data_dir, args.model, env=env, stderr=server_log, max_queue=1000, log_level="info")
+        )
+        naive_port = free_port()
+        naive = subprocess.Popen([sys.executable, str(BENCH_DIR / "naive_server.py"), str(model_dir),
+                                  str(naive_port)], env=env)  # fmt: skip
+        stack.callback(naive.wait, timeout=60)
+        stack.callback(naive.terminate)
+        naive_url = f"http://127.0.0.1:{naive_port}"
+        engine = EngineWorker(env, args.model)
+        stack.callback(engine.close)
         wait_ready(naive_url, naive)
-        client = httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=64))
-        print(f"model: {model.source}; {args.requests} requests per cell, {args.steps} steps, dpmpp_2m/sgm_uniform")
-        print(f"{'size':>5} {'conc':>4} {'system':<11} {'img/s':>7} {'p50 s':>7} {'p99 s':>7}")
+        client = stack.enter_context(httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=64)))
+
+        server_log.seek(0)
+        server_threads = re.search(r"threads: (torch_threads.*)", server_log.read())
+        print(f"machine: {available_cores()} cores available to this process (os.sched_getaffinity)")
+        print(f"  sequential: {describe({k: v for k, v in engine.report.items() if k not in ('ready', 'placement')})}")
+        print(f"  server:     {server_threads.group(1) if server_threads else '(not in its log)'}")
+        print(f"  naive:      {describe(client.get(f'{naive_url}/threads').json())}")
+        print(f"model: {model_dir}; {args.requests} requests per system and cell, {args.steps} steps, "
+              "dpmpp_2m/sgm_uniform, systems interleaved round by round")  # fmt: skip
+        print(f"{'size':>5} {'conc':>4} {'system':<11} {'img/s':>7} {'p50 s':>7} {'p99 s':>7} {'max s':>7}")
+
         summary = []
+        request_ids = itertools.count()  # the prompt and seed of a request: each used once per system
         for size in args.sizes:
 
-            def job(i: int, size: int = size) -> GenerationJob:
-                return GenerationJob(
-                    prompt=PROMPTS[i % len(PROMPTS)], negative_prompt="", steps=args.steps, guidance_scale=1.0,
-                    seed=i, sampler="dpmpp_2m", scheduler="sgm_uniform", width=size, height=size, batch_size=1,
-                )  # fmt: skip
+            def body(i: int, size: int = size) -> dict[str, object]:
+                return {"prompt": PROMPTS[i % len(PROMPTS)], "width": size, "height": size, "steps": args.steps,
+                        "seed": i}  # fmt: skip
 
-            def engine_call(i: int) -> None:
-                encode_image(pipeline(job(i)).images[0], ImageFormat.jpeg, 95)
+            def sequential(i: int, size: int = size) -> None:
+                engine.call("generate", prompt=PROMPTS[i % len(PROMPTS)], size=size, steps=args.steps, seed=i)
 
-            def ours_call(i: int, size: int = size) -> None:
-                j = job(i)
-                body = {"prompt": j.prompt, "width": size, "height": size, "steps": args.steps, "seed": i}
-                client.post(f"{ours_url}/v1/stable-diffusion-3.5-turbo-txt2img", json=body,
-                            headers={"x-api-key": key}).raise_for_status()  # fmt: skip
+            def server(i: int) -> None:
+                client.post(f"{ours.url}{URL}", json=body(i), headers={"x-api-key": key}).raise_for_status()
 
-            def naive_call(i: int, size: int = size) -> None:
-                body = {"prompt": job(i).prompt, "width": size, "height": size, "steps": args.steps, "seed": i}
-                client.post(f"{naive_url}/generate", json=body).raise_for_status()
+            def naive_call(i: int) -> None:
+                client.post(f"{naive_url}/generate", json=body(i)).raise_for_status()
 
-            for warm in (engine_call, ours_call, naive_call):
-                warm(0)
+            calls = {"sequential": sequential, "server": server, "naive": naive_call}
+            warm = next(request_ids)
+            for call in calls.values():
+                call(warm)  # warm-up at this size
             for c in args.concurrency:
+                walls = dict.fromkeys(SYSTEMS, 0.0)
+                latencies: dict[str, list[float]] = {name: [] for name in SYSTEMS}
+                for r in range(math.ceil(args.requests / c)):
+                    ids = [next(request_ids) for _ in range(min(c, args.requests - r * c))]
+                    for name in SYSTEMS[r % 3 :] + SYSTEMS[: r % 3]:
+                        fns = [functools.partial(calls[name], i) for i in ids]
+                        wall, lat = timed_round(fns, 1 if name == "sequential" else c)
+                        walls[name] += wall
+                        latencies[name] += lat
                 row = {}
-                for name, fn, conc in (("sequential", engine_call, 1), ("server", ours_call, c),
-                                       ("naive", naive_call, c)):  # fmt: skip
-                    wall, lat = run_clients(args.requests, conc, fn)
-                    row[name] = (args.requests / wall, statistics.median(lat), percentile(lat, 0.99))
-                    ips, p50, p99 = row[name]
-                    print(f"{size:>5} {c:>4} {name:<11} {ips:>7.3f} {p50:>7.2f} {p99:>7.2f}", flush=True)
+                for name in SYSTEMS:
+                    lat = latencies[name]
+                    row[name] = (len(lat) / walls[name], percentile(lat, 0.5), percentile(lat, 0.99), max(lat))
+                    print(f"{size:>5} {c:>4} {name:<11} " + " ".join(f"{x:>7.3f}" for x in row[name]), flush=True)
                 summary.append((size, c, row))
-        print("\nratios")
-        print(f"{'size':>5} {'conc':>4} {'server/sequential img/s':>24} {'server/naive p99':>17}")
-        for size, c, row in summary:
-            print(f"{size:>5} {c:>4} {row['server'][0] / row['sequential'][0]:>24.3f} "
-                  f"{row['server'][2] / row['naive'][2]:>17.3f}")  # fmt: skip
 
-        print("\nbatching gain: a batch of 4 in one pass vs 4 passes (engine, in process)")
+        print("\nratios (sequential latency is one request's own time: it never queues)")
+        print(f"{'size':>5} {'conc':>4} {'server/sequential img/s':>24} {'server/naive img/s':>19} "
+              f"{'server/naive p99':>17}")  # fmt: skip
+        for size, c, row in summary:
+            s, q, n = row["server"], row["sequential"], row["naive"]
+            print(f"{size:>5} {c:>4} {s[0] / q[0]:>24.3f} {s[0] / n[0]:>19.3f} {s[2] / n[2]:>17.3f}")
+
+        print("\nbatching gain: a batch of 4 in one pass vs 4 passes (the engine's process)")
         for exact in (True, False):
-            pipe = SD3Pipeline(model, exact_batches=exact)
+            label = "exact batches (bit-identical)" if exact else "fast batches (one forward)"
             for size in args.sizes:
-                jobs = [GenerationJob(prompt=PROMPTS[0], negative_prompt="", steps=args.steps, guidance_scale=1.0,
-                                      seed=i, sampler="dpmpp_2m", scheduler="sgm_uniform", width=size,
-                                      height=size, batch_size=1) for i in range(4)]  # fmt: skip
-                pipe.generate_many(jobs[:1])  # warm
-                ratios = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    for j in jobs:
-                        pipe.generate_many([j])
-                    separate = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    pipe.generate_many(jobs)
-                    ratios.append(separate / (time.perf_counter() - t0))
-                label = "exact batches (bit-identical)" if exact else "fast batches (one forward)"
-                print(f"  {size}x{size} {label:<30} speed-up {statistics.median(ratios):.3f}x")
-    finally:
-        servers.close()
+                gain = engine.call("batching", size=size, steps=args.steps, exact=exact)["speedup"]
+                print(f"  {size}x{size} {label:<30} speed-up {gain:.3f}x")
 
 
 if __name__ == "__main__":

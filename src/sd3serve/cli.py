@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sd3serve.settings import Settings
+from sd3serve.threads import configure_threads
 
 # Flags of `serve` and `generate`, each the same as a Settings field (and an SD3SERVE_* variable).
 _SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -26,6 +27,7 @@ _SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--no-t5", {"dest": "load_t5", "action": "store_const", "const": False, "help": "don't load T5"}),
     ("--data-dir", {"type": Path, "help": "where the SQLite store and the cached demo model live"}),
     ("--database-url", {"help": "SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite)"}),
+    ("--threads", {"type": int, "help": "torch's CPU threads (default 0: the cores this process may use)"}),
 ]
 _SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--host", {}),
@@ -78,26 +80,28 @@ def _configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    configure_threads(settings)  # first: before anything imports torch
     import uvicorn
 
     from sd3serve.api.app import create_app
     from sd3serve.api.connections import uvicorn_options
 
-    settings = _settings(args)
-    _configure_logging(settings.log_level)
     app = create_app(settings)
     uvicorn.run(app, **uvicorn_options(settings))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _configure_logging("warning")
+    configure_threads(settings)  # first: before anything imports torch
     from sd3serve.api.schemas import parse_txt2img
     from sd3serve.engine.pipeline import build_pipeline
     from sd3serve.errors import InvalidRequest
     from sd3serve.imaging import encode_image
 
-    settings = _settings(args)
-    _configure_logging("warning")
     body = {
         k: getattr(args, k)
         for k in (

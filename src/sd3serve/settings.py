@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     channels_last_vae: Literal["auto", "on", "off"] = "auto"
     vae_tiling: Literal["auto", "on", "off"] = "auto"  # auto: tiles above 1536 pixels a side (2048² in 24 GB)
     offload: Literal["none", "model", "sequential"] = "none"  # CUDA only: keep idle components in CPU memory
+    # Torch's CPU threads; 0: the cores this process may use. The server also sets OMP_WAIT_POLICY=PASSIVE unless
+    # it is set, so idle OpenMP threads sleep instead of spinning against other processes (sd3serve/threads.py).
+    threads: int = Field(0, ge=0)
 
     # Reliability and security.
     rate_limit_per_minute: int = Field(0, ge=0)  # generation requests per key and minute; 0: no limit
