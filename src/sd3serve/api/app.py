@@ -51,6 +51,7 @@ async def _housekeeping(state: AppState) -> None:
                 log.error("presumed dead by another process: stopped %d request(s); their holds were returned",
                           stopped)  # fmt: skip
             await run_in_threadpool(recovery.settle_dead, dead_after=dead_after)
+            await state.service.stop_cancelled()
             await run_in_threadpool(state.store.retry_deferred)
             await run_in_threadpool(state.tasks.delete_expired)
             await run_in_threadpool(recovery.prune_rate_windows, before_window=int(time.time() // 60) - 1)

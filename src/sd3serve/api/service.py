@@ -30,7 +30,7 @@ from sd3serve.imaging import encode_image
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore, KeyInfo, Reservation
 from sd3serve.store.recovery import Recovery
-from sd3serve.store.tasks import TaskStore
+from sd3serve.store.tasks import TaskStore, TaskView
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class GenerationService:
         self.recovery = recovery
         self.settings = settings
         self.metrics = metrics
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: dict[str, asyncio.Task[None]] = {}  # v2 tasks running in this process, by id
 
     def price(self, job: GenerationJob) -> Decimal:
         return self.settings.price_per_image * job.batch_size
@@ -122,8 +122,8 @@ class GenerationService:
         )  # fmt: skip
         reservation = await self._reserve(key, job, request_id, with_hold=create)
         runner = asyncio.create_task(self._run_task(reservation, req, job, request_id), name=f"v2-{request_id}")
-        self._background.add(runner)
-        runner.add_done_callback(self._background.discard)
+        self._background[request_id] = runner
+        runner.add_done_callback(lambda _: self._background.pop(request_id, None))
         remaining = await run_in_threadpool(self.store.balance, key_id=key.id)
         return Submission(task_id=request_id, cost=reservation.credits, remaining=remaining)
 
@@ -172,11 +172,27 @@ class GenerationService:
                 log.warning("task %s: could not record progress: %s", task_id, e)
             await asyncio.sleep(PROGRESS_WRITE_INTERVAL_S)
 
+    async def cancel(self, key: KeyInfo, task_id: str) -> tuple[TaskView, bool]:
+        """Cancel the caller's task: CANCELLED and refunded at once; a run here stops at its next step, a run in
+        another process when that process next checks (``stop_cancelled``, every heartbeat)."""
+        ttl = timedelta(seconds=self.settings.task_ttl_s)
+        view, cancelled = await run_in_threadpool(self.tasks.cancel, task_id=task_id, key_id=key.id, ttl=ttl)
+        if cancelled:
+            await self.engine.abort(task_id)
+        return view, cancelled
+
+    async def stop_cancelled(self) -> int:
+        """Stop the tasks running here that were cancelled through another process; returns how many."""
+        cancelled = await run_in_threadpool(self.tasks.cancelled_among, list(self._background))
+        for task_id in cancelled:
+            await self.engine.abort(task_id)
+        return len(cancelled)
+
     async def drain(self, grace_s: float) -> None:
         """On shutdown: let accepted v2 tasks finish for up to ``grace_s``, then fail the rest (refunded)."""
         if self._background:
             log.info("waiting up to %.0f s for %d v2 task(s)", grace_s, len(self._background))
-            _, pending = await asyncio.wait(set(self._background), timeout=grace_s)
+            _, pending = await asyncio.wait(set(self._background.values()), timeout=grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

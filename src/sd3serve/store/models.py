@@ -49,6 +49,10 @@ class Hold(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"
+RUNNING = (QUEUED, PROCESSING)  # a task in these states holds credits and may still deliver
+
+
 class Task(Base):
     """A v2 (asynchronous) request: its state, its owner key, and once done its images or error."""
 
@@ -56,7 +60,7 @@ class Task(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # QUEUED, PROCESSING, COMPLETED, FAILED
+    status: Mapped[str] = mapped_column(String(16), index=True)  # QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED
     seed: Mapped[int] = mapped_column(BigInteger)
     base64: Mapped[bool] = mapped_column(Boolean, default=False)
     media_type: Mapped[str] = mapped_column(String(32))

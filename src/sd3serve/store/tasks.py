@@ -12,11 +12,10 @@ from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sd3serve.errors import NotFound, ReservationLost
-from sd3serve.store.credits import CreditHold, SessionStep
-from sd3serve.store.models import Task, TaskImage
+from sd3serve.store.credits import CreditHold, SessionStep, cancel_tasks
+from sd3serve.store.models import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, RUNNING, Task, TaskImage
 
-QUEUED, PROCESSING, COMPLETED, FAILED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED"
-RUNNING = (QUEUED, PROCESSING)
+__all__ = ["CANCELLED", "COMPLETED", "FAILED", "PROCESSING", "QUEUED", "RUNNING", "TaskStore", "TaskView"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,9 @@ class TaskView:
             progress_step=t.progress_step, progress_total=t.progress_total, error=t.error,
             inference_time=t.inference_time, image_count=image_count,
         )  # fmt: skip
+
+
+CANCELLED_MESSAGE = "cancelled; nothing was charged"
 
 
 class TaskStore:
@@ -103,6 +105,23 @@ class TaskStore:
                 .where(Task.id == task_id, Task.status.in_(RUNNING))
                 .values(status=PROCESSING, progress_step=step, progress_total=total)
             )
+
+    def cancel(self, *, task_id: str, key_id: int, ttl: timedelta) -> tuple[TaskView, bool]:
+        """Cancel the caller's task if it still runs (CANCELLED, its hold returned, in one transaction); returns
+        the task and whether this call cancelled it. A finished task is left as it is."""
+        with self._session.begin() as s:
+            task = s.get(Task, task_id)
+            if task is None or task.key_id != key_id:
+                raise NotFound(f"no task {task_id!r} for this key")
+            cancelled = bool(cancel_tasks(s, Task.id == task_id, error=CANCELLED_MESSAGE, ttl=ttl))
+        return self.get(task_id=task_id, key_id=key_id), cancelled
+
+    def cancelled_among(self, task_ids: list[str]) -> list[str]:
+        """Which of these tasks (run here) were cancelled meanwhile, by any process."""
+        if not task_ids:
+            return []
+        with self._session() as s:
+            return list(s.scalars(select(Task.id).where(Task.id.in_(task_ids), Task.status == CANCELLED)))
 
     def get(self, *, task_id: str, key_id: int) -> TaskView:
         """The caller's task; another key's task is NotFound, like a task that does not exist."""

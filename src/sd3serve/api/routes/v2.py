@@ -20,7 +20,7 @@ from sd3serve.api.deps import ApiKeyDep, GenerationKeyDep, RequestIdDep, Service
 from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
 from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img
 from sd3serve.settings import Settings
-from sd3serve.store.tasks import COMPLETED, FAILED, TaskView
+from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, TaskView
 
 router = APIRouter(tags=["async (v2)"])
 
@@ -38,7 +38,7 @@ class SubmitResponse(BaseModel):
 
 class StatusResponse(BaseModel):
     request_id: str
-    status: str = Field(description="QUEUED, PROCESSING, COMPLETED or FAILED")
+    status: str = Field(description="QUEUED, PROCESSING, COMPLETED, FAILED or CANCELLED")
     progress: dict[str, int] | None = Field(None, description="{step, steps} while PROCESSING")
     error: str | None = None
 
@@ -90,6 +90,13 @@ _TASK_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+class CancelResponse(BaseModel):
+    request_id: str
+    status: str = Field(description="the task's status after the call: CANCELLED, or how it had already ended")
+    cancelled: bool = Field(description="true if this call cancelled it; false if it had already ended")
+    message: str
+
+
 def _task_answer(body: BaseModel, task: TaskView) -> JSONResponse:
     """A task's status or result: 200, or 422 once the task FAILED (the hosted API's convention)."""
     return JSONResponse(body.model_dump(exclude_none=True), status_code=422 if task.status == FAILED else 200)
@@ -137,3 +144,25 @@ def task_result(
 def task_image(task_id: TaskId, index: ImageIndex, key: ApiKeyDep, tasks: TaskStoreDep) -> Response:
     data, media_type = tasks.image(task_id=task_id, key_id=key.id, index=index)
     return Response(content=data, media_type=media_type)
+
+
+_CANCEL = {
+    "summary": "Cancel an asynchronous request",
+    "description": "A queued task is removed and a running one stops at its next step; either way it is CANCELLED "
+    "and nothing is charged. Cancelling twice, or after the task ended, answers 200 with `cancelled: false`.",
+    "response_model": CancelResponse,
+    "responses": _TASK_ERRORS,
+}
+
+
+@router.post("/v2/requests/{task_id}/cancel", **_CANCEL)  # type: ignore[arg-type]
+@router.delete("/v2/requests/{task_id}", **_CANCEL)  # type: ignore[arg-type]
+async def cancel_task(task_id: TaskId, key: ApiKeyDep, service: ServiceDep) -> CancelResponse:
+    task, cancelled = await service.cancel(key, task_id)
+    if cancelled:
+        message = "cancelled; nothing was charged"
+    elif task.status == CANCELLED:
+        message = "already cancelled"
+    else:
+        message = f"the task had already ended ({task.status}); nothing changed"
+    return CancelResponse(request_id=task.id, status=task.status, cancelled=cancelled, message=message)
