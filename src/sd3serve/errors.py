@@ -68,5 +68,13 @@ class ReservationLost(SD3ServeError):
     one dead and returned the hold, or the task was settled elsewhere. Nothing is delivered, nothing charged."""
 
 
+class IdempotencyConflict(SD3ServeError):
+    """An ``Idempotency-Key`` reused with another request body (422)."""
+
+
+class IdempotencyInProgress(SD3ServeError):
+    """The first request with this ``Idempotency-Key`` is still running (409, Retry-After)."""
+
+
 class GenerationFailed(SD3ServeError):
     """The engine raised while generating (500); nothing is charged."""

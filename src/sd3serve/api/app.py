@@ -30,6 +30,7 @@ from sd3serve.api.state import AppState
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
+from sd3serve.store.idempotency import IdempotencyStore
 from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore
@@ -54,6 +55,7 @@ async def _housekeeping(state: AppState) -> None:
             await state.service.stop_cancelled()
             await run_in_threadpool(state.store.retry_deferred)
             await run_in_threadpool(state.tasks.delete_expired)
+            await run_in_threadpool(state.idempotency.delete_expired)
             await run_in_threadpool(recovery.prune_rate_windows, before_window=int(time.time() // 60) - 1)
         except Exception as e:  # the database may be away; try again next beat
             log.warning("housekeeping failed: %s", e)
@@ -101,15 +103,16 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
 
         credit_store = store or CreditStore(settings.resolved_database_url)
         tasks = TaskStore(credit_store.engine)
+        idempotency = IdempotencyStore(credit_store.engine)
         recovery = Recovery(credit_store.engine)
         await run_in_threadpool(credit_store.create_schema)
         await run_in_threadpool(recovery.register)
         the_engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
         state = AppState(
-            settings=settings, metrics=metrics, store=credit_store, tasks=tasks,
+            settings=settings, metrics=metrics, store=credit_store, tasks=tasks, idempotency=idempotency,
             rate_limiter=RateLimiter(credit_store.engine), recovery=recovery, engine=the_engine,
-            service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, recovery=recovery,
-                                      settings=settings, metrics=metrics),
+            service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, idempotency=idempotency,
+                                      recovery=recovery, settings=settings, metrics=metrics),
         )  # fmt: skip
         app.state.sd3 = state
         housekeeping = asyncio.create_task(_housekeeping(state), name="housekeeping")

@@ -63,6 +63,18 @@ def request_id(request: Request) -> str:
 
 RequestIdDep = Annotated[str, Depends(request_id)]
 
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Optional. A retry with the same key and body within 24 hours gets the first answer (v2: the "
+        "same request_id) and is charged once; the same key with another body is a 422; while the first request "
+        "still runs, 409 with Retry-After.",
+    ),
+]
+
 
 def get_generation_key(key: ApiKeyDep, state: StateDep) -> KeyInfo:
     """The caller's key, counted against its rate limit (generation requests only: polling is free)."""

@@ -20,6 +20,8 @@ from sd3serve.errors import (
     DatabaseUnavailable,
     Forbidden,
     GenerationFailed,
+    IdempotencyConflict,
+    IdempotencyInProgress,
     InsufficientCredits,
     InvalidApiKey,
     InvalidRequest,
@@ -39,6 +41,8 @@ STATUS: dict[type[SD3ServeError], int] = {
     NotFound: 404,
     Forbidden: 403,
     InsufficientCredits: 406,
+    IdempotencyInProgress: 409,
+    IdempotencyConflict: 422,
     PayloadTooLarge: 413,
     RateLimited: 429,
     GenerationFailed: 500,
@@ -63,6 +67,8 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, IdempotencyInProgress):
+        headers = {"Retry-After": "1"}
     elif isinstance(exc, DatabaseUnavailable | ReservationLost):
         headers = {"Retry-After": "5"}
     elif isinstance(exc, RateLimited):

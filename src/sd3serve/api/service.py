@@ -9,6 +9,9 @@ database.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +22,7 @@ from typing import Any, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.progress import ProgressChannel
@@ -28,7 +32,8 @@ from sd3serve.engine.protocol import Aborted, Engine
 from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError
 from sd3serve.imaging import encode_image
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore, KeyInfo, Reservation
+from sd3serve.store.credits import CreditHold, CreditStore, KeyInfo, Reservation, SessionStep
+from sd3serve.store.idempotency import Claim, IdempotencyStore, fingerprint
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore, TaskView
 
@@ -55,6 +60,20 @@ class Delivery:
     cost: float
     remaining: float
     prompt_truncated: bool
+    replayed: bool = False  # the stored first answer to this Idempotency-Key
+
+    def answer(self) -> bytes:
+        """The answer kept for idempotent retries (the balance is read again when it is replayed)."""
+        files = [base64.b64encode(f).decode("ascii") for f in self.files]
+        return json.dumps({"files": files, "seed": self.seed, "seconds": self.seconds, "cost": self.cost,
+                           "prompt_truncated": self.prompt_truncated}).encode()  # fmt: skip
+
+    @classmethod
+    def replay(cls, answer: bytes, remaining: float) -> Delivery:
+        d = json.loads(answer)
+        files = [base64.b64decode(f) for f in d["files"]]
+        return cls(files=files, seed=d["seed"], seconds=d["seconds"], cost=d["cost"], remaining=remaining,
+                   prompt_truncated=d["prompt_truncated"], replayed=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,15 @@ class Submission:
     task_id: str
     cost: float
     remaining: float
+    replayed: bool = False
+
+    def answer(self) -> bytes:
+        return json.dumps({"task_id": self.task_id, "cost": self.cost}).encode()
+
+    @classmethod
+    def replay(cls, answer: bytes, remaining: float) -> Submission:
+        d = json.loads(answer)
+        return cls(task_id=d["task_id"], cost=d["cost"], remaining=remaining, replayed=True)
 
 
 @dataclass(frozen=True)
@@ -76,12 +104,13 @@ class _Generated:
 
 class GenerationService:
     def __init__(
-        self, *, engine: Engine, store: CreditStore, tasks: TaskStore, recovery: Recovery, settings: Settings,
-        metrics: Metrics,
+        self, *, engine: Engine, store: CreditStore, tasks: TaskStore, idempotency: IdempotencyStore,
+        recovery: Recovery, settings: Settings, metrics: Metrics,
     ) -> None:  # fmt: skip
         self.engine = engine
         self.store = store
         self.tasks = tasks
+        self.idempotency = idempotency
         self.recovery = recovery
         self.settings = settings
         self.metrics = metrics
@@ -93,39 +122,65 @@ class GenerationService:
     # --- synchronous (v1) -----------------------------------------------------------------------------------
 
     async def generate(
-        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, disconnected: Callable[[], Awaitable[None]]
-    ) -> Delivery:
+        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, disconnected: Callable[[], Awaitable[None]],
+        idempotency_key: str | None = None, route: str = "v1",
+    ) -> Delivery:  # fmt: skip
         """Run the request while the client waits; ClientGone if ``disconnected()`` returns first (the engine
-        then stops the job at its next step)."""
+        then stops the job at its next step). With an ``idempotency_key``, a retry gets the first answer."""
         job = req.to_job()
-        self._admit(job)
-        reservation = await self._reserve(key, job, request_id)
+        claim, answer = await self._claim(key, idempotency_key, route, req)
+        if answer is not None:
+            return Delivery.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
         try:
-            out = await _first_or_gone(self._generate(req, job, request_id=request_id), disconnected())
-            remaining = await run_in_threadpool(reservation.capture)
+            self._admit(job)
+            reservation = await self._reserve(key, job, request_id)
+            try:
+                out = await _first_or_gone(self._generate(req, job, request_id=request_id), disconnected())
+                delivery = Delivery(files=out.files, seed=job.seed, seconds=out.seconds, cost=reservation.credits,
+                                    remaining=0.0, prompt_truncated=out.prompt_truncated)  # fmt: skip
+                record = IdempotencyStore.answered(claim, delivery.answer()) if claim else None
+                remaining = await run_in_threadpool(reservation.capture, deliver=record)
+                claim = None  # answered: kept
+            finally:
+                await run_in_threadpool(reservation.close)
         finally:
-            await run_in_threadpool(reservation.close)
+            if claim is not None:
+                await run_in_threadpool(self.idempotency.abandon, claim)
         self._count(job, reservation)
-        return Delivery(files=out.files, seed=job.seed, seconds=out.seconds, cost=reservation.credits,
-                        remaining=remaining, prompt_truncated=out.prompt_truncated)  # fmt: skip
+        return dataclasses.replace(delivery, remaining=remaining)
 
     # --- asynchronous (v2) ----------------------------------------------------------------------------------
 
-    async def submit(self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str) -> Submission:
-        """Create the task with its hold (one transaction) and run it in the background."""
+    async def submit(
+        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, idempotency_key: str | None = None
+    ) -> Submission:
+        """Create the task with its hold (one transaction) and run it in the background. With an
+        ``idempotency_key``, a retry gets the first submission's task."""
         job = req.to_job()
-        self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
-        create = TaskStore.creation(
-            task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
-            media_type=req.image_format.media_type, request_json=req.model_dump_json(),
-            owner=self.recovery.instance_id,
-        )  # fmt: skip
-        reservation = await self._reserve(key, job, request_id, with_hold=create)
+        claim, answer = await self._claim(key, idempotency_key, "v2", req)
+        if answer is not None:
+            return Submission.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
+        try:
+            self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
+            create = TaskStore.creation(
+                task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
+                media_type=req.image_format.media_type, request_json=req.model_dump_json(),
+                owner=self.recovery.instance_id,
+            )  # fmt: skip
+            submission = Submission(task_id=request_id, cost=float(self.price(job)), remaining=0.0)
+            if claim is not None:
+                record = IdempotencyStore.answered(claim, submission.answer())
+                create = _both(create, record)
+            reservation = await self._reserve(key, job, request_id, with_hold=create)
+            claim = None  # the task exists, with its answer
+        finally:
+            if claim is not None:
+                await run_in_threadpool(self.idempotency.abandon, claim)
         runner = asyncio.create_task(self._run_task(reservation, req, job, request_id), name=f"v2-{request_id}")
         self._background[request_id] = runner
         runner.add_done_callback(lambda _: self._background.pop(request_id, None))
         remaining = await run_in_threadpool(self.store.balance, key_id=key.id)
-        return Submission(task_id=request_id, cost=reservation.credits, remaining=remaining)
+        return dataclasses.replace(submission, remaining=remaining)
 
     async def _run_task(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
         ttl = timedelta(seconds=self.settings.task_ttl_s)
@@ -199,6 +254,18 @@ class GenerationService:
 
     # --- shared steps ---------------------------------------------------------------------------------------
 
+    async def _claim(
+        self, key: KeyInfo, idempotency_key: str | None, route: str, req: Txt2ImgRequest
+    ) -> tuple[Claim | None, bytes | None]:
+        """(the claim to answer, None) for a new request; (None, the stored answer) for a retry."""
+        if idempotency_key is None:
+            return None, None
+        answer = await run_in_threadpool(
+            self.idempotency.begin, key_id=key.id, idem_key=idempotency_key,
+            fingerprint=fingerprint(route, req.model_dump_json()),
+        )  # fmt: skip
+        return (None, answer) if answer is not None else (Claim(key.id, idempotency_key), None)
+
     def _admit(self, job: GenerationJob) -> None:
         """Refuse, before any credit is held, what the server will not run: too much work for one request (400),
         or a full queue (503)."""
@@ -242,6 +309,14 @@ class GenerationService:
     def _count(self, job: GenerationJob, reservation: Reservation) -> None:
         self.metrics.images.inc(job.batch_size)
         self.metrics.credits_charged.inc(reservation.credits)
+
+
+def _both(first: SessionStep, second: SessionStep) -> SessionStep:
+    def both(s: Session, hold: CreditHold) -> None:
+        first(s, hold)
+        second(s, hold)
+
+    return both
 
 
 async def _first_or_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:

@@ -103,3 +103,16 @@ class RateWindow(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
     window: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix minute
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class IdempotencyRecord(Base):
+    """The first answer to a request sent with an ``Idempotency-Key``: written in the transaction that charged it,
+    replayed for a retry with the same key and body (24 hours)."""
+
+    __tablename__ = "idempotency_keys"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    idem_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the route and the parsed request
+    answer: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # None while the first one runs
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)

@@ -16,7 +16,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import ApiKeyDep, GenerationKeyDep, RequestIdDep, ServiceDep, SettingsDep, TaskStoreDep
+from sd3serve.api.deps import (
+    ApiKeyDep,
+    GenerationKeyDep,
+    IdempotencyKeyDep,
+    RequestIdDep,
+    ServiceDep,
+    SettingsDep,
+    TaskStoreDep,
+)
 from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
 from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img
 from sd3serve.settings import Settings
@@ -64,18 +72,20 @@ def base_url(request: Request, settings: Settings) -> str:
     responses=GENERATION_ERRORS,
 )
 async def txt2img_v2(
-    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep
-) -> JSONResponse:
+    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:  # fmt: skip
     # One URL per image: batches need no base64 here.
     req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes), single_image_body=False)
-    submitted = await service.submit(key, req, request_id=request_id)
+    submitted = await service.submit(key, req, request_id=request_id, idempotency_key=idempotency_key)
     base = base_url(request, settings)
     status_url = f"{base}/v2/requests/{submitted.task_id}/status"
     body_out = SubmitResponse(
         request_id=submitted.task_id, status="QUEUED", poll_url=status_url, status_url=status_url,
         response_url=f"{base}/v2/requests/{submitted.task_id}",
     )  # fmt: skip
-    return JSONResponse(body_out.model_dump(), headers=cost_headers(cost=submitted.cost, remaining=submitted.remaining))
+    headers = cost_headers(cost=submitted.cost, remaining=submitted.remaining, replayed=submitted.replayed)
+    return JSONResponse(body_out.model_dump(), headers=headers)
 
 
 def _status_body(task: TaskView) -> StatusResponse:
