@@ -5,7 +5,7 @@
 
 Every prompt combines a (colour, shape, background) triple never seen in training with a random position and
 size (``world.held_out_scenes``). Each configuration generates one image per prompt (seed = prompt index) through
-the server's own pipeline and prints, per attribute, the share of images the judge (``models/judge.py``) reads
+the server's own pipeline and prints, per attribute, the share of images the judge (``tools/sd3demo/judge.py``) reads
 as the prompt says, then the time per image split into text encoding, denoising, decoding and JPEG encoding.
 """
 
@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
+from sd3demo import world
+from sd3demo.judge import judge
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import load_model
 from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.imaging import ImageFormat, encode_image
-from sd3serve.models import world
-from sd3serve.models.judge import judge
 from sd3serve.settings import Settings
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "src" / "sd3serve" / "models" / "demo"
