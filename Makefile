@@ -21,7 +21,7 @@ serve: $(STAMP)
 	$(VENV)/bin/sd3serve serve
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 	$(VENV)/bin/mypy
 
 test: lint
@@ -32,3 +32,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules
+
+# Retrain the demo model shipped in src/sd3serve/models/demo (about 50 minutes on 2 cores) with its tooling,
+# tools/sd3demo, which is not part of the package: `make train-demo DEMO_OUT=DIR`.
+DEMO_OUT ?= build/demo
+.PHONY: train-demo
+train-demo: $(STAMP)
+	PYTHONPATH=tools $(PY) -m sd3demo.train --out $(DEMO_OUT) --minutes 50 --seed 0 --threads 2

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
 from conftest import GaussianDenoiser, exact_flow
 from sd3serve.engine.catalogue import SAMPLER_NAMES, STOCHASTIC_SAMPLERS
 from sd3serve.engine.flow import FlowSampling
@@ -83,7 +84,7 @@ class CachedNoise(BatchNoise):
 def overhead_table() -> None:
     from diffusers import SD3Transformer2DModel
 
-    from sd3serve.models.tiny import build_tiny_sd3
+    from sd3demo.tiny import build_tiny_sd3
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

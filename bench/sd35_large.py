@@ -18,11 +18,15 @@ diffusers SD3 docs:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from sd3serve.models.tiny import build_clip_tokenizer, build_t5_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
+from sd3demo.tokenization import build_clip_tokenizer, build_t5_tokenizer
 
 T_TXT = 77 + 256  # CLIP tokens + T5 tokens, as the pipeline pads them
 LAYERS, HIDDEN = 38, 2432

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
 import sd3serve as sd3serve_package
 from common import BENCH_DIR, URL, EngineWorker, free_port, rich_key, sd3serve, thread_env, wait_ready
-from sd3serve.models.world import POSITIONS, all_triples
+from sd3demo.world import POSITIONS, all_triples
 from sd3serve.threads import available_cores, describe
 
 # Every request of a run has a prompt of its own, so the server's prompt-embedding cache never hits: the three

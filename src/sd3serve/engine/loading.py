@@ -74,7 +74,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def demo_model_dir() -> Path:
-    """The embedded demo model: trained by ``python -m sd3serve.models.train_demo``, shipped in the package."""
+    """The embedded demo model: trained by ``python -m sd3demo.train`` (``tools/``), shipped in the package."""
     path = DEMO_MODEL_DIR
     if not (path / "model_index.json").exists():
         raise ModelLoadError(f"the embedded demo model is missing from the package ({path}); reinstall sd3serve")

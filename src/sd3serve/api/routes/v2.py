@@ -28,7 +28,7 @@ from sd3serve.api.deps import (
 from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
 from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img
 from sd3serve.settings import Settings
-from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, TaskView
+from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, TaskStore, TaskView
 
 router = APIRouter(tags=["async (v2)"])
 
@@ -107,6 +107,21 @@ class CancelResponse(BaseModel):
     message: str
 
 
+def result_body(task: TaskView, tasks: TaskStore, base: str) -> ResultResponse:
+    """A task's result: its images (URLs, or base64 when it asked for that) once COMPLETED, else its state."""
+    output: list[str] = []
+    metrics: dict[str, float] = {}
+    if task.status == COMPLETED:
+        if task.base64:
+            output = [base64.b64encode(data).decode("ascii") for data in tasks.images(task_id=task.id)]
+        else:
+            output = [f"{base}/v2/requests/{task.id}/images/{i}" for i in range(task.image_count)]
+        metrics = {"inference_time": round(task.inference_time or 0.0, 4)}
+    return ResultResponse(
+        request_id=task.id, status=task.status, output=output, metrics=metrics, seed=task.seed, error=task.error
+    )
+
+
 def _task_answer(body: BaseModel, task: TaskView) -> JSONResponse:
     """A task's status or result: 200, or 422 once the task FAILED (the hosted API's convention)."""
     return JSONResponse(body.model_dump(exclude_none=True), status_code=422 if task.status == FAILED else 200)
@@ -130,18 +145,7 @@ def task_result(
     task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, settings: SettingsDep
 ) -> JSONResponse:
     task = tasks.get(task_id=task_id, key_id=key.id)
-    output: list[str] = []
-    metrics: dict[str, float] = {}
-    if task.status == COMPLETED:
-        if task.base64:
-            output = [base64.b64encode(data).decode("ascii") for data in tasks.images(task_id=task.id)]
-        else:
-            base = base_url(request, settings)
-            output = [f"{base}/v2/requests/{task.id}/images/{i}" for i in range(task.image_count)]
-        metrics = {"inference_time": round(task.inference_time or 0.0, 4)}
-    body = ResultResponse(
-        request_id=task.id, status=task.status, output=output, metrics=metrics, seed=task.seed, error=task.error
-    )
+    body = result_body(task, tasks, base_url(request, settings))
     return _task_answer(body, task)
 
 
