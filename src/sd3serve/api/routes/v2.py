@@ -93,7 +93,7 @@ def _status_body(task: TaskView) -> StatusResponse:
     return StatusResponse(request_id=task.id, status=task.status, progress=progress, error=task.error)
 
 
-_TASK_ERRORS: dict[int | str, dict[str, Any]] = {
+TASK_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "A path parameter is out of range"},
     401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"},
     404: {"model": ErrorResponse, "description": "No such task for this key"},
@@ -130,7 +130,7 @@ def _task_answer(body: BaseModel, task: TaskView) -> JSONResponse:
 def _task_route(path: str, summary: str, model: type[BaseModel]) -> Any:
     return router.get(
         path, summary=summary, response_model=model, response_model_exclude_none=True,
-        responses={422: {"model": model, "description": "The task FAILED"}, **_TASK_ERRORS},
+        responses={422: {"model": model, "description": "The task FAILED"}, **TASK_ERRORS},
     )  # fmt: skip
 
 
@@ -153,7 +153,7 @@ def task_result(
     "/v2/requests/{task_id}/images/{index}",
     summary="One image of a finished asynchronous request",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **_TASK_ERRORS},
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **TASK_ERRORS},
 )
 def task_image(task_id: TaskId, index: ImageIndex, key: ApiKeyDep, tasks: TaskStoreDep) -> Response:
     data, media_type = tasks.image(task_id=task_id, key_id=key.id, index=index)
@@ -165,7 +165,7 @@ _CANCEL = {
     "description": "A queued task is removed and a running one stops at its next step; either way it is CANCELLED "
     "and nothing is charged. Cancelling twice, or after the task ended, answers 200 with `cancelled: false`.",
     "response_model": CancelResponse,
-    "responses": _TASK_ERRORS,
+    "responses": TASK_ERRORS,
 }
 
 
