@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0)  # a process silent for 3 heartbeats is dead; others settle its work
     shutdown_grace_s: float = Field(60.0, ge=0)  # on SIGTERM, how long running v2 tasks may take to finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Webhooks: a target must resolve to public addresses unless this allows private, loopback and link-local ones.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0)  # per delivery attempt
     public_url: str | None = None  # base for absolute URLs when behind a proxy; unset: from the request
     # Connections: slow, idle or numerous clients cannot hold the server (api/connections.py, api/middleware.py).
     header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this, or the connection closes

@@ -24,9 +24,11 @@ from sd3serve.api.middleware import (
     RequestContextMiddleware,
 )
 from sd3serve.api.routes import admin, credits, events, generate, ops, v2
+from sd3serve.api.routes import webhooks as webhooks_routes
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
 from sd3serve.api.state import AppState
+from sd3serve.api.webhook_delivery import webhook_loop
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
@@ -34,6 +36,7 @@ from sd3serve.store.idempotency import IdempotencyStore
 from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore
+from sd3serve.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +107,31 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
         credit_store = store or CreditStore(settings.resolved_database_url)
         tasks = TaskStore(credit_store.engine)
         idempotency = IdempotencyStore(credit_store.engine)
+        webhooks = WebhookStore(credit_store.engine)
         recovery = Recovery(credit_store.engine)
         await run_in_threadpool(credit_store.create_schema)
         await run_in_threadpool(recovery.register)
         the_engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
         state = AppState(
             settings=settings, metrics=metrics, store=credit_store, tasks=tasks, idempotency=idempotency,
-            rate_limiter=RateLimiter(credit_store.engine), recovery=recovery, engine=the_engine,
+            webhooks=webhooks, rate_limiter=RateLimiter(credit_store.engine), recovery=recovery, engine=the_engine,
             service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, idempotency=idempotency,
-                                      recovery=recovery, settings=settings, metrics=metrics),
+                                      webhooks=webhooks, recovery=recovery, settings=settings, metrics=metrics),
         )  # fmt: skip
         app.state.sd3 = state
         housekeeping = asyncio.create_task(_housekeeping(state), name="housekeeping")
+        deliveries = asyncio.create_task(
+            webhook_loop(webhooks, owner=recovery.instance_id, settings=settings), name="webhooks"
+        )
         try:
             await the_engine.start()
             yield
         finally:
             await state.service.drain(settings.shutdown_grace_s)
-            housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeping
+            for loop_task in (housekeeping, deliveries):
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
             await the_engine.close()
             with contextlib.suppress(Exception):
                 await run_in_threadpool(credit_store.retry_deferred)
@@ -146,6 +154,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
     app.include_router(generate.router)
     app.include_router(v2.router)
     app.include_router(events.router)
+    app.include_router(webhooks_routes.router)
     app.include_router(credits.router)
     app.include_router(ops.router)
     app.include_router(admin.router)

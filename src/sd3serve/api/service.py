@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session
 
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.progress import ProgressChannel
-from sd3serve.api.schemas import Txt2ImgRequest
+from sd3serve.api.schemas import Txt2ImgRequest, WebhookOptions
+from sd3serve.api.webhook_delivery import target_problem
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.protocol import Aborted, Engine
 from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError
@@ -36,6 +37,7 @@ from sd3serve.store.credits import CreditHold, CreditStore, KeyInfo, Reservation
 from sd3serve.store.idempotency import Claim, IdempotencyStore, fingerprint
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore, TaskView
+from sd3serve.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,13 @@ class _Generated:
 class GenerationService:
     def __init__(
         self, *, engine: Engine, store: CreditStore, tasks: TaskStore, idempotency: IdempotencyStore,
-        recovery: Recovery, settings: Settings, metrics: Metrics,
+        webhooks: WebhookStore, recovery: Recovery, settings: Settings, metrics: Metrics,
     ) -> None:  # fmt: skip
         self.engine = engine
         self.store = store
         self.tasks = tasks
         self.idempotency = idempotency
+        self.webhooks = webhooks
         self.recovery = recovery
         self.settings = settings
         self.metrics = metrics
@@ -152,11 +155,14 @@ class GenerationService:
     # --- asynchronous (v2) ----------------------------------------------------------------------------------
 
     async def submit(
-        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, idempotency_key: str | None = None
-    ) -> Submission:
+        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, idempotency_key: str | None = None,
+        webhook: WebhookOptions | None = None, base_url: str = "",
+    ) -> Submission:  # fmt: skip
         """Create the task with its hold (one transaction) and run it in the background. With an
-        ``idempotency_key``, a retry gets the first submission's task."""
+        ``idempotency_key``, a retry gets the first submission's task; with a ``webhook``, its outcome is POSTed
+        there (URLs in it start with ``base_url``)."""
         job = req.to_job()
+        subscribe = await self._webhook_step(key, webhook, request_id, base_url) if webhook else None
         claim, answer = await self._claim(key, idempotency_key, "v2", req)
         if answer is not None:
             return Submission.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
@@ -168,6 +174,8 @@ class GenerationService:
                 owner=self.recovery.instance_id,
             )  # fmt: skip
             submission = Submission(task_id=request_id, cost=float(self.price(job)), remaining=0.0)
+            if subscribe is not None:
+                create = _both(create, subscribe)
             if claim is not None:
                 record = IdempotencyStore.answered(claim, submission.answer())
                 create = _both(create, record)
@@ -253,6 +261,26 @@ class GenerationService:
             await asyncio.gather(*pending, return_exceptions=True)
 
     # --- shared steps ---------------------------------------------------------------------------------------
+
+    async def _webhook_step(
+        self, key: KeyInfo, webhook: WebhookOptions, task_id: str, base_url: str
+    ) -> SessionStep:
+        """The subscription to create with the task, once the target and the key's secret are known good."""
+        assert webhook.webhook_url is not None
+        problem = await run_in_threadpool(
+            target_problem, webhook.webhook_url, allow_private=self.settings.webhook_allow_private
+        )
+        if problem is not None:
+            raise InvalidRequest(problem)
+        if not await run_in_threadpool(self.webhooks.has_secret, key_id=key.id):
+            raise InvalidRequest(
+                "webhook_url: this key has no webhook secret yet; create one with POST /v1/webhook-secret "
+                "(it is shown once) and verify deliveries with it"
+            )
+        return WebhookStore.subscription(
+            task_id=task_id, key_id=key.id, url=webhook.webhook_url, events=list(webhook.webhook_events),
+            base_url=base_url,
+        )  # fmt: skip
 
     async def _claim(
         self, key: KeyInfo, idempotency_key: str | None, route: str, req: Txt2ImgRequest

@@ -15,6 +15,7 @@ from sd3serve.store.idempotency import IdempotencyStore
 from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore
+from sd3serve.store.webhooks import WebhookStore
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class AppState:
     store: CreditStore
     tasks: TaskStore
     idempotency: IdempotencyStore
+    webhooks: WebhookStore
     rate_limiter: RateLimiter
     recovery: Recovery
     engine: Engine

@@ -13,7 +13,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sd3serve.errors import NotFound, ReservationLost
 from sd3serve.store.credits import CreditHold, SessionStep, cancel_tasks
-from sd3serve.store.models import CANCELLED, COMPLETED, FAILED, PROCESSING, QUEUED, RUNNING, Task, TaskImage
+from sd3serve.store.models import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PROCESSING,
+    QUEUED,
+    RUNNING,
+    Task,
+    TaskImage,
+    TaskWebhook,
+)
 
 __all__ = ["CANCELLED", "COMPLETED", "FAILED", "PROCESSING", "QUEUED", "RUNNING", "TaskStore", "TaskView"]
 
@@ -153,5 +163,6 @@ class TaskStore:
             ids = s.scalars(select(Task.id).where(Task.expires_at.is_not(None), Task.expires_at < now)).all()
             if ids:
                 s.execute(delete(TaskImage).where(TaskImage.task_id.in_(ids)))
+                s.execute(delete(TaskWebhook).where(TaskWebhook.task_id.in_(ids)))
                 s.execute(delete(Task).where(Task.id.in_(ids)))
             return len(ids)

@@ -26,7 +26,7 @@ from sd3serve.api.deps import (
     TaskStoreDep,
 )
 from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
-from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img
+from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img, parse_webhook
 from sd3serve.settings import Settings
 from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, TaskStore, TaskView
 
@@ -67,7 +67,7 @@ def base_url(request: Request, settings: Settings) -> str:
 @router.post(
     f"/v2/{MODEL_SLUG}",
     summary="Submit a generation (asynchronous)",
-    openapi_extra=request_body("Txt2ImgRequest"),
+    openapi_extra=request_body("Txt2ImgRequestV2"),
     response_model=SubmitResponse,
     responses=GENERATION_ERRORS,
 )
@@ -75,10 +75,11 @@ async def txt2img_v2(
     request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> JSONResponse:  # fmt: skip
-    # One URL per image: batches need no base64 here.
-    req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes), single_image_body=False)
-    submitted = await service.submit(key, req, request_id=request_id, idempotency_key=idempotency_key)
+    body = await read_json(request, limit=settings.max_body_bytes)
+    req = parse_txt2img(body, single_image_body=False)  # one URL per image: batches need no base64 here
     base = base_url(request, settings)
+    submitted = await service.submit(key, req, request_id=request_id, idempotency_key=idempotency_key,
+                                     webhook=parse_webhook(body), base_url=base)  # fmt: skip
     status_url = f"{base}/v2/requests/{submitted.task_id}/status"
     body_out = SubmitResponse(
         request_id=submitted.task_id, status="QUEUED", poll_url=status_url, status_url=status_url,
