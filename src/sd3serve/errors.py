@@ -76,5 +76,13 @@ class IdempotencyInProgress(SD3ServeError):
     """The first request with this ``Idempotency-Key`` is still running (409, Retry-After)."""
 
 
+class StorageFull(SD3ServeError):
+    """Stored results are at their budget: the key's (429) or the server's (503, Retry-After)."""
+
+    def __init__(self, message: str, *, server_wide: bool) -> None:
+        super().__init__(message)
+        self.server_wide = server_wide
+
+
 class GenerationFailed(SD3ServeError):
     """The engine raised while generating (500); nothing is charged."""

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0)  # how long a lone request waits for company (GPU: try 5-20)
     prompt_cache_mb: float = Field(256.0, ge=0)  # prompt embeddings kept, by bytes
     task_ttl_s: float = Field(3600.0, ge=60)  # v2 results are kept this long after they finish
+    # Stored results (v2 images, idempotent answers): per key (429 past it) and in all (503); 0: no budget. Checked
+    # at submission, so tasks already accepted can add up to their own size each (10 × 2048² PNG ≈ 126 MB).
+    storage_per_key_mb: float = Field(1024.0, ge=0)
+    storage_total_mb: float = Field(20480.0, ge=0)
     # Speed and memory (engine/acceleration.py). "auto" turns an option on where it helps: on CUDA.
     fuse_qkv: Literal["auto", "on", "off"] = "auto"  # one matmul for Q, K and V in every attention
     compile: Literal["off", "regional", "full"] = "off"  # torch.compile: each transformer block, or the whole model

@@ -31,6 +31,7 @@ from sd3serve.errors import (
     RateLimited,
     ReservationLost,
     SD3ServeError,
+    StorageFull,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SD3ServeError)
     status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
     headers = None
+    if isinstance(exc, StorageFull):
+        status, headers = (503, {"Retry-After": "60"}) if exc.server_wide else (429, {"Retry-After": "60"})
     if isinstance(exc, Overloaded):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, IdempotencyInProgress):

@@ -30,7 +30,7 @@ from sd3serve.api.schemas import Txt2ImgRequest, WebhookOptions
 from sd3serve.api.webhook_delivery import target_problem
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.protocol import Aborted, Engine
-from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError
+from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError, StorageFull
 from sd3serve.imaging import encode_image
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditHold, CreditStore, KeyInfo, Reservation, SessionStep
@@ -162,6 +162,7 @@ class GenerationService:
         ``idempotency_key``, a retry gets the first submission's task; with a ``webhook``, its outcome is POSTed
         there (URLs in it start with ``base_url``)."""
         job = req.to_job()
+        await self._check_storage(key)
         subscribe = await self._webhook_step(key, webhook, request_id, base_url) if webhook else None
         claim, answer = await self._claim(key, idempotency_key, "v2", req)
         if answer is not None:
@@ -261,6 +262,22 @@ class GenerationService:
             await asyncio.gather(*pending, return_exceptions=True)
 
     # --- shared steps ---------------------------------------------------------------------------------------
+
+    async def _check_storage(self, key: KeyInfo) -> None:
+        """Refuse a v2 submission when stored results are at their budget (the key's, or the server's)."""
+        per_key, total = self.settings.storage_per_key_mb * 2**20, self.settings.storage_total_mb * 2**20
+        if per_key and await run_in_threadpool(self.tasks.stored_bytes, key_id=key.id) >= per_key:
+            raise StorageFull(
+                f"this key's stored results reached {self.settings.storage_per_key_mb:g} MB "
+                "(SD3SERVE_STORAGE_PER_KEY_MB): fetch them and wait for them to expire, or use the v1 API",
+                server_wide=False,
+            )
+        if total and await run_in_threadpool(self.tasks.stored_bytes) >= total:
+            raise StorageFull(
+                f"the server's stored results reached {self.settings.storage_total_mb:g} MB "
+                "(SD3SERVE_STORAGE_TOTAL_MB); retry later",
+                server_wide=True,
+            )
 
     async def _webhook_step(
         self, key: KeyInfo, webhook: WebhookOptions, task_id: str, base_url: str

@@ -89,7 +89,9 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file: freed pages can be returned
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MB after a checkpoint
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -113,6 +115,13 @@ class CreditStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def reclaim(self) -> None:
+        """Give the space of deleted rows back to the file system (SQLite; PostgreSQL's autovacuum does this)."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA incremental_vacuum")
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- keys -------------------------------------------------------------------------------------------
 

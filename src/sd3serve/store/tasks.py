@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sd3serve.errors import NotFound, ReservationLost
@@ -20,6 +20,7 @@ from sd3serve.store.models import (
     PROCESSING,
     QUEUED,
     RUNNING,
+    IdempotencyRecord,
     Task,
     TaskImage,
     TaskWebhook,
@@ -156,6 +157,18 @@ class TaskStore:
         with self._session() as s:
             rows = s.scalars(select(TaskImage).where(TaskImage.task_id == task_id).order_by(TaskImage.index))
             return [r.data for r in rows]
+
+    def stored_bytes(self, *, key_id: int | None = None) -> int:
+        """Bytes of stored results (v2 images and idempotent answers), of one key or of everyone."""
+        images = select(func.coalesce(func.sum(func.length(TaskImage.data)), 0)).join(
+            Task, Task.id == TaskImage.task_id
+        )
+        answers = select(func.coalesce(func.sum(func.length(IdempotencyRecord.answer)), 0))
+        if key_id is not None:
+            images = images.where(Task.key_id == key_id)
+            answers = answers.where(IdempotencyRecord.key_id == key_id)
+        with self._session() as s:
+            return int(s.scalar(images) or 0) + int(s.scalar(answers) or 0)
 
     def delete_expired(self) -> int:
         now = datetime.now(UTC)

@@ -8,11 +8,15 @@ failed task costs nothing. Running it is the generation service's job (``api/ser
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from sd3serve.api.body import read_json
@@ -144,10 +148,31 @@ def task_status(task_id: TaskId, key: ApiKeyDep, tasks: TaskStoreDep) -> JSONRes
 @_task_route("/v2/requests/{task_id}", "Result of an asynchronous request", ResultResponse)
 def task_result(
     task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, settings: SettingsDep
-) -> JSONResponse:
+) -> Response:
     task = tasks.get(task_id=task_id, key_id=key.id)
+    if task.status == COMPLETED and task.base64:
+        return StreamingResponse(_stream_base64_result(task, tasks, key.id), media_type="application/json")
     body = result_body(task, tasks, base_url(request, settings))
     return _task_answer(body, task)
+
+
+# Base64 results can be large (10 × 2048² PNGs ≈ 120 MB stored): they are streamed one image at a time, and only
+# this many are streamed at once per process (the others wait), so concurrent fetches cannot multiply memory.
+LARGE_READS = 4
+_large_reads = asyncio.Semaphore(LARGE_READS)
+
+
+async def _stream_base64_result(task: TaskView, tasks: TaskStore, key_id: int) -> AsyncIterator[bytes]:
+    """The same JSON as ``result_body``, written as it is read: one image in memory at a time."""
+    head = {"request_id": task.id, "status": task.status}
+    tail = {"metrics": {"inference_time": round(task.inference_time or 0.0, 4)}, "seed": task.seed}
+    async with _large_reads:
+        yield json.dumps(head)[:-1].encode() + b', "output": ['
+        for i in range(task.image_count):
+            data, _ = await run_in_threadpool(tasks.image, task_id=task.id, key_id=key_id, index=i)
+            yield (b", " if i else b"") + b'"' + base64.b64encode(data) + b'"'
+            del data
+        yield b"], " + json.dumps(tail)[1:].encode()
 
 
 @router.get(
