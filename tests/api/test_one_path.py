@@ -145,11 +145,11 @@ def test_too_much_work_for_one_request_is_a_400_naming_the_limit(tmp_path: Path)
 
 
 def test_stored_results_have_a_budget(tmp_path: Path) -> None:
-    from stub_engine import StubEngine
-
     import io
 
     from PIL import Image
+
+    from stub_engine import StubEngine
 
     png = io.BytesIO()
     Image.new("RGB", (256, 256), (98 % 256, 98 % 256, 0)).save(png, format="PNG")  # what the stub stores
