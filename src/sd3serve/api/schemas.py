@@ -191,7 +191,12 @@ class WebhookOptions(BaseModel):
     webhook_url: Annotated[
         str | None,
         Strict(),
-        Field(max_length=2000, description="http(s) URL that receives the outcome (POST, JSON, signed)"),
+        Field(
+            max_length=2000,
+            pattern=r"^https?://",
+            description="http(s) URL that receives the outcome (POST, JSON, signed); it must resolve to public "
+            "addresses, and the key needs a webhook secret (POST /v1/webhook-secret)",
+        ),
     ] = None
     webhook_events: Annotated[
         list[WebhookEvent],

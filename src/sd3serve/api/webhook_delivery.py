@@ -38,13 +38,17 @@ def target_problem(url: str, *, allow_private: bool) -> str | None:
     """Why ``url`` may not receive webhooks, or None: http(s) only, and (unless allowed) no address that is not
     public — loopback, private, link-local (cloud metadata), multicast or reserved — so that a webhook cannot
     reach into the server's own network."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "webhook_url is not a valid URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "webhook_url must be an absolute http:// or https:// URL"
     if allow_private:
         return None
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        infos = socket.getaddrinfo(parts.hostname, port or (443 if parts.scheme == "https" else 80))
     except (OSError, UnicodeError):
         return f"webhook_url: cannot resolve {parts.hostname!r}"
     for info in infos:

@@ -45,13 +45,14 @@ def _event(event_id: int, name: str, data: dict[str, Any]) -> str:
 )  # fmt: skip
 async def task_events(
     task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, engine: EngineDep, settings: SettingsDep,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=-1, le=END_ID)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
 ) -> StreamingResponse:  # fmt: skip
     first = await run_in_threadpool(tasks.get, task_id=task_id, key_id=key.id)  # 404 before the stream starts
     base = base_url(request, settings)
 
     async def stream() -> AsyncIterator[str]:
-        seen = -1 if last_event_id is None else last_event_id
+        # Ids this server sent are integers; anything else is not one of ours: start from the beginning.
+        seen = int(last_event_id) if last_event_id and last_event_id.isdigit() else -1
         task: TaskView = first
         started: tuple[float, int] | None = None  # (time, step) of the first progress seen, for the ETA
         quiet_since = time.monotonic()
