@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from sd3serve.engine.catalogue import SCHEDULER_NAMES, check_table
+from sd3serve.engine.catalogue import SAMPLER_INFO, SCHEDULER_NAMES, check_table
 from sd3serve.engine.flow import FlowSampling
 
 Schedule = Callable[[FlowSampling, int], torch.Tensor]
@@ -183,3 +183,13 @@ def get_sigmas(name: str, ms: FlowSampling, steps: int) -> torch.Tensor:
     if steps < 1:
         raise ValueError("steps must be at least 1")
     return SCHEDULERS[name](ms, steps)
+
+
+def sampler_sigmas(sampler: str, scheduler: str, ms: FlowSampling, steps: int) -> torch.Tensor:
+    """The σ that ``sampler`` runs on, as ComfyUI's KSampler builds them: for the samplers that the catalogue marks
+    ``discard_penultimate_sigma`` (dpm_2, dpm_2_ancestral, uni_pc, uni_pc_bh2), ``steps + 1`` σ of the schedule
+    without the penultimate one, so the last step is a longer one to σ = 0; for the others the plain schedule."""
+    if SAMPLER_INFO[sampler].discard_penultimate_sigma:
+        sigmas = get_sigmas(scheduler, ms, steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return get_sigmas(scheduler, ms, steps)
