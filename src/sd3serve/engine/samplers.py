@@ -107,6 +107,18 @@ def _sigma_of_lam(lam: float) -> float:
     return 1.0 / (1.0 + math.exp(lam))  # sigmoid(-λ)
 
 
+def _f32(value: torch.Tensor) -> float:
+    return float(value.to(torch.float32))
+
+
+def _mid_sigma_f32(s: float, s_to: float, r: float) -> float:
+    """σ at λ_s + r·(λ_to - λ_s), evaluated in float32 as ComfyUI does: the model and the Brownian tree then see
+    the same float32 σ (a float64 evaluation is an ulp away, which non-smooth models can amplify)."""
+    a, b = (torch.tensor(v, dtype=torch.float32) for v in (s, s_to))
+    lam_a, lam_b = a.logit().neg(), b.logit().neg()
+    return _f32((lam_a + r * (lam_b - lam_a)).neg().sigmoid())
+
+
 def _offset_first(sig: list[float]) -> list[float]:
     """ComfyUI's offset_first_sigma_for_snr: σ = 1 has no finite log-SNR, start just below it."""
     return [SNR_SIGMA_MAX, *sig[1:]] if len(sig) > 1 and sig[0] >= 1.0 else sig
@@ -751,7 +763,7 @@ def sample_dpm_adaptive(
 
 def _midpoint_2s(s: float, s_down: float) -> float:
     """DPM-Solver++(2S)'s midpoint in λ between σ and σ_down; at σ = 1 (λ = -∞) ComfyUI's σ_s = 0.9999."""
-    return 0.9999 if s >= 1.0 else _sigma_of_lam(0.5 * (_lam(s) + _lam(s_down)))
+    return 0.9999 if s >= 1.0 else _mid_sigma_f32(s, s_down, 0.5)
 
 
 def _dpmpp_2s_ancestral(
@@ -870,7 +882,7 @@ def _dpmpp_sde(
             lam_s, lam_t = _lam(s), _lam(s1)
             h = lam_t - lam_s
             lam_1 = lam_s + r * h
-            s_1 = _sigma_of_lam(lam_1)
+            s_1 = _mid_sigma_f32(s, s1, r)
             a_s, a_1, a_t = 1 - s, 1 - s_1, 1 - s1
             # stage 1: exponential step to λ_1 with ancestral noise in the noise-to-signal ratio e^{-λ}
             rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_1), eta)
