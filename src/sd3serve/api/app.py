@@ -23,7 +23,7 @@ from sd3serve.api.middleware import (
     RequestBodyMiddleware,
     RequestContextMiddleware,
 )
-from sd3serve.api.routes import admin, credits, generate, ops, v2
+from sd3serve.api.routes import admin, credits, generate, openai, ops, v2
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
 from sd3serve.api.state import AppState
@@ -141,6 +141,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # the last added is the outermost
     app.include_router(generate.router)
     app.include_router(v2.router)
+    app.include_router(openai.router)
     app.include_router(credits.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
