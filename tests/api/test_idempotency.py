@@ -98,3 +98,16 @@ def test_replay_works_with_the_stub_engine_too(tmp_path: Path) -> None:
         assert credits(server, key) == 17
     finally:
         gen.close()
+
+
+def test_the_openai_route_is_idempotent_too(live_server: LiveServer) -> None:
+    key = live_server.new_key(10)
+    h = {"Authorization": f"Bearer {key}", "Idempotency-Key": "img-1"}
+    body = {"prompt": "a red circle", "size": "256x256", "response_format": "b64_json"}
+    with live_server.client() as c:
+        first, retry = c.post("/v1/images/generations", json=body, headers=h), c.post(
+            "/v1/images/generations", json=body, headers=h
+        )
+        assert first.status_code == retry.status_code == 200
+        assert first.json()["data"] == retry.json()["data"] and retry.headers["idempotent-replayed"] == "true"
+    assert credits(live_server, key) == 9

@@ -23,7 +23,7 @@ from sd3serve.api.middleware import (
     RequestBodyMiddleware,
     RequestContextMiddleware,
 )
-from sd3serve.api.routes import admin, credits, events, generate, ops, v2
+from sd3serve.api.routes import admin, credits, events, generate, openai, ops, v2
 from sd3serve.api.routes import webhooks as webhooks_routes
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
@@ -156,6 +156,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
     app.include_router(v2.router)
     app.include_router(events.router)
     app.include_router(webhooks_routes.router)
+    app.include_router(openai.router)
     app.include_router(credits.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
