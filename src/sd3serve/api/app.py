@@ -57,9 +57,10 @@ async def _housekeeping(state: AppState) -> None:
             await run_in_threadpool(recovery.settle_dead, dead_after=dead_after)
             await state.service.stop_cancelled()
             await run_in_threadpool(state.store.retry_deferred)
-            await run_in_threadpool(state.tasks.delete_expired)
-            await run_in_threadpool(state.idempotency.delete_expired)
-            await run_in_threadpool(state.store.reclaim)
+            expired = await run_in_threadpool(state.tasks.delete_expired)
+            expired += await run_in_threadpool(state.idempotency.delete_expired)
+            if expired:
+                await run_in_threadpool(state.store.reclaim)
             await run_in_threadpool(recovery.prune_rate_windows, before_window=int(time.time() // 60) - 1)
         except Exception as e:  # the database may be away; try again next beat
             log.warning("housekeeping failed: %s", e)

@@ -89,7 +89,6 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file: freed pages can be returned
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MB after a checkpoint
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -111,17 +110,22 @@ class CreditStore:
         self._deferred_lock = threading.Lock()
 
     def create_schema(self) -> None:
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.begin() as conn:
+                if not conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").first():
+                    # A new file: freed pages can then be given back (``reclaim``). Older files keep their mode.
+                    conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     def reclaim(self) -> None:
-        """Give the space of deleted rows back to the file system (SQLite; PostgreSQL's autovacuum does this)."""
+        """Give the space of deleted rows back to the file system (SQLite: a file created by this version; the WAL
+        itself shrinks to ``journal_size_limit`` at its next checkpoint. PostgreSQL's autovacuum does this)."""
         if self.engine.dialect.name == "sqlite":
-            with self.engine.connect() as conn:
+            with self.engine.begin() as conn:
                 conn.exec_driver_sql("PRAGMA incremental_vacuum")
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- keys -------------------------------------------------------------------------------------------
 
