@@ -74,6 +74,8 @@ def test_a_locked_database_does_not_stall_the_model(
         with server.client() as c:
             task_id = c.post(SUBMIT, json={**SMALL, "steps": 8}, headers={"x-api-key": key}).json()["request_id"]
             assert engine.paused.wait(60)
+            wait_for(lambda: c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()["status"]
+                     == "PROCESSING")  # fmt: skip
             lock.execute("BEGIN IMMEDIATE")  # another writer holds the database (a backup, a slow peer, ...)
             engine.gate.set()
             # The batch finishes while the lock is still held: the model never waits for the database
