@@ -128,6 +128,8 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
         }
     if status == 500:
         log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), exc)
+    elif status >= 500:  # refused for the server's state (queue, database, a lost hold): operators want to know
+        log.warning("request %s: %d %s: %s", getattr(request.state, "request_id", "-"), status, type(exc).__name__, exc)
     return _respond(request, status, str(exc), headers, exc)
 
 
