@@ -48,6 +48,7 @@ REPLICA_HEADER = "x-sd3serve-replica"
 # queue, requests wait for whichever replica frees up first.
 MAX_ONGOING_REQUESTS = 16
 RETRY_AFTER_S = 5
+QUIET = {"enable_access_log": False}  # the app writes its own access log (api/middleware.py)
 
 
 class SQLiteAcrossHosts(RuntimeError):
@@ -122,7 +123,7 @@ def merged(reports: list[ReplicaReport]) -> bytes:
         def collect(self) -> list[Metric]:
             return list(families.values())
 
-    return generate_latest(Collected())  # type: ignore[arg-type]
+    return generate_latest(Collected())
 
 
 class ReplicaHeader:
@@ -252,12 +253,14 @@ def replica_options(settings: Settings, *, replicas: int, num_cpus: float, num_g
         "max_queued_requests": settings.max_queue,
         "backpressure_config": {"retry_after_s": RETRY_AFTER_S},
         "graceful_shutdown_timeout_s": settings.shutdown_grace_s + 10,
+        "logging_config": QUIET,
     }
 
 
 def build_app(settings: Settings, *, options: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application: the replicas (the ingress) and their board."""
-    board = serve.deployment(ReplicaBoard, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    board = serve.deployment(ReplicaBoard, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                             logging_config=QUIET)  # fmt: skip
     replica = serve.deployment(serve.ingress()(SD3Replica), name="SD3Replica")
     origin = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     if options:
