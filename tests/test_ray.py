@@ -125,6 +125,9 @@ def test_replicas_run_this_checkout_with_one_thread_each(cluster: Cluster) -> No
     reports = wait_for(lambda: len(cluster.ready_replicas()) == 2 and cluster.ready_replicas())
     assert {Path(r.package).resolve() for r in reports} == {Path(sd3serve.__file__).resolve()}
     assert len({r.pid for r in reports}) == 2
+    for r in reports:  # num_cpus 1: one torch thread, the wait policy set before torch loaded
+        assert r.threads["torch_threads"] == 1 and r.threads["OMP_WAIT_POLICY"] == "PASSIVE", r.threads
+        assert not r.threads["torch_imported_before"]
     with cluster.client() as c:
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json() == {"status": "ready", "replicas": {"ready": 2, "starting": 0}}

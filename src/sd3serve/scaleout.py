@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sd3serve.settings import Settings
-from sd3serve.threads import available_cores, configure_threads
+from sd3serve.threads import available_cores, configure_threads, thread_report
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class ReplicaReport:
     queued: int = 0
     running: int = 0
     package: str = ""  # the sd3serve this replica imported (tests check it is the checkout under test)
+    threads: dict[str, Any] = field(default_factory=dict)  # threads.thread_report(), and whether torch came first
     metrics: list[Metric] = field(default_factory=list)
     at: float = 0.0  # set by the board, on its clock
 
@@ -157,11 +158,13 @@ class SD3Replica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node = ray.get_runtime_context().get_node_id()
         self.settings = Settings(**settings)
+        torch_first = "torch" in sys.modules  # then OMP_WAIT_POLICY would come too late
         check_database(self.settings.resolved_database_url, origin_node=origin_node, this_node=self.node)
         if not self.settings.threads:  # torch's threads: the CPUs Ray gave this replica
             cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
             self.settings = self.settings.model_copy(update={"threads": cpus or available_cores()})
         configure_threads(self.settings)  # before the app imports torch
+        self.threads = {**thread_report(), "torch_imported_before": torch_first}
         self.board = board
         self.api: FastAPI | None = None
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever(), name="replica-report")
@@ -190,7 +193,7 @@ class SD3Replica:
 
         state = self._state()
         report = ReplicaReport(replica=self.replica, node=self.node, pid=os.getpid(), ready=False,
-                               package=sd3serve.__file__ or "")  # fmt: skip
+                               package=sd3serve.__file__ or "", threads=self.threads)  # fmt: skip
         if state is not None:
             stats = state.engine.stats()
             state.metrics.observe_engine(stats)
