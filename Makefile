@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@! $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-' || (echo "nvidia-* packages found: something asked for another torch" && false)
 	touch $(STAMP)
 
+# The tests also run the Ray Serve scale-out (tests/test_ray.py): the `ray` extra, for `make test` only.
+$(VENV)/.installed-ray: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]' segmind  # segmind: the SDK tests/test_ray.py drives
+	@! $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-' || (echo "nvidia-* packages found: something asked for another torch" && false)
+	touch $@
+
 serve: $(STAMP)
 	$(VENV)/bin/sd3serve serve
 
@@ -24,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench tools
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint $(VENV)/.installed-ray
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 bench: $(STAMP)

@@ -82,6 +82,13 @@ def _configure_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
+    if args.replicas:  # Ray Serve: each replica sets its own threads before it loads torch
+        try:
+            from sd3serve.scaleout import serve_forever
+        except ImportError as e:
+            print(f"error: --replicas needs Ray Serve ({e}): pip install 'sd3serve[ray]'", file=sys.stderr)
+            return 2
+        return serve_forever(settings, replicas=args.replicas)
     configure_threads(settings)  # first: before anything imports torch
     import uvicorn
 
@@ -180,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the HTTP server")
     _add_flags(serve, _SETTING_FLAGS + _SERVE_FLAGS)
+    serve.add_argument(
+        "--replicas", type=int, default=0, metavar="N",
+        help="run N replicas on Ray Serve, one per GPU (needs sd3serve[ray]); 0: one process, no Ray",
+    )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate an image from the command line")
