@@ -42,8 +42,10 @@ def pictures(model_dir: Path, size: int, **options: object) -> list[np.ndarray]:
     engine = build_pipeline(Settings(model=model_dir, device="cpu", dtype="bfloat16", prompt_cache_mb=0, **options))
     out = []
     for seed, prompt in enumerate(PROMPTS):
-        job = GenerationJob(prompt=prompt, negative_prompt="", steps=4, guidance_scale=1.0, seed=seed,
-                            sampler="dpmpp_2m", scheduler="sgm_uniform", width=size, height=size, batch_size=1)  # fmt: skip
+        job = GenerationJob(
+            prompt=prompt, negative_prompt="", steps=4, guidance_scale=1.0, seed=seed, sampler="dpmpp_2m",
+            scheduler="sgm_uniform", width=size, height=size, batch_size=1,
+        )  # fmt: skip
         out.append(np.asarray(engine(job).images[0]))
     return out
 

@@ -76,4 +76,5 @@ def test_fusing_qkv_costs_no_memory(tiny_model_dir: Path) -> None:
     before = nbytes()
     fuse_qkv(transformer)
     assert is_fused(transformer) and nbytes() == before
-    assert not any(hasattr(m, "to_q") or hasattr(m, "add_q_proj") for m in transformer.modules() if hasattr(m, "to_qkv"))
+    fused = [m for m in transformer.modules() if hasattr(m, "to_qkv")]
+    assert fused and not any(hasattr(m, "to_q") or hasattr(m, "add_q_proj") for m in fused)
