@@ -25,6 +25,8 @@ _SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--device", {"choices": ["auto", "cpu", "cuda"]}),
     ("--dtype", {"choices": ["auto", "float32", "float16", "bfloat16"]}),
     ("--no-t5", {"dest": "load_t5", "action": "store_const", "const": False, "help": "don't load T5"}),
+    ("--weights", {"choices": ["full", "fp8", "t5-fp8"], "help": "weight storage: fp8 halves transformer and T5"}),
+    ("--memory-budget", {"help": "auto (the GPU's free memory) or GiB: pick the fastest memory mode that fits"}),
     ("--data-dir", {"type": Path, "help": "where the SQLite store and the cached demo model live"}),
     ("--database-url", {"help": "SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite)"}),
     ("--threads", {"type": int, "help": "torch's CPU threads (default 0: the cores this process may use)"}),
@@ -181,6 +183,36 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sd3serve.engine.loading import demo_model_dir
+    from sd3serve.engine.memory import GiB, NoModeFits, memory_plan
+
+    model_dir: Path = args.model or demo_model_dir()
+    if not (model_dir / "model_index.json").exists():
+        print(f"error: {model_dir}: needs a diffusers directory (its config files are enough)", file=sys.stderr)
+        return 2
+    plan = memory_plan(model_dir, prompt_cache_bytes=int(args.prompt_cache_mb * 2**20))
+    budgets = tuple(args.budget or (24.0, 16.0))
+    print(f"Memory plan for {model_dir} (GiB; bf16 compute; no weights read)\n")
+    print(plan.components_table() + "\n")
+    print(plan.table(budgets=budgets) + "\n")
+    print(
+        "Columns: peak GPU memory of one request at size² with N images in one forward pass (with exact batches,\n"
+        "the default, the server passes one image at a time: the x1 columns). A mode fits a budget when\n"
+        f"1.1 x peak + 0.5 GiB is within it; 'resident' is what stays on the GPU; prompt cache {args.prompt_cache_mb:g}"
+        " MiB included.\n"
+    )
+    for budget in budgets:
+        for with_t5 in (True, False):
+            try:
+                mode, _ = plan.choose(int(budget * GiB), size=2048, rows=1, with_t5=with_t5)
+                choice = f"{mode.name} (--memory-budget {budget:g} chooses it{'' if with_t5 else ' with --no-t5'})"
+            except NoModeFits as e:
+                choice = f"none: {e}"
+            print(f"{budget:g} GiB{'' if with_t5 else ', no T5'}: {choice}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd3serve", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -211,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         gen.add_argument(flag, type=typ, default=None)
     _add_flags(gen, _SETTING_FLAGS)
     gen.set_defaults(func=cmd_generate)
+
+    plan = sub.add_parser("plan", help="GPU memory each memory mode needs for a model, from its configs")
+    plan.add_argument("--model", type=Path, help="diffusers directory (configs only are enough; default: demo model)")
+    plan.add_argument("--budget", type=float, action="append", help="GiB to check (repeatable; default 24 and 16)")
+    plan.add_argument("--prompt-cache-mb", type=float, default=256.0, help="as SD3SERVE_PROMPT_CACHE_MB")
+    plan.set_defaults(func=cmd_plan)
 
     keys = sub.add_parser("keys", help="manage API keys and credits")
     _add_flags(keys, [f for f in _SETTING_FLAGS if f[0] in ("--data-dir", "--database-url")])

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     # (model_index.json, */config.json, tokenizer*/); unset: the configs shipped for the SD3 family.
     model_config_dir: Path | None = None
     load_t5: bool = True  # SD3 works without T5; skipping it saves ~9 GB (fp16) on the real model
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # cuda:N picks one GPU of several
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None  # unset: SQLite file in data_dir
@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     # Torch's CPU threads; 0: the cores this process may use. The server also sets OMP_WAIT_POLICY=PASSIVE unless
     # it is set, so idle OpenMP threads sleep instead of spinning against other processes (sd3serve/threads.py).
     threads: int = Field(0, ge=0)
+    # Weight storage (engine/memory.py): "full" (the dtype), "fp8" (transformer and T5 in float8_e4m3fn, computed
+    # in the dtype: half their memory), "t5-fp8" (T5 only).
+    weights: Literal["full", "fp8", "t5-fp8"] = "full"
+    # "off": the settings above as given; "auto" (the GPU's free memory) or a size in GiB: choose the fastest memory
+    # mode (weights, offload) that fits, keeping T5 unless load_t5 is off; refuse to start when none fits.
+    memory_budget: str = Field("off", pattern=r"^(off|auto|\d+(\.\d+)?)$")
 
     # Reliability and security.
     rate_limit_per_minute: int = Field(0, ge=0)  # generation requests per key and minute; 0: no limit
