@@ -34,7 +34,7 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 test: lint $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-# Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (a few minutes).
+# Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (~10 minutes).
 mutate: $(STAMP)
 	$(PY) bench/mutate.py
 

@@ -38,6 +38,14 @@ def test_a_latent_sized_draw_for_seed_1234_starts_with_these_values() -> None:
     torch.testing.assert_close(latent[0].flatten()[:4], torch.tensor(LATENT_FIRST_DRAWS_1234), rtol=0, atol=1e-7)
 
 
+def test_a_float64_latent_gets_the_float32_draw() -> None:
+    """Noise is drawn in float32 whatever the latent's dtype (float64 draws are other numbers), then cast."""
+    latent = BatchNoise([1234])(torch.empty(1, 16, 12, 8, dtype=torch.float64))
+    assert latent.dtype == torch.float64
+    expected = torch.tensor(LATENT_FIRST_DRAWS_1234, dtype=torch.float64)
+    torch.testing.assert_close(latent[0].flatten()[:4], expected, rtol=0, atol=1e-7)
+
+
 def test_each_image_of_a_batch_draws_from_its_own_seed() -> None:
     batch = BatchNoise([1234, 1235])(torch.empty(2, 4, dtype=torch.float64))
     torch.testing.assert_close(batch, torch.tensor([FIRST_DRAWS[1234], FIRST_DRAWS[1235]], dtype=torch.float64),

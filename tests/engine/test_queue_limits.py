@@ -21,9 +21,10 @@ JOB = GenerationJob(
 OTHER = dataclasses.replace(JOB, steps=2)  # cannot share a batch with JOB
 
 
-async def _with_running_job(engine: GatedEngine) -> asyncio.Task[object]:
+async def _with_running_job(engine: GatedEngine, *, started: bool = False) -> asyncio.Task[object]:
     """Start the engine with its gate shut and one job taken by the worker: what comes next waits in the queue."""
-    await engine.start()
+    if not started:
+        await engine.start()
     engine.gate.clear()
     running = asyncio.create_task(engine.generate(JOB, request_id="running"))
     while not engine.in_flight:  # until the worker has taken it
@@ -43,8 +44,12 @@ def test_the_request_that_finds_the_queue_full_gets_exactly_overloaded(tiny_mode
             await asyncio.sleep(0)
             assert engine.queue_depth == max_queue  # every place up to the limit was taken
             assert not any(q.done() for q in queued)
+            # refused at once, before waiting for anything: a request let in would wait for the shut gate
+            rejected = asyncio.create_task(engine.generate(OTHER, request_id="one-too-many"))
+            await asyncio.sleep(0)
+            assert rejected.done(), "the request past the limit was queued"
             with pytest.raises(Overloaded) as e:
-                await engine.generate(OTHER, request_id="one-too-many")
+                rejected.result()
             assert type(e.value) is Overloaded, type(e.value)
             assert str(max_queue) in str(e.value) and e.value.retry_after_s >= 1
             assert engine.queue_depth == max_queue  # the refused request took no place
@@ -74,6 +79,31 @@ def test_a_request_past_its_deadline_gets_exactly_queue_timeout(tiny_model: Load
                 await waiting
             assert type(e.value) is QueueTimeout and isinstance(e.value, Overloaded)
             assert engine.queue_depth == 0
+        finally:
+            engine.gate.set()
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_retry_after_is_at_least_a_second_after_fast_batches(tiny_model: LoadedModel) -> None:
+    """Retry-After is a whole number of seconds, never 0 (which tells clients to retry at once), however fast the
+    recent batches were."""
+
+    async def scenario() -> None:
+        engine = GatedEngine(Settings(device="cpu", max_queue=1, batch_wait_ms=0, max_batch_images=1), tiny_model)
+        await engine.start()
+        try:
+            for i in range(20):  # the running estimate of a batch's duration falls to about one tiny batch
+                await engine.generate(dataclasses.replace(JOB, seed=i), request_id=f"fast{i}")
+            running = await _with_running_job(engine, started=True)
+            waiting = asyncio.create_task(engine.generate(OTHER, request_id="waiting"))
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded) as e:
+                await engine.generate(OTHER, request_id="refused")
+            assert type(e.value) is Overloaded and e.value.retry_after_s >= 1, e.value.retry_after_s
+            engine.gate.set()
+            await asyncio.gather(running, waiting)
         finally:
             engine.gate.set()
             await engine.close()

@@ -39,6 +39,40 @@ BASE_PINS = {
     "dpmpp_2m": [1.73031065, 1.81515532, 1.9, 1.98484468, 2.06968935],
 }
 
+# Every sampler without guidance, same start, schedule and seed: any change in these numbers must be deliberate
+# (a regression test, not a statement of accuracy: test_samplers.py checks accuracy and convergence orders).
+PLAIN_PINS = {
+    "euler": [0.33296708, 0.41648354, 0.50000000, 0.58351646, 0.66703292],
+    "euler_cfg_pp": [0.33296708, 0.41648354, 0.50000000, 0.58351646, 0.66703292],
+    "euler_ancestral": [0.43681873, 0.52199067, 0.44642887, 0.51551831, 0.59105404],
+    "euler_ancestral_cfg_pp": [0.43681873, 0.52199067, 0.44642887, 0.51551831, 0.59105404],
+    "heun": [0.32809437, 0.41404718, 0.50000000, 0.58595282, 0.67190563],
+    "heunpp2": [0.32958486, 0.41479243, 0.50000000, 0.58520757, 0.67041514],
+    "dpm_2": [0.32913725, 0.41456862, 0.50000000, 0.58543138, 0.67086275],
+    "dpm_2_ancestral": [0.43539164, 0.52770007, 0.44708530, 0.52149177, 0.60300687],
+    "lms": [0.33036500, 0.41518250, 0.50000000, 0.58481750, 0.66963500],
+    "dpm_fast": [0.33170128, 0.41585064, 0.50000000, 0.58414936, 0.66829872],
+    "dpm_adaptive": [0.32946908, 0.41473454, 0.50000000, 0.58526546, 0.67053092],
+    "dpmpp_2s_ancestral": [0.43613300, 0.52486584, 0.44675494, 0.51848868, 0.59700189],
+    "dpmpp_2s_ancestral_cfg_pp": [0.43613300, 0.52486584, 0.44675494, 0.51848868, 0.59700189],
+    "dpmpp_sde": [0.52248870, 0.61077850, 0.49639494, 0.58042277, 0.57780445],
+    "dpmpp_sde_gpu": [0.52248870, 0.61077850, 0.49639494, 0.58042277, 0.57780445],
+    "dpmpp_2m": [0.33031065, 0.41515532, 0.50000000, 0.58484468, 0.66968935],
+    "dpmpp_2m_cfg_pp": [0.33031065, 0.41515532, 0.50000000, 0.58484468, 0.66968935],
+    "dpmpp_2m_sde": [0.45165804, 0.50743795, 0.44167329, 0.49241959, 0.54612583],
+    "dpmpp_2m_sde_gpu": [0.45165804, 0.50743795, 0.44167329, 0.49241959, 0.54612583],
+    "dpmpp_3m_sde": [0.45186296, 0.50763525, 0.44184020, 0.49283174, 0.54671871],
+    "dpmpp_3m_sde_gpu": [0.45186296, 0.50763525, 0.44184020, 0.49283174, 0.54671871],
+    "ddpm": [0.45129629, 0.50704750, 0.44137939, 0.49167158, 0.54503083],
+    "lcm": [0.43779240, 0.47687993, 0.43214773, 0.46721404, 0.50435788],
+    "ipndm": [0.33129975, 0.41564987, 0.50000000, 0.58435013, 0.66870025],
+    "ipndm_v": [0.33090046, 0.41545023, 0.50000000, 0.58454977, 0.66909954],
+    "deis": [0.33005010, 0.41502505, 0.50000000, 0.58497495, 0.66994990],
+    "ddim": [0.33296708, 0.41648354, 0.50000000, 0.58351646, 0.66703292],
+    "uni_pc": [0.33007462, 0.41503731, 0.50000000, 0.58496269, 0.66992538],
+    "uni_pc_bh2": [0.33141737, 0.41570868, 0.50000000, 0.58429132, 0.66858263],
+}
+
 
 def sigmas4() -> torch.Tensor:
     return get_sigmas("sgm_uniform", MS, 4).double()
@@ -53,6 +87,12 @@ def test_guided_output_is_pinned(name: str) -> None:
     out = SAMPLERS[name](guided(), X.clone(), sigmas4(), noise=BatchNoise([SEED]))
     expected = torch.tensor([{**CFG_PP_PINS, **BASE_PINS}[name]], dtype=torch.float64)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_unguided_output_is_pinned(name: str) -> None:
+    out = SAMPLERS[name](GaussianDenoiser(MU, S), X.clone(), sigmas4(), noise=BatchNoise([SEED]))
+    torch.testing.assert_close(out, torch.tensor([PLAIN_PINS[name]], dtype=torch.float64), rtol=0, atol=1e-6)
 
 
 def test_euler_cfg_pp_is_the_papers_update() -> None:
