@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+JS_DEPS := tests/js/node_modules/.package-lock.json
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench mutate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +31,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench tools
 	$(VENV)/bin/mypy
 
-test: lint $(VENV)/.installed-ray
+# npm packages for tests/api/test_seed_example_js.py. Without npm nothing is installed: that test then skips
+# where node is missing too, and fails (saying to install them) where node is there.
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd tests/js && npm ci --no-audit --no-fund; \
+	else echo "npm not found: tests/js/node_modules not installed (the seed JavaScript example test needs node and npm)"; fi
+
+test: lint $(VENV)/.installed-ray $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (~10 minutes).
+mutate: $(STAMP)
+	$(PY) bench/mutate.py
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
