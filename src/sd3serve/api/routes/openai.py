@@ -55,6 +55,8 @@ _GENERATION_ERRORS = _errors({
     400: "Bad input (`invalid_request_error`); `param` names the field",
     **_AUTH_ERRORS,
     404: "Unknown model (`model_not_found`)",
+    409: "A request with the same Idempotency-Key is still running; retry after Retry-After seconds",
+    422: "The Idempotency-Key was used with another request body",
     429: "Not enough credits (type and code `insufficient_quota`; nothing charged), or the key's rate limit "
          "(`rate_limit_exceeded`, with `Retry-After`)",
     500: "The server failed (`server_error`); nothing is charged",
