@@ -1,5 +1,5 @@
 """``TaskStore.image``: only the task's own key reads its images; anyone else gets the same NotFound as for a task
-that does not exist. Image rows are written through the ORM, so this does not depend on ``complete()``'s signature."""
+that does not exist. Image rows are written through the ORM, so this does not depend on how a task is completed."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def stores(store_url: str) -> Iterator[tuple[CreditStore, TaskStore]]:
 
 def task_with_images(credits: CreditStore, tasks: TaskStore, task_id: str, images: list[bytes]) -> int:
     key, _ = credits.create_key(credits=5)
-    hold = credits.hold(key_id=key.id, credits=Decimal(1), request_id=task_id)
-    tasks.create(task_id=task_id, key_id=key.id, seed=1, base64=False, media_type="image/webp",
-                 request_json="{}", hold=hold, owner="me")  # fmt: skip
+    create = TaskStore.creation(task_id=task_id, key_id=key.id, seed=1, base64=False, media_type="image/webp",
+                                request_json="{}", owner="me")  # fmt: skip
+    credits.reserve(key_id=key.id, credits=Decimal(1), request_id=task_id, owner="me", with_hold=create)
     with Session(credits.engine) as s, s.begin():
         s.add_all(TaskImage(task_id=task_id, index=i, data=data) for i, data in enumerate(images))
     return key.id
