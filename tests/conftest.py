@@ -32,3 +32,20 @@ def live_server(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactor
 
     settings = Settings(model=None, device="cpu", data_dir=tmp_path_factory.mktemp("live"))
     yield from run_live_server(settings, engine=BatchingEngine(settings, model=tiny_model))
+
+
+JS_DIR = Path(__file__).resolve().parent / "js"  # package.json, package-lock.json; `make test` runs npm ci
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """tests/js/node_modules (axios, openai), installed by `make test` (npm ci): no test installs anything."""
+    import shutil
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the JavaScript client tests cannot run here")
+    modules = JS_DIR / "node_modules"
+    missing = [name for name in ("axios", "openai") if not (modules / name).is_dir()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed in {modules}: run `make test`, or `cd tests/js && npm ci`")
+    return modules

@@ -22,18 +22,10 @@ from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from stub_engine import StubEngine
+from waiting import wait_for
 
 SLOW = {**SMALL, "width": 512, "height": 512, "steps": 70}  # seconds on the tiny model
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def wait_for(condition: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 class FailsAtStep2(BatchingEngine):

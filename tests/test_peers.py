@@ -8,28 +8,18 @@ dead at its next heartbeat and serves on under a new id.
 from __future__ import annotations
 
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from live_server import SMALL, URL
 from procs import start_server
 from sd3serve.store.credits import CreditStore
+from waiting import wait_for
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 SLOW = {**SMALL, "width": 256, "height": 256, "steps": 70}
-
-
-def wait_for(condition: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 def test_a_paused_peer_presumed_dead_delivers_nothing_unpaid(tiny_model_dir: Path, tmp_path: Path) -> None:

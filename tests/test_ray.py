@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
@@ -29,6 +27,7 @@ import sd3serve
 from live_server import URL, free_port
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
+from waiting import wait_for
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -52,15 +51,6 @@ DEPLOY = Path(__file__).parents[1] / "deploy"
 SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
 SLOW = {**SMALL, "width": 512, "height": 512, "steps": 40}  # seconds on the demo model
 HEARTBEAT_S = 0.5
-
-
-def wait_for(condition: Any, timeout: float = 90) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 @dataclass

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -13,16 +11,9 @@ from gated import CountingGate
 from live_server import SMALL, run_live_server
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
+from waiting import wait_for
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
 
 
 def status(c: httpx.Client, key: str, task_id: str) -> dict[str, object]:

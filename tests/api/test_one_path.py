@@ -6,8 +6,6 @@ from __future__ import annotations
 import socket
 import sqlite3
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,16 +15,9 @@ from live_server import SMALL, URL, run_live_server
 from sd3serve.api import service
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
+from waiting import wait_for
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
 
 
 def test_a_client_that_disconnects_frees_the_model_within_a_step(tiny_model: LoadedModel, tmp_path: Path) -> None:

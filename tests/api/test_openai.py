@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
+import os
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -277,7 +277,6 @@ def test_server_errors_charge_nothing(stub: tuple[LiveServer, SwitchableEngine],
 
 # --- the official Node client -----------------------------------------------------------------------------------
 
-JS_DIR = Path(__file__).resolve().parent.parent / "js"
 NODE_CLIENT = """\
 const OpenAI = require('openai');
 const [baseURL, key] = process.argv.slice(2);
@@ -308,28 +307,13 @@ const prompt = 'a red circle on a blue background';
 """
 
 
-@pytest.fixture(scope="session")
-def node_with_openai() -> Path:
-    """OpenAI's Node package from npm, installed once into tests/js/node_modules (ignored by git), with the seed
-    example's axios: an install without a package.json removes what it was not asked for."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.fail("node and npm are needed for the Node client test")
-    if not (JS_DIR / "node_modules" / "openai").is_dir():
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--no-save", "--prefix", str(JS_DIR), "axios@1", "openai@7"],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-    return JS_DIR
-
-
-def test_node_client(live_server: LiveServer, node_with_openai: Path) -> None:
+def test_node_client(live_server: LiveServer, node_modules: Path, tmp_path: Path) -> None:
     key = live_server.new_key(10)
-    path = node_with_openai / "openai_client.js"
+    path = tmp_path / "openai_client.js"
     path.write_text(NODE_CLIENT)
+    env = {**os.environ, "NODE_PATH": str(node_modules)}  # require('openai') from tests/js, the script elsewhere
     out = subprocess.run(["node", str(path), live_server.url, key], capture_output=True, timeout=300,
-                         cwd=node_with_openai)  # fmt: skip
+                         cwd=tmp_path, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {
         "b64": ["PNG", "PNG"],

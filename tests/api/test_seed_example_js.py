@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from live_server import LiveServer
 
@@ -44,20 +41,6 @@ const data = {
   }
 })();
 """  # noqa: E501
-
-JS_DIR = Path(__file__).resolve().parent.parent / "js"  # package.json, package-lock.json; `make test` runs npm ci
-
-
-@pytest.fixture(scope="session")
-def node_modules() -> Path:
-    """tests/js/node_modules with axios, installed by `make test` (npm ci): this test installs nothing."""
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed: the hosted page's JavaScript example cannot run here")
-    modules = JS_DIR / "node_modules"
-    if not (modules / "axios").is_dir():
-        pytest.fail(f"axios is not installed in {modules}: run `make test`, or `cd tests/js && npm ci`")
-    return modules
-
 
 def test_seed_javascript_example_prints_the_image(node_modules: Path, live_server: LiveServer, tmp_path: Path) -> None:
     key = live_server.new_key(10)

@@ -17,6 +17,7 @@ from gated import GatedEngine
 from live_server import SMALL, URL, LiveServer, run_live_server
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
+from waiting import wait_for
 
 
 @pytest.fixture
@@ -31,14 +32,6 @@ def gated_server(tiny_model: LoadedModel, tmp_path: Path) -> Iterator[tuple[Live
     finally:
         engine.gate.set()
         gen.close()
-
-
-def wait_for(condition: object, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
 
 
 def test_healthz_answers_fast_while_generating(live_server: LiveServer) -> None:

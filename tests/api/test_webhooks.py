@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from sd3serve.settings import Settings
 from sd3serve.store import webhooks as webhook_store
 from sd3serve.store.webhooks import WebhookStore
 from stub_engine import StubEngine
+from waiting import wait_for
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 
@@ -60,14 +61,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver(fail_first=2)
     yield r
     r.close()
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.05)
 
 
 def test_signed_delivery_survives_failures_and_a_restart(
