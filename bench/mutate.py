@@ -10,7 +10,8 @@ with the reason; it is still run and shown, but not counted in the score. Every 
 
 The copy lives in a temporary directory and goes first on PYTHONPATH, ahead of the editable install, so the
 working tree is never modified. The tests come from this checkout's tests/; each selection is a few files
-(SQLite only for the store): about 45 pytest runs of 10-15 s each on an idle 2-core machine.
+(SQLite only for the store): about 75 pytest runs (baselines included) of 10-20 s each on an idle 2-core
+machine.
 """
 
 from __future__ import annotations
@@ -46,11 +47,18 @@ def _m(name: str, file: str, original: str, replacement: str, *tests: str, equiv
 
 
 CREDITS_TESTS = ("tests/store/test_credits.py", "tests/store/test_key_digests.py", *SQLITE)
-TASK_TESTS = ("tests/store/test_tasks.py", "tests/store/test_task_images.py", *SQLITE)
+# tests/store/test_task_images.py is left out: it still calls TaskStore.create, which the Reservation API replaced.
+TASK_TESTS = ("tests/store/test_tasks.py", "tests/store/test_mutants_store.py", *SQLITE)
+IDEM_TESTS = ("tests/store/test_idempotency_store.py", "tests/store/test_mutants_store.py", *SQLITE)
 SCHEMA_TESTS = ("tests/api/test_schemas.py", "tests/api/test_schema_limits.py")
-PINS = "tests/engine/test_sampler_pins.py"
+# test_sampler_pins.py's pins for the samplers rewritten for ComfyUI parity are stale (40 of its tests fail on an
+# unmutated tree): the samplers are checked against ComfyUI's reference outputs instead, and dpmpp_2m_cfg_pp,
+# which does not follow ComfyUI, against its pins that still hold.
+COMFY = "tests/engine/test_comfy_parity.py"
+PINS_2M_CFG_PP = ("tests/engine/test_sampler_pins.py", "-k", "dpmpp_2m_cfg_pp and output_is_pinned")
 NOISE_TESTS = ("tests/engine/test_noise.py",)
 QUEUE_TESTS = ("tests/engine/test_queue_limits.py",)
+ONE_PATH = "tests/api/test_one_path.py"
 
 MUTANTS: list[Mutant] = [
     # --- the audit's planted bugs (issue 14) ---------------------------------------------------------------
@@ -59,7 +67,7 @@ MUTANTS: list[Mutant] = [
     _m("steps le=70 -> lt=70", "api/schemas.py",
        "Field(ge=1, le=70)", "Field(ge=1, lt=70)", *SCHEMA_TESTS),
     _m("dpmpp_2m_cfg_pp keeps the guided x0 as history", "engine/samplers.py",
-       "        old = uncond\n", "        old = denoised\n", PINS),
+       "        old = uncond\n", "        old = denoised\n", *PINS_2M_CFG_PP),
     _m("pipeline noise from seed + 1", "engine/pipeline.py",
        "BatchNoise([seed for j in jobs for seed in j.seeds])",
        "BatchNoise([seed + 1 for j in jobs for seed in j.seeds])",
@@ -97,13 +105,20 @@ MUTANTS: list[Mutant] = [
        "def release_hold(s: Session, hold: CreditHold) -> bool:\n"
        "    s.execute(delete(Hold).where(Hold.id == hold.id))\n",
        *CREDITS_TESTS),
-    _m("stale holds: newer instead of older than the cutoff", "store/credits.py",
-       "Hold.created_at < cutoff", "Hold.created_at > cutoff", *CREDITS_TESTS),
     _m("re-revoking moves the revocation time", "store/credits.py",
        ".where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))\n", ".where(ApiKey.id == key_id)\n",
        *CREDITS_TESTS,
        equivalent="revoked_at is only ever compared with NULL: a later timestamp on a revoked key changes nothing "
        "that the store, the CLI or the API shows"),
+    _m("capture refunds instead of charging", "store/credits.py",
+       "            if not capture_hold(s, hold):", "            if not release_hold(s, hold):", *CREDITS_TESTS),
+    _m("capture ignores a hold that is gone (no ReservationLost)", "store/credits.py",
+       "            if not capture_hold(s, hold):", "            if not (capture_hold(s, hold) or True):",
+       *CREDITS_TESTS),
+    _m("cancel_tasks does not return the holds", "store/credits.py",
+       "        release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))\n    return ids",
+       "        pass\n    return ids",
+       *TASK_TESTS),
     # --- store/tasks.py ---------------------------------------------------------------------------------
     _m("get() without the owner check", "store/tasks.py",
        "            if task is None or task.key_id != key_id:\n"
@@ -113,19 +128,45 @@ MUTANTS: list[Mutant] = [
        '                raise NotFound(f"no task {task_id!r} for this key")\n'
        "            count",
        *TASK_TESTS),
-    _m("fail() overwrites a finished task", "store/tasks.py",
-       "                .where(Task.id == task_id, Task.status.in_([QUEUED, PROCESSING]))\n"
+    _m("cancel() without the owner check", "store/tasks.py",
+       "            if task is None or task.key_id != key_id:\n"
+       '                raise NotFound(f"no task {task_id!r} for this key")\n'
+       "            cancelled",
+       "            if task is None:\n"
+       '                raise NotFound(f"no task {task_id!r} for this key")\n'
+       "            cancelled",
+       *TASK_TESTS),
+    _m("failure step overwrites a finished task", "store/tasks.py",
+       "                .where(Task.id == task_id, Task.status.in_(RUNNING))\n"
        "                .values(status=FAILED",
        "                .where(Task.id == task_id)\n                .values(status=FAILED",
        *TASK_TESTS),
-    _m("complete() refunds instead of charging", "store/tasks.py",
-       "            capture_hold(s, hold)", "            release_hold(s, hold)", *TASK_TESTS),
+    _m("completion step does not check the task still runs", "store/tasks.py",
+       ".where(Task.id == task_id, Task.status.in_(RUNNING), Task.hold_id == hold.id)",
+       ".where(Task.id == task_id, Task.hold_id == hold.id)",
+       *TASK_TESTS),
     _m("delete_expired() deletes the unexpired", "store/tasks.py",
        "Task.expires_at < now", "Task.expires_at > now", *TASK_TESTS),
     _m("image() always returns image 0", "store/tasks.py",
        "s.get(TaskImage, (task_id, index))", "s.get(TaskImage, (task_id, 0))", *TASK_TESTS),
+    # --- store/recovery.py ------------------------------------------------------------------------------
+    _m("orphan holds: newer instead of older than the cutoff", "store/recovery.py",
+       "Hold.created_at < cutoff", "Hold.created_at > cutoff", *TASK_TESTS),
+    _m("recovery settles live owners' old holds (orphan condition dropped)", "store/recovery.py",
+       "select(Hold.owner).where(Hold.created_at < cutoff, Hold.owner.not_in(live))",
+       "select(Hold.owner).where(Hold.created_at < cutoff)", *TASK_TESTS),
+    _m("heartbeat says alive when its instance row is gone", "store/recovery.py",
+       "            if res.rowcount == 1:  # type: ignore[attr-defined]\n                return True",
+       "            if res.rowcount >= 0:  # type: ignore[attr-defined]\n                return True",
+       *TASK_TESTS),
+    # --- store/idempotency.py ---------------------------------------------------------------------------
+    _m("begin() ignores a fingerprint mismatch", "store/idempotency.py",
+       "            if row.fingerprint != fingerprint:", "            if False:", *IDEM_TESTS),
+    _m("abandon() deletes answered claims too", "store/idempotency.py",
+       "                    IdempotencyRecord.answer.is_(None),\n", "", *IDEM_TESTS),
     # --- api/schemas.py ---------------------------------------------------------------------------------
-    _m("batch_size up to 11", "api/schemas.py", "Field(ge=1, le=10)", "Field(ge=1, le=11)", *SCHEMA_TESTS),
+    _m("batch_size up to 11", "api/schemas.py",
+       "Field(ge=1, le=MAX_BATCH_SIZE)", "Field(ge=1, le=MAX_BATCH_SIZE + 1)", *SCHEMA_TESTS),
     _m("width from 48", "api/schemas.py",
        'width: Annotated[int, Field(ge=64, le=2048', 'width: Annotated[int, Field(ge=48, le=2048', *SCHEMA_TESTS),
     _m("height up to 2047", "api/schemas.py",
@@ -139,44 +180,60 @@ MUTANTS: list[Mutant] = [
        "return w - w % SIZE_MULTIPLE, h - h % SIZE_MULTIPLE", "return w - w % SIZE_MULTIPLE, h", *SCHEMA_TESTS),
     _m("v1 accepts batch_size 2 without base64", "api/schemas.py",
        "req.batch_size > 1 and not req.base64", "req.batch_size > 2 and not req.base64", *SCHEMA_TESTS),
+    # --- api/service.py ---------------------------------------------------------------------------------
+    _m("work limit comparison flipped", "api/service.py",
+       "if limit and job.work > limit:", "if limit and job.work < limit:", ONE_PATH, "-k", "too_much_work"),
+    _m("storage budget check reversed", "api/service.py",
+       "stored_bytes, key_id=key.id) >= per_key:", "stored_bytes, key_id=key.id) < per_key:",
+       ONE_PATH, "-k", "stored_results_have_a_budget"),
     # --- engine/samplers.py -----------------------------------------------------------------------------
     _m("euler_cfg_pp: guided ε̂ instead of the unconditional", "engine/samplers.py",
-       "x = _comb((s1 / s, x), (-(s1 / s) * (1 - s), uncond), (1 - s1, guided))",
-       "x = _comb((s1 / s, x), (-(s1 / s) * (1 - s), guided), (1 - s1, guided))", PINS),
+       "x = _comb((c, x), (-c * a_s, uncond), (a_t, guided))",
+       "x = _comb((c, x), (-c * a_s, guided), (a_t, guided))", COMFY),
     _m("dpmpp_2s_ancestral_cfg_pp: plain second stage", "engine/samplers.py",
-       "d2, u2 = model.with_uncond(u, st.at(s_mid))", "d2 = u2 = model(u, st.at(s_mid))", PINS),
+       "_, uncond_2 = model.with_uncond(u, st.at(s_mid))", "uncond_2 = model(u, st.at(s_mid))", COMFY),
     _m("RF ancestral step: σ_down on the wrong side", "engine/samplers.py",
-       "s_down = s_next * (1 + (s_next / s - 1) * eta)", "s_down = s_next * (1 - (s_next / s - 1) * eta)", PINS),
+       "s_down = s_next * (1 + (s_next / s - 1) * eta)", "s_down = s_next * (1 - (s_next / s - 1) * eta)", COMFY),
     _m("dpmpp_2m: second-order term twice as large", "engine/samplers.py",
        "c = (1 - a) * h / (2 * h_last) if old is not None else 0.0",
        "c = (1 - a) * h / h_last if old is not None else 0.0",
-       PINS),
+       COMFY),
     _m("euler_ancestral: no re-noising at eta = 1", "engine/samplers.py",
-       "else torch.lerp(denoised, x, r)\n            if eta > 0:",
-       "else torch.lerp(denoised, x, r)\n            if eta > 1:",
+       "x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down\n            if eta > 0:",
+       "x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down\n            if eta > 1:",
        "tests/engine/test_samplers.py", "-k", "test_moments_match_data and euler_ancestral"),
     _m("SDE solvers start at σ = 1 (λ = -∞)", "engine/samplers.py",
-       "if len(sig) > 1 and sig[0] >= 1.0 else sig", "if len(sig) > 1 and sig[0] > 1.0 else sig", PINS),
+       "if len(sig) > 1 and sig[0] >= 1.0 else sig", "if len(sig) > 1 and sig[0] > 1.0 else sig", COMFY),
     # --- engine/noise.py --------------------------------------------------------------------------------
     _m("noise drawn in the latent's dtype", "engine/noise.py",
        "generator=g, device=device, dtype=torch.float32)", "generator=g, device=device, dtype=like.dtype)",
        *NOISE_TESTS),
     _m("generators in reverse seed order", "engine/noise.py",
-       "manual_seed(s) for s in self.seeds]", "manual_seed(s) for s in reversed(self.seeds)]", *NOISE_TESTS),
+       "[_ImageNoise(s) for s in seeds or []]", "[_ImageNoise(s) for s in reversed(seeds or [])]", *NOISE_TESTS),
     _m("a new generator at every draw", "engine/noise.py",
-       "if key not in self._generators:", "if True:", *NOISE_TESTS),
+       "if key not in self.start:", "if True:", *NOISE_TESTS),
+    _m("step noise: a new generator at every draw", "engine/noise.py",
+       "if self._step is None:", "if True:", "tests/engine/test_comfy_parity.py"),
     _m("batch size check only one way", "engine/noise.py",
-       "if like.shape[0] != len(self.seeds):", "if like.shape[0] < len(self.seeds):", *NOISE_TESTS),
+       "if like.shape[0] != len(self._images):", "if like.shape[0] < len(self._images):", *NOISE_TESTS),
     _m("noise always drawn on the latent's device", "engine/noise.py",
-       'device = like.device if on_device else torch.device("cpu")', "device = like.device", *NOISE_TESTS,
+       'device = like.device if on_device else torch.device("cpu")\n        per_image',
+       "device = like.device\n        per_image", *NOISE_TESTS,
        equivalent="the tests run on the CPU, where the latent's device is the CPU; the difference (CPU noise for "
        "non-*_gpu samplers on CUDA) can only show on a GPU machine"),
     # --- engine/batching.py -----------------------------------------------------------------------------
-    _m("deadline check reversed", "engine/batching.py",
-       "if now - p.enqueued > deadline]", "if now - p.enqueued < deadline]", *QUEUE_TESTS),
-    _m("a batch fills only below the image limit", "engine/batching.py",
-       "p.job.batch_size <= room:", "p.job.batch_size < room:",
+    _m("deadline timer: check reversed (queued requests never expire)", "engine/batching.py",
+       "        if p in self._queue:\n            self._queue.remove(p)",
+       "        if p not in self._queue:\n            self._queue.remove(p)", *QUEUE_TESTS),
+    _m("an expired request stays in the queue", "engine/batching.py",
+       "        if p in self._queue:\n            self._queue.remove(p)\n", "        if p in self._queue:\n",
+       "tests/engine/test_engine_guard.py", "tests/engine/test_mutants_engine.py", "-k", "time_out or expires"),
+    _m("a batch stops filling one image below the limit", "engine/batching.py",
+       "if room <= 0:", "if room <= 1:",
        "tests/engine/test_batching.py", "-k", "image_limit or share_a_batch"),
+    _m("a chunked request goes back to the front of the queue", "engine/batching.py",
+       "self._queue.append(p)  # the rest after", "self._queue.insert(0, p)  # the rest after",
+       "tests/engine/test_engine_guard.py", "-k", "yields_to_small"),
     _m("Retry-After may be 0", "engine/batching.py",
        "return max(1, round(waiting_batches * self._batch_avg_s))", "return round(waiting_batches * self._batch_avg_s)",
        *QUEUE_TESTS),
@@ -184,6 +241,13 @@ MUTANTS: list[Mutant] = [
     _m("VAE tiling from 1536 px instead of above", "engine/pipeline.py",
        "side > VAE_TILING_ABOVE", "side >= VAE_TILING_ABOVE",
        "tests/engine/test_acceleration.py", "-k", "decode_tiles or auto_tiles"),
+    _m("the model ignores which jobs are live (live_rows dropped)", "engine/pipeline.py",
+       "            live_rows=live_rows,\n        )", "            live_rows=None,\n        )",
+       "tests/engine/test_engine_guard.py", "-k", "abandoned_job"),
+    _m("aborted rows still go through the model", "engine/pipeline.py",
+       "if rows is None or len(rows) == x.shape[0]:", "if rows is None or len(rows) > 0:",
+       "tests/engine/test_engine_guard.py", "tests/engine/test_mutants_engine.py",
+       "-k", "abandoned_job or aborted_job"),
 ]  # fmt: skip
 
 
@@ -237,11 +301,11 @@ def check_import_path(src: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="run the mutants whose name contains this")
+    ap.add_argument("--only", action="append", help="run the mutants whose name contains this (may be repeated)")
     ap.add_argument("--list", action="store_true", help="list the mutants and whether their snippets are found")
     ap.add_argument("--no-baseline", action="store_true", help="skip running each test selection unmutated first")
     args = ap.parse_args()
-    mutants = [m for m in MUTANTS if not args.only or args.only in m.name]
+    mutants = [m for m in MUTANTS if not args.only or any(o in m.name for o in args.only)]
 
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="sd3mutate-") as tmp:
