@@ -246,8 +246,10 @@ class CreditStore:
         Returns the key's remaining balance."""
         with self._session.begin() as s:
             if not capture_hold(s, hold):
-                raise ReservationLost("this request's credit hold was returned before delivery (it was cancelled, "
-                                      "or this server was presumed dead); nothing was delivered or charged")  # fmt: skip
+                raise ReservationLost(
+                    "this request's credit hold was returned before delivery (it was cancelled, or this server was "
+                    "presumed dead); nothing was delivered or charged"
+                )
             if deliver is not None:
                 deliver(s, hold)
             row = s.get(ApiKey, hold.key_id)
