@@ -54,6 +54,11 @@ def run_live_server(settings: Settings, *, engine: Engine | None = None) -> Iter
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
+    # HTTP answers first and the model loads after (api/app.py): wait until it is ready.
+    while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server's model did not become ready")
+        time.sleep(0.05)
     try:
         yield LiveServer(url=f"http://127.0.0.1:{port}", app=app, store=store, settings=settings)
     finally:

@@ -48,6 +48,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str  # a path, or "embedded demo model (...)"
+    # The demo's tokenizers know its lower-case words only: its prompts are normalised before encoding.
+    normalise_prompts: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -140,7 +142,8 @@ def load_model(settings: Settings) -> LoadedModel:
         flow.shift,
         "on" if pipe.text_encoder_3 is not None else "off",
     )
-    return LoadedModel(pipe=pipe, flow=flow, device=device, dtype=dtype, source=source)
+    demo = settings.model is None
+    return LoadedModel(pipe=pipe, flow=flow, device=device, dtype=dtype, source=source, normalise_prompts=demo)
 
 
 def _t5_overrides(has_t5: bool, load_t5: bool) -> dict[str, None]:
