@@ -34,6 +34,7 @@ serve: $(SERVE_STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from decimal import Decimal, InvalidOperation
@@ -122,13 +123,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def stop(error: BaseException) -> None:  # the model could not be loaded: nothing to serve
         failures.append(error)
-        server.should_exit = True
+        signal.raise_signal(signal.SIGINT)  # uvicorn shuts down gracefully, then re-raises it as KeyboardInterrupt
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, on_start_failure=stop), **uvicorn_options(settings)))
-    server.run()
-    if failures:
-        return 1
-    return 0 if server.started else 3  # 3: uvicorn's "startup failed"
+    try:
+        uvicorn.run(create_app(settings, on_start_failure=stop), **uvicorn_options(settings))
+    except KeyboardInterrupt:
+        if not failures:
+            raise
+    return 1 if failures else 0
 
 
 # The request fields `generate` takes, as the API has them (image_format comes from the output's extension).

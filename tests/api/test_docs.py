@@ -4,6 +4,7 @@ documented), the docs' own metric labels, and a start-up that answers HTTP befor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -84,22 +86,17 @@ def test_docs_routes_have_their_own_metric_labels(server: LiveServer) -> None:
 def test_swagger_ui_authorize_sends_the_key_offline(server: LiveServer) -> None:
     """In Chromium with every request off this server refused: Swagger UI loads, "Authorize" takes the key and
     "Try it out" on /v1/get-user-credits answers with the key's credits."""
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is needed (make test installs it: apt-get install chromium)")
     key = server.new_key(credits=42)
     elsewhere: list[str] = []
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
+    with browser_page() as page:
 
-        def refuse_elsewhere(route: object) -> None:
-            url = route.request.url  # type: ignore[attr-defined]
+        def refuse_elsewhere(route: Any) -> None:
+            url = route.request.url
             if url.startswith(server.url) or url.startswith("data:"):
-                route.continue_()  # type: ignore[attr-defined]
+                route.continue_()
             else:
                 elsewhere.append(url)
-                route.abort()  # type: ignore[attr-defined]
+                route.abort()
 
         page.route("**/*", refuse_elsewhere)
         page.goto(f"{server.url}/docs")
@@ -115,8 +112,21 @@ def test_swagger_ui_authorize_sends_the_key_offline(server: LiveServer) -> None:
         body = operation.locator(".responses-wrapper .live-responses-table .response-col_description pre").first
         body.wait_for(timeout=30_000)
         assert '"credits": 42' in body.text_content()
-        browser.close()
     assert elsewhere == []
+
+
+@contextlib.contextmanager
+def browser_page() -> Iterator[Any]:
+    """A page in Debian's headless Chromium, driven by Playwright (no browser download)."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is needed (make test installs it: apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # root in CI: no sandbox
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
 
 
 class SlowStartEngine(StubEngine):
@@ -155,11 +165,11 @@ def test_http_answers_while_the_model_loads(tmp_path: Path, caplog: pytest.LogCa
             early = c.post(GENERATE, json={"prompt": "a red circle"}, headers={"x-api-key": key})
             assert early.status_code == 503 and "still loading" in early.json()["error"]
             assert early.headers["retry-after"] == "5"
-            engine.release.set()
-            deadline = 600  # polls of /readyz, not a timer
-            while c.get("/readyz").status_code != 200 and deadline:
-                deadline -= 1
-                threading.Event().wait(0.02)
+            with browser_page() as page:  # the playground says the model is loading, then that it is ready
+                page.goto(f"{server.url}/")
+                page.wait_for_selector("#phase:has-text('The model is still loading')", timeout=30_000)
+                engine.release.set()
+                page.wait_for_selector("#phase:has-text('Ready.')", timeout=30_000)
             assert c.get("/readyz").json() == {"status": "ready"}
             assert c.post(GENERATE, json={"prompt": "a red circle"}, headers={"x-api-key": key}).status_code == 200
     finally:

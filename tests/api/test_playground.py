@@ -6,15 +6,19 @@ Screenshots go to build/screenshots/ (ignored by git)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from live_server import LiveServer, run_live_server
 from sd3serve.settings import Settings
@@ -173,3 +177,44 @@ def test_the_page_needs_nothing_from_elsewhere(demo_server: LiveServer) -> None:
         assert c.get("/playground/playground.js").status_code == 200
         assert c.get("/playground/nope.js").status_code == 404
         assert c.post("/").status_code == 405
+
+
+def test_progress_comes_from_the_event_stream_when_the_server_has_one(browser: object, demo_server: LiveServer) -> None:
+    """Where the server has GET /v2/requests/{id}/events, the page follows it instead of polling status. The route
+    here stands in for the real one (same events: queued, progress {step, steps}, completed), fed by status."""
+    calls: list[str] = []
+
+    async def events(task_id: str, request: Request) -> StreamingResponse:
+        calls.append(task_id)
+        headers = {"x-api-key": request.headers["x-api-key"]}
+
+        async def stream() -> AsyncIterator[str]:
+            yield "id: 0\nevent: queued\ndata: {}\n\n"
+            async with httpx.AsyncClient(base_url=demo_server.url, headers=headers) as c:
+                while (status := (await c.get(f"/v2/requests/{task_id}/status")).json())["status"] != "COMPLETED":
+                    if progress := status.get("progress"):
+                        yield f"id: {progress['step'] + 1}\nevent: progress\ndata: {json.dumps(progress)}\n\n"
+                    yield ": keep-alive\n\n"
+                    await asyncio.sleep(0.05)
+            yield 'id: 1000\nevent: completed\ndata: {"status": "COMPLETED"}\n\n'
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    demo_server.app.add_api_route("/v2/requests/{task_id}/events", events, methods=["GET"])
+    try:
+        page = open_page(browser, demo_server)
+        asked: list[str] = []
+        page.on("request", lambda r: asked.append(r.url))
+        page.fill("#api-key", demo_server.new_key(credits=1))
+        page.fill("#width", "256")
+        page.fill("#height", "256")
+        page.click("#generate")
+        page.wait_for_selector("img.result", timeout=300_000)
+        assert page.text_content("#phase") == "Done." and page.locator("#error").is_hidden()
+        assert len(calls) == 1 and any(url.endswith(f"/v2/requests/{calls[0]}/events") for url in asked)
+        assert not any(url.endswith("/status") for url in asked)  # no polling
+        page.context.close()
+    finally:
+        demo_server.app.router.routes[:] = [
+            r for r in demo_server.app.router.routes if getattr(r, "path", "") != "/v2/requests/{task_id}/events"
+        ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import FileResponse
+from starlette.routing import Match
 
 from sd3serve.api.deps import SettingsDep
 from sd3serve.api.errors import error_response
@@ -53,6 +54,13 @@ def request_fields() -> dict[str, dict[str, Any]]:
     return fields
 
 
+def has_route(app: FastAPI, path: str) -> bool:
+    """Whether some route answers GET ``path``: asked of the routes themselves, since the app's list holds included
+    routers, which have no path of their own."""
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": []}
+    return any(route.matches(scope)[0] is Match.FULL for route in app.routes)
+
+
 @router.get("/")
 def page() -> FileResponse:
     return FileResponse(STATIC / "playground.html", media_type="text/html", headers={"Content-Security-Policy": CSP})
@@ -74,7 +82,7 @@ def config(request: Request, settings: SettingsDep) -> dict[str, Any]:
             "v2": f"/v2/{MODEL_SLUG}",
             "credits": "/v1/get-user-credits",
             # Progress by server-sent events when the server has the route, else the page polls status_url.
-            "events": EVENTS_PATH if any(getattr(r, "path", None) == EVENTS_PATH for r in request.app.routes) else None,
+            "events": EVENTS_PATH if has_route(request.app, EVENTS_PATH.format(task_id="0")) else None,
         },
     }
 

@@ -4,7 +4,7 @@
 
 const FIELDS = ["prompt", "negative_prompt", "aspect_ratio", "width", "height", "steps", "guidance_scale", "seed",
   "sampler", "scheduler", "batch_size", "image_format", "image_quality", "base64"];
-const TERMINAL = new Set(["COMPLETED", "FAILED"]);
+const TERMINAL = new Set(["COMPLETED", "FAILED", "CANCELLED"]);
 const POLL_MS = 250;
 const HISTORY_KEY = "sd3serve.history";
 const KEY_KEY = "sd3serve.apiKey";
@@ -151,7 +151,16 @@ async function follow(id, key) {
   }
 }
 
-// Server-sent events whose data is the status body; fetch (not EventSource) so the key goes in a header.
+// Server-sent events (queued, progress {step, steps}, then completed, failed or cancelled), read as the status
+// bodies polling would give; fetch (not EventSource) so that the key goes in a header.
+const EVENT_STATUS = {
+  queued: () => ({ status: "QUEUED" }),
+  progress: (data) => ({ status: "PROCESSING", progress: { step: data.step, steps: data.steps } }),
+  completed: () => ({ status: "COMPLETED" }),
+  failed: (data) => ({ status: "FAILED", error: data.error }),
+  cancelled: (data) => ({ status: "CANCELLED", error: data.error }),
+};
+
 async function followEvents(id, key) {
   const r = await fetch(config.paths.events.replace("{task_id}", encodeURIComponent(id)),
     { headers: { "x-api-key": key, accept: "text/event-stream" } });
@@ -160,16 +169,18 @@ async function followEvents(id, key) {
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return null;
+    if (done) return null;  // the stream ended early: polling says how the task ended
     buffer = (buffer + value).replace(/\r\n?/g, "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const event = buffer.slice(0, end);
+      const lines = buffer.slice(0, end).split("\n");
       buffer = buffer.slice(end + 2);
-      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
-      let status = null;
-      try { status = JSON.parse(data); } catch (e) { continue; }
-      if (!status || !status.status) continue;
+      const field = (name) => lines.filter((l) => l.startsWith(`${name}:`)).map((l) => l.slice(name.length + 1).trim());
+      const toStatus = EVENT_STATUS[field("event")[0] || "message"];
+      if (!toStatus) continue;  // a comment (keep-alive) or an event this page does not know
+      let data = {};
+      try { data = JSON.parse(field("data").join("\n") || "{}"); } catch (e) { continue; }
+      const status = toStatus(data);
       showProgress(status);
       if (TERMINAL.has(status.status)) { reader.cancel(); return status; }
     }
@@ -188,7 +199,7 @@ function showProgress(status) {
   if (status.status === "PROCESSING") { bar.removeAttribute("value"); phase.textContent = "Starting…"; return; }
   bar.max = 1;
   bar.value = status.status === "COMPLETED" ? 1 : 0;
-  phase.textContent = status.status === "COMPLETED" ? "Done." : "Failed.";
+  phase.textContent = { COMPLETED: "Done.", CANCELLED: "Cancelled." }[status.status] || "Failed.";
 }
 
 async function refreshCredits() {
@@ -222,8 +233,9 @@ async function generate(event) {
     showProgress(task);
     const final = await follow(task.request_id, key);
     const result = await (await api("GET", resultPath(task.request_id), key)).json();
-    if (final.status === "FAILED" || result.status === "FAILED") {
-      throw new ApiError(`the generation failed: ${result.error || final.error || "unknown error"}`);
+    if (final.status !== "COMPLETED" || result.status !== "COMPLETED") {
+      const how = final.status === "CANCELLED" ? "was cancelled" : "failed";
+      throw new ApiError(`the generation ${how}: ${result.error || final.error || "no reason given"}`);
     }
     const blobs = await loadImages(task.request_id, result, body, key);
     const remaining = await creditsNow(key);
@@ -493,6 +505,22 @@ async function start() {
   showCode(readBody());
   renderHistory();
   document.body.dataset.ready = "true";
+  watchReadiness();
+}
+
+// While the server loads its model (/readyz: 503 loading), say so; generation works once it is ready.
+async function watchReadiness() {
+  for (;;) {
+    let status = "unreachable";
+    try { status = (await (await fetch("/readyz")).json()).status; } catch (e) { /* try again */ }
+    if (status === "ready") {
+      if ($("phase").dataset.loading) { $("phase").textContent = "Ready."; delete $("phase").dataset.loading; }
+      return;
+    }
+    $("phase").dataset.loading = "true";
+    $("phase").textContent = status === "loading" ? "The model is still loading…" : `Server ${status}: waiting…`;
+    await sleep(2000);
+  }
 }
 
 // The code follows the form as it is typed, without showing errors while typing.
