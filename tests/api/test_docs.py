@@ -195,3 +195,19 @@ def test_serve_exits_1_when_the_model_cannot_be_loaded(tmp_path: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
     assert "the model could not be loaded" in res.stderr and "no such file or directory" in res.stderr
+
+
+def test_without_background_start_the_model_loads_before_requests(tmp_path: Path) -> None:
+    """For hosts that route to an app as soon as its lifespan has run (a Ray Serve replica)."""
+    from fastapi.testclient import TestClient
+
+    from sd3serve.api.app import create_app
+    from sd3serve.store.credits import CreditStore
+
+    engine = SlowStartEngine()
+    engine.release.set()
+    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    app = create_app(Settings(data_dir=tmp_path, device="cpu"), engine=engine, store=store, start_in_background=False)
+    with TestClient(app) as c:
+        assert engine.ready and c.get("/readyz").json() == {"status": "ready"}
+    store.close()

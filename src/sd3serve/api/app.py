@@ -78,7 +78,7 @@ async def _start_engine(state: AppState, *, on_failure: Callable[[BaseException]
     log.info("model ready in %.1f s: generation requests are served (/readyz: ready)", time.perf_counter() - started)
 
 
-def _log_start(state: AppState) -> None:
+def _log_start(state: AppState, *, background: bool) -> None:
     """Where things are, for a person reading the log: data, database, pages, and how to get a first key."""
     settings = state.settings
     url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
@@ -86,7 +86,8 @@ def _log_start(state: AppState) -> None:
     base = settings.public_url.rstrip("/") if settings.public_url else f"http://{host}:{settings.port}"
     log.info("data dir %s; database %s", settings.data_dir, url)
     log.info("playground %s/ ; API docs %s/docs ; readiness %s/readyz", base, base, base)
-    log.info("loading the model in the background; until it is ready /readyz answers 503 loading")
+    if background:
+        log.info("loading the model in the background; until it is ready /readyz answers 503 loading")
     if not state.store.list_keys():
         where = f"--database-url '{url}'" if settings.database_url else f"--data-dir '{settings.data_dir}'"
         log.warning("no API key exists yet: create one with `sd3serve keys %s create --credits 100`", where)
@@ -130,9 +131,13 @@ def create_app(
     engine: Engine | None = None,
     store: CreditStore | None = None,
     on_start_failure: Callable[[BaseException], None] | None = None,
+    start_in_background: bool = True,
 ) -> FastAPI:
     """The app; ``engine`` and ``store`` may be given (tests), else they are built from the settings.
-    ``on_start_failure`` is called if the model cannot be loaded (``serve`` stops the server then)."""
+
+    With ``start_in_background`` HTTP answers while the model loads, and ``on_start_failure`` is called if it
+    cannot be loaded (``serve`` stops the server then); without it the lifespan loads the model before the app
+    takes requests, and a failed load fails the start (for hosts that route only to started apps)."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -153,15 +158,19 @@ def create_app(
         )  # fmt: skip
         app.state.sd3 = state
         housekeeping = asyncio.create_task(_housekeeping(state), name="housekeeping")
-        # HTTP first, the model after: /healthz answers at once, /readyz says "loading" until the engine is ready.
-        starting = asyncio.create_task(_start_engine(state, on_failure=on_start_failure), name="engine-start")
-        await run_in_threadpool(_log_start, state)
+        await run_in_threadpool(_log_start, state, background=start_in_background)
+        starting = None
+        if start_in_background:  # HTTP first, the model after: /readyz says "loading" until the engine is ready
+            starting = asyncio.create_task(_start_engine(state, on_failure=on_start_failure), name="engine-start")
+        else:
+            await the_engine.start()
         try:
             yield
         finally:
-            starting.cancel()  # a load still in progress: the engine's close() waits for its thread
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            if starting is not None:
+                starting.cancel()  # a load still in progress: the engine's close() waits for its thread
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
             await state.service.drain(settings.shutdown_grace_s)
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
