@@ -162,9 +162,9 @@ def create_app(
         starting = None
         if start_in_background:  # HTTP first, the model after: /readyz says "loading" until the engine is ready
             starting = asyncio.create_task(_start_engine(state, on_failure=on_start_failure), name="engine-start")
-        else:
-            await the_engine.start()
         try:
+            if starting is None:
+                await the_engine.start()
             yield
         finally:
             if starting is not None:
