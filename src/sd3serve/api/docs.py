@@ -67,7 +67,8 @@ def document_api(spec: dict[str, Any]) -> None:
         for operation in operations.values():
             params = operation.get("parameters", [])
             keys = [p for p in params if p.get("in") == "header" and p["name"] in SECURITY_HEADERS]
-            if keys:
+            bearer = any(p.get("in") == "header" and p["name"].lower() == "authorization" for p in params)
+            if keys and not bearer:  # routes that also take `Authorization` (OpenAI's style) document both as theirs
                 operation["parameters"] = [p for p in params if p not in keys]
                 if not operation["parameters"]:
                     del operation["parameters"]
