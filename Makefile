@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+JS_DEPS := tests/js/node_modules/.package-lock.json
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench mutate clean
 
 # What serving needs, and nothing else.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -28,19 +29,42 @@ $(STAMP): $(SERVE_STAMP)
 	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 	touch $(STAMP)
 
+# The tests also run the Ray Serve scale-out (tests/test_ray.py): the `ray` extra, for `make test` only.
+$(VENV)/.installed-ray: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]' segmind  # segmind: the SDK tests/test_ray.py drives
+	@! $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-' || (echo "nvidia-* packages found: something asked for another torch" && false)
+	touch $@
+
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/sd3serve serve
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
-test: lint
+# npm packages for tests/api/test_seed_example_js.py. Without npm nothing is installed: that test then skips
+# where node is missing too, and fails (saying to install them) where node is there.
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd tests/js && npm ci --no-audit --no-fund; \
+	else echo "npm not found: tests/js/node_modules not installed (the seed JavaScript example test needs node and npm)"; fi
+
+test: lint $(VENV)/.installed-ray $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (~10 minutes).
+mutate: $(STAMP)
+	$(PY) bench/mutate.py
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules
+
+# Retrain the demo model shipped in src/sd3serve/models/demo (about 50 minutes on 2 cores) with its tooling,
+# tools/sd3demo, which is not part of the package: `make train-demo DEMO_OUT=DIR`.
+DEMO_OUT ?= build/demo
+.PHONY: train-demo
+train-demo: $(STAMP)
+	PYTHONPATH=tools $(PY) -m sd3demo.train --out $(DEMO_OUT) --minutes 50 --seed 0 --threads 2

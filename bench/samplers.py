@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
 from conftest import GaussianDenoiser, exact_flow
 from sd3serve.engine.catalogue import SAMPLER_NAMES, STOCHASTIC_SAMPLERS
 from sd3serve.engine.flow import FlowSampling
-from sd3serve.engine.noise import BatchNoise
+from sd3serve.engine.noise import BatchNoise, BrownianNoise
 from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import get_sigmas
 
@@ -68,6 +69,9 @@ class FreeDenoiser:
     def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.out, self.out
 
+    def rows(self, indices: list[int]) -> FreeDenoiser:
+        return self
+
 
 class CachedNoise(BatchNoise):
     """Hands out one pre-drawn tensor: takes the cost of the draws (the algorithm's, not bookkeeping) out."""
@@ -79,11 +83,25 @@ class CachedNoise(BatchNoise):
     def __call__(self, like: torch.Tensor, *, on_device: bool = False) -> torch.Tensor:
         return self.eps
 
+    def step(self, like: torch.Tensor) -> torch.Tensor:
+        return self.eps
+
+    def brownian(
+        self, like: torch.Tensor, sigma_min: float, sigma_max: float, *, on_device: bool = False
+    ) -> BrownianNoise:
+        eps = self.eps
+
+        class Cached(BrownianNoise):
+            def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+                return eps
+
+        return Cached(like, self.seeds, sigma_min, sigma_max)
+
 
 def overhead_table() -> None:
     from diffusers import SD3Transformer2DModel
 
-    from sd3serve.models.tiny import build_tiny_sd3
+    from sd3demo.tiny import build_tiny_sd3
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

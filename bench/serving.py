@@ -24,9 +24,11 @@ import functools
 import itertools
 import math
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +36,10 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
 import sd3serve as sd3serve_package
 from common import BENCH_DIR, URL, EngineWorker, free_port, rich_key, sd3serve, thread_env, wait_ready
-from sd3serve.models.world import POSITIONS, all_triples
+from sd3demo.world import POSITIONS, all_triples
 from sd3serve.threads import available_cores, describe
 
 # Every request of a run has a prompt of its own, so the server's prompt-embedding cache never hits: the three
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="default: the embedded demo model")
     ap.add_argument("--wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of every system, or 'unset'")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every system (0: the cores available)")
+    ap.add_argument("--fairness", type=int, default=40, help="small requests timed beside a large one (0: skip)")
     args = ap.parse_args()
 
     env = thread_env(None if args.wait_policy == "unset" else args.wait_policy, args.threads)
@@ -151,12 +155,53 @@ def main() -> None:
             s, q, n = row["server"], row["sequential"], row["naive"]
             print(f"{size:>5} {c:>4} {s[0] / q[0]:>24.3f} {s[0] / n[0]:>19.3f} {s[2] / n[2]:>17.3f}")
 
+        if args.fairness:
+            fairness(client, ours.url, key, size=args.sizes[0], steps=args.steps, requests=args.fairness)
+
         print("\nbatching gain: a batch of 4 in one pass vs 4 passes (the engine's process)")
         for exact in (True, False):
             label = "exact batches (bit-identical)" if exact else "fast batches (one forward)"
             for size in args.sizes:
                 gain = engine.call("batching", size=size, steps=args.steps, exact=exact)["speedup"]
                 print(f"  {size}x{size} {label:<30} speed-up {gain:.3f}x")
+
+
+def fairness(client: httpx.Client, url: str, key: str, *, size: int, steps: int, requests: int) -> None:
+    """Latency of small requests (1 image) alone, then while a large one (10 images) keeps the server busy: the
+    large request runs a batch's worth at a time and lets queued requests in between."""
+    h = {"x-api-key": key}
+    small = {"prompt": PROMPTS[0], "width": size, "height": size, "steps": steps}
+    large = {**small, "prompt": PROMPTS[1], "batch_size": 10, "base64": True}
+
+    def one(body: dict[str, object], i: int) -> float:
+        t0 = time.perf_counter()
+        client.post(f"{url}{URL}", json={**body, "seed": i}, headers=h).raise_for_status()
+        return time.perf_counter() - t0
+
+    alone = [one(small, i) for i in range(requests)]
+    stop, large_times = threading.Event(), []
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            large_times.append(one(large, len(large_times)))
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    time.sleep(max(alone))  # the first large request is on the model
+    beside = [one(small, i) for i in range(requests)]
+    stop.set()
+    busy.join()
+    print(f"\nfairness ({size}x{size}, {steps} steps, server): {requests} small requests (1 image), alone and while "
+          "a 10-image request keeps the server busy")  # fmt: skip
+    print(f"  alone:          p50 {percentile(alone, 0.5):.3f} s  p99 {percentile(alone, 0.99):.3f} s")
+    print(
+        f"  beside a large: p50 {percentile(beside, 0.5):.3f} s  p99 {percentile(beside, 0.99):.3f} s "
+        f"(ratio p99 {percentile(beside, 0.99) / percentile(alone, 0.99):.2f}x)"
+    )
+    print(
+        f"  the large request took {statistics.median(large_times):.3f} s (median of {len(large_times)}): "
+        "what a small one would wait without yielding"
+    )
 
 
 if __name__ == "__main__":

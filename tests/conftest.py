@@ -11,8 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # any accidental hub call fails at once
 import pytest
 
 from live_server import LiveServer, run_live_server
+from sd3demo.tiny import build_tiny_sd3
 from sd3serve.engine.loading import LoadedModel, load_model
-from sd3serve.models.tiny import build_tiny_sd3
 from sd3serve.settings import Settings
 
 

@@ -33,6 +33,9 @@ class StubEngine:
 
     def admit(self) -> None: ...
 
+    def position(self, request_id: str) -> int | None:
+        return None
+
     def stats(self) -> EngineStats:
         return EngineStats(ready=True, queued=0, running=0, batches=0, failed_batches=0, aborted=0,
                            prompt_cache_hits=0, prompt_cache_misses=0, prompt_cache_entries=0,

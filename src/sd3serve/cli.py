@@ -35,6 +35,9 @@ _MODEL_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "auto: CUDA if there is one"}),
     ("--dtype", {"choices": ["auto", "float32", "float16", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on a CPU"}),
     ("--no-t5", {"dest": "load_t5", "action": "store_const", "const": False, "help": "don't load the T5 encoder"}),
+    ("--weights", {"choices": ["full", "fp8", "t5-fp8"], "help": "weight storage: fp8 halves transformer and T5"}),
+    ("--memory-budget", {"metavar": "GIB",
+                         "help": "auto (the GPU's free memory) or GiB: the fastest memory mode that fits"}),
     ("--threads", {"type": int, "metavar": "N", "help": "torch's CPU threads; 0: the cores this process may use"}),
 ]
 _STORE_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -113,6 +116,13 @@ def _configure_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
+    if args.replicas:  # Ray Serve: each replica sets its own threads before it loads torch
+        try:
+            from sd3serve.scaleout import serve_forever
+        except ImportError as e:
+            print(f"error: --replicas needs Ray Serve ({e}): pip install 'sd3serve[ray]'", file=sys.stderr)
+            return 2
+        return serve_forever(settings, replicas=args.replicas)
     configure_threads(settings)  # first: before anything imports torch
     import uvicorn
 
@@ -280,6 +290,36 @@ def _request_help(name: str, text: str) -> str:
     return f"{text} (default: {getattr(default, 'value', default)})"
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sd3serve.engine.loading import demo_model_dir
+    from sd3serve.engine.memory import GiB, NoModeFits, memory_plan
+
+    model_dir: Path = args.model or demo_model_dir()
+    if not (model_dir / "model_index.json").exists():
+        print(f"error: {model_dir}: needs a diffusers directory (its config files are enough)", file=sys.stderr)
+        return 2
+    plan = memory_plan(model_dir, prompt_cache_bytes=int(args.prompt_cache_mb * 2**20))
+    budgets = tuple(args.budget or (24.0, 16.0))
+    print(f"Memory plan for {model_dir} (GiB; bf16 compute; no weights read)\n")
+    print(plan.components_table() + "\n")
+    print(plan.table(budgets=budgets) + "\n")
+    print(
+        "Columns: peak GPU memory of one request at size² with N images in one forward pass (with exact batches,\n"
+        "the default, the server passes one image at a time: the x1 columns). A mode fits a budget when\n"
+        f"1.1 x peak + 0.5 GiB is within it; 'resident' is what stays on the GPU; prompt cache {args.prompt_cache_mb:g}"
+        " MiB included.\n"
+    )
+    for budget in budgets:
+        for with_t5 in (True, False):
+            try:
+                mode, _ = plan.choose(int(budget * GiB), size=2048, rows=1, with_t5=with_t5)
+                choice = f"{mode.name} (--memory-budget {budget:g} chooses it{'' if with_t5 else ' with --no-t5'})"
+            except NoModeFits as e:
+                choice = f"none: {e}"
+            print(f"{budget:g} GiB{'' if with_t5 else ', no T5'}: {choice}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="sd3serve", description=DESCRIPTION, formatter_class=formatter)
@@ -293,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(serve, _SERVE_FLAGS, "server")
     _add_flags(serve, _MODEL_FLAGS, "model")
     _add_flags(serve, _STORE_FLAGS, "keys and credits")
+    serve.add_argument(
+        "--replicas", type=int, default=0, metavar="N",
+        help="run N replicas on Ray Serve, one per GPU (needs sd3serve[ray]); 0: one process, no Ray",
+    )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser(
@@ -321,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         request.add_argument(flag, type=typ, default=None, help=_request_help(name, text))
     _add_flags(gen, _MODEL_FLAGS, "model")
     gen.set_defaults(func=cmd_generate)
+
+    plan = sub.add_parser("plan", help="GPU memory each memory mode needs for a model, from its configs")
+    plan.add_argument("--model", type=Path, help="diffusers directory (configs only are enough; default: demo model)")
+    plan.add_argument("--budget", type=float, action="append", help="GiB to check (repeatable; default 24 and 16)")
+    plan.add_argument("--prompt-cache-mb", type=float, default=256.0, help="as SD3SERVE_PROMPT_CACHE_MB")
+    plan.set_defaults(func=cmd_plan)
 
     keys = sub.add_parser(
         "keys", help="manage API keys and credits", formatter_class=formatter,

@@ -68,5 +68,21 @@ class ReservationLost(SD3ServeError):
     one dead and returned the hold, or the task was settled elsewhere. Nothing is delivered, nothing charged."""
 
 
+class IdempotencyConflict(SD3ServeError):
+    """An ``Idempotency-Key`` reused with another request body (422)."""
+
+
+class IdempotencyInProgress(SD3ServeError):
+    """The first request with this ``Idempotency-Key`` is still running (409, Retry-After)."""
+
+
+class StorageFull(SD3ServeError):
+    """Stored results are at their budget: the key's (429) or the server's (503, Retry-After)."""
+
+    def __init__(self, message: str, *, server_wide: bool) -> None:
+        super().__init__(message)
+        self.server_wide = server_wide
+
+
 class GenerationFailed(SD3ServeError):
     """The engine raised while generating (500); nothing is charged."""

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     # (model_index.json, */config.json, tokenizer*/); unset: the configs shipped for the SD3 family.
     model_config_dir: Path | None = None
     load_t5: bool = True  # SD3 works without T5; skipping it saves ~9 GB (fp16) on the real model
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # cuda:N picks one GPU of several
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None  # unset: SQLite file in data_dir
@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0)  # how long a lone request waits for company (GPU: try 5-20)
     prompt_cache_mb: float = Field(256.0, ge=0)  # prompt embeddings kept, by bytes
     task_ttl_s: float = Field(3600.0, ge=60)  # v2 results are kept this long after they finish
+    # Stored results (v2 images, idempotent answers): per key (429 past it) and in all (503); 0: no budget. Checked
+    # at submission, so tasks already accepted can add up to their own size each (10 × 2048² PNG ≈ 126 MB).
+    storage_per_key_mb: float = Field(1024.0, ge=0)
+    storage_total_mb: float = Field(20480.0, ge=0)
     # Speed and memory (engine/acceleration.py). "auto" turns an option on where it helps: on CUDA.
     fuse_qkv: Literal["auto", "on", "off"] = "auto"  # one matmul for Q, K and V in every attention
     compile: Literal["off", "regional", "full"] = "off"  # torch.compile: each transformer block, or the whole model
@@ -56,6 +60,12 @@ class Settings(BaseSettings):
     # Torch's CPU threads; 0: the cores this process may use. The server also sets OMP_WAIT_POLICY=PASSIVE unless
     # it is set, so idle OpenMP threads sleep instead of spinning against other processes (sd3serve/threads.py).
     threads: int = Field(0, ge=0)
+    # Weight storage (engine/memory.py): "full" (the dtype), "fp8" (transformer and T5 in float8_e4m3fn, computed
+    # in the dtype: half their memory), "t5-fp8" (T5 only).
+    weights: Literal["full", "fp8", "t5-fp8"] = "full"
+    # "off": the settings above as given; "auto" (the GPU's free memory) or a size in GiB: choose the fastest memory
+    # mode (weights, offload) that fits, keeping T5 unless load_t5 is off; refuse to start when none fits.
+    memory_budget: str = Field("off", pattern=r"^(off|auto|\d+(\.\d+)?)$")
 
     # Reliability and security.
     rate_limit_per_minute: int = Field(0, ge=0)  # generation requests per key and minute; 0: no limit
@@ -63,6 +73,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0)  # a process silent for 3 heartbeats is dead; others settle its work
     shutdown_grace_s: float = Field(60.0, ge=0)  # on SIGTERM, how long running v2 tasks may take to finish
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Webhooks: a target must resolve to public addresses unless this allows private, loopback and link-local ones.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(10.0, gt=0)  # per delivery attempt
     public_url: str | None = None  # base for absolute URLs when behind a proxy; unset: from the request
     # Connections: slow, idle or numerous clients cannot hold the server (api/connections.py, api/middleware.py).
     header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this, or the connection closes

@@ -74,6 +74,8 @@ def test_a_locked_database_does_not_stall_the_model(
         with server.client() as c:
             task_id = c.post(SUBMIT, json={**SMALL, "steps": 8}, headers={"x-api-key": key}).json()["request_id"]
             assert engine.paused.wait(60)
+            wait_for(lambda: c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()["status"]
+                     == "PROCESSING")  # fmt: skip
             lock.execute("BEGIN IMMEDIATE")  # another writer holds the database (a backup, a slow peer, ...)
             engine.gate.set()
             # The batch finishes while the lock is still held: the model never waits for the database
@@ -140,5 +142,38 @@ def test_too_much_work_for_one_request_is_a_400_naming_the_limit(tmp_path: Path)
                                    "sampler": "euler", "guidance_scale": 1}, headers=h)  # fmt: skip
             assert ok.status_code == 200
             assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 6}  # only the 4 delivered
+    finally:
+        gen.close()
+
+
+def test_stored_results_have_a_budget(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from stub_engine import StubEngine
+
+    png = io.BytesIO()
+    Image.new("RGB", (256, 256), (98 % 256, 98 % 256, 0)).save(png, format="PNG")  # what the stub stores
+    size_mb = len(png.getvalue()) / 2**20
+    # One stored task fills a key's budget; two fill the server's.
+    settings = Settings(data_dir=tmp_path, device="cpu", storage_per_key_mb=size_mb / 2, storage_total_mb=size_mb * 1.5)
+    gen = run_live_server(settings, engine=StubEngine())
+    server = next(gen)
+    try:
+        first, second, third = server.new_key(5), server.new_key(5), server.new_key(5)
+        with server.client() as c:
+            body = {**SMALL, "image_format": "png", "width": 256, "height": 256}
+            assert c.post(SUBMIT, json=body, headers={"x-api-key": first}).status_code == 200
+            wait_for(lambda: server.store.get_key(key_id=1).spent == 1)
+            full = c.post(SUBMIT, json=body, headers={"x-api-key": first})
+            assert full.status_code == 429 and "SD3SERVE_STORAGE_PER_KEY_MB" in full.json()["error"]
+            assert c.post(SUBMIT, json=body, headers={"x-api-key": second}).status_code == 200
+            wait_for(lambda: server.store.get_key(key_id=2).spent == 1)
+            everyone = c.post(SUBMIT, json=body, headers={"x-api-key": third})
+            assert everyone.status_code == 503 and "SD3SERVE_STORAGE_TOTAL_MB" in everyone.json()["error"]
+            assert everyone.headers["retry-after"]
+            assert c.post(URL, json=SMALL, headers={"x-api-key": third}).status_code == 200  # v1 stores nothing
+        server.store.reclaim()  # SQLite gives freed pages back (auto_vacuum incremental)
     finally:
         gen.close()

@@ -173,3 +173,17 @@ def test_results_expire(live_server: LiveServer, client: httpx.Client) -> None:
         conn.exec_driver_sql("UPDATE tasks SET expires_at = '2000-01-01 00:00:00' WHERE id = ?", (task_id,))
     assert tasks.delete_expired() == 1
     assert client.get(f"/v2/requests/{task_id}", headers={"x-api-key": key}).status_code == 404
+
+
+def test_base64_results_are_streamed_whole(live_server: LiveServer, client: httpx.Client) -> None:
+    key = live_server.new_key(3)
+    h = {"x-api-key": key}
+    task_id = submit(client, key, {**SMALL, "base64": True, "batch_size": 3})["request_id"]
+    wait_done(client, key, task_id)
+    r = client.get(f"/v2/requests/{task_id}", headers=h)
+    body = r.json()  # streamed one image at a time, still one JSON document
+    assert r.headers["content-type"] == "application/json"
+    assert set(body) == {"request_id", "status", "output", "metrics", "seed"} and body["status"] == "COMPLETED"
+    assert len(body["output"]) == 3
+    for i, encoded in enumerate(body["output"]):
+        assert base64.b64decode(encoded) == client.get(f"/v2/requests/{task_id}/images/{i}", headers=h).content

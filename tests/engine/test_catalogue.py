@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GaussianDenoiser
+from conftest import GaussianDenoiser, RecordingNoise
 from sd3serve.engine.catalogue import (
     GPU_NOISE_SAMPLERS,
     SAMPLER_INFO,
@@ -17,9 +17,8 @@ from sd3serve.engine.catalogue import (
     check_table,
 )
 from sd3serve.engine.flow import FlowSampling
-from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.samplers import SAMPLERS
-from sd3serve.engine.schedules import SCHEDULERS, get_sigmas
+from sd3serve.engine.schedules import SCHEDULERS, get_sigmas, sampler_sigmas
 
 
 def test_tables_list_the_catalogued_names_in_order() -> None:
@@ -53,21 +52,11 @@ def test_variants_name_their_base_and_share_its_properties() -> None:
     assert all(SAMPLER_INFO[n].order is None for n in STOCHASTIC_SAMPLERS)  # no ODE path to converge to
 
 
-class RecordingNoise(BatchNoise):
-    def __init__(self, seeds: list[int]) -> None:
-        super().__init__(seeds)
-        self.on_device: list[bool] = []
-
-    def __call__(self, like: torch.Tensor, *, on_device: bool = False) -> torch.Tensor:
-        self.on_device.append(on_device)
-        return super().__call__(like, on_device=on_device)
-
-
 class RecordingDenoiser(GaussianDenoiser):
     """Counts the calls that ask for the unconditional prediction too (CFG++) apart from the plain ones."""
 
     def __init__(self) -> None:
-        super().__init__(0.5, 0.3)
+        super().__init__(0.5, 0.3, mu_uncond=-0.2, guidance=1.0)
         self.plain_calls = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -78,12 +67,24 @@ class RecordingDenoiser(GaussianDenoiser):
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_properties_match_what_the_sampler_does(name: str) -> None:
     info, steps = SAMPLER_INFO[name], 8
-    sigmas = get_sigmas("sgm_uniform", FlowSampling(3.0), steps)
+    sigmas = sampler_sigmas(name, "sgm_uniform", FlowSampling(3.0), steps)
+    assert len(sigmas) == steps + 1
     model, noise = RecordingDenoiser(), RecordingNoise([1])
     SAMPLERS[name](model, noise(torch.empty(1, 4, 8, 8)), sigmas, noise=noise)
-    draws = noise.on_device[1:]  # the first draw is the starting latent above
+    draws = noise.draws
     assert bool(draws) == info.stochastic
     assert info.gpu_noise == (bool(draws) and all(draws))
     assert (model.calls > model.plain_calls) == info.cfg_pp
     if info.calls_per_step is not None:
         assert (info.calls_per_step - 1) * steps < model.calls <= info.calls_per_step * steps, model.calls
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_penultimate_sigma_dropped_as_ksampler(name: str) -> None:
+    ms = FlowSampling(3.0)
+    sigmas = sampler_sigmas(name, "simple", ms, 6)
+    if SAMPLER_INFO[name].discard_penultimate_sigma:
+        longer = get_sigmas("simple", ms, 7)
+        assert torch.equal(sigmas, torch.cat([longer[:-2], longer[-1:]]))
+    else:
+        assert torch.equal(sigmas, get_sigmas("simple", ms, 6))

@@ -117,3 +117,46 @@ def test_single_file_checkpoint_gives_the_same_images(tiny_model_dir: Path, tmp_
     assert no_t5.pipe.text_encoder_3 is None
     with pytest.raises(ModelLoadError, match="model_index"):
         load_model(Settings(model=ckpt, model_config_dir=tmp_path))
+
+
+def test_device_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda:N is CUDA (compare the device's type, never its name); unknown names are refused."""
+    import torch
+    from pydantic import ValidationError
+
+    from sd3serve.engine.loading import parse_device, resolve_device
+
+    assert parse_device("cuda:0").type == "cuda" and parse_device("cuda:1").index == 1
+    assert parse_device("cuda").type == "cuda" and parse_device("cpu").type == "cpu"
+    with pytest.raises(ModelLoadError, match="unknown device"):
+        parse_device("gpu")
+    assert Settings(device="cuda:1").device == "cuda:1"
+    with pytest.raises(ValidationError):
+        Settings(device="cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        resolve_device("cuda:0")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_bench_builds_full_size_modules_with_their_buffers() -> None:
+    """bench/sd35_large.py materialises full-size modules from meta parameters: the buffers (CLIP's position ids,
+    the transformer's positional embedding) must equal those of a normally constructed module. CLIP-L at full size;
+    the transformer at full width with one block instead of 38 (its buffers do not depend on the depth)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from sd35_large import configs, construct, materialize
+
+    cfg = configs()
+    cfg["transformer"]["num_layers"] = 1
+    for name in ("text_encoder", "transformer"):
+        built = materialize(name, cfg[name], dtype=torch.bfloat16, device="cpu")
+        reference = construct(name, cfg[name]).to(torch.bfloat16)
+        expected = dict(reference.named_buffers())
+        assert expected, name
+        for key, buffer in built.named_buffers():
+            assert torch.equal(buffer, expected[key]), (name, key)
+        assert all(p.dtype == torch.bfloat16 for p in built.parameters())

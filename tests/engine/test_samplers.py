@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from conftest import GaussianDenoiser, exact_flow
+from conftest import GaussianDenoiser, RecordingNoise, exact_flow
 from sd3serve.engine.catalogue import (
     CFG_PP_SAMPLERS,
     DETERMINISTIC_SAMPLERS,
@@ -19,7 +19,7 @@ from sd3serve.engine.catalogue import (
 )
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
-from sd3serve.engine.samplers import SAMPLERS, sample_dpm_adaptive
+from sd3serve.engine.samplers import SAMPLERS, sample_dpm_adaptive, sample_euler_ancestral_cfg_pp
 from sd3serve.engine.schedules import get_sigmas
 
 MU, S = 0.5, 0.3
@@ -125,6 +125,37 @@ def test_dpm_adaptive_accurate_and_bounded() -> None:
     assert tight.calls <= 40
 
 
+def test_dpm_adaptive_batch_costs_its_single_requests() -> None:
+    """Each image is integrated through model.rows([k]): a batch of B makes exactly the model calls of its B
+    single requests (not B× more), each call on one row, and every image equals its single request."""
+    sigmas = get_sigmas("sgm_uniform", MS, 6)
+    seeds = [20, 21, 22, 23]
+    mus = torch.tensor([0.5, -0.3, 0.1, 0.8]).view(4, 1, 1, 1)
+    noise = BatchNoise(seeds)
+    x = noise(torch.empty(4, 4, 8, 8))
+    shapes: list[int] = []
+
+    class Rows(GaussianDenoiser):
+        def _x0(self, x: torch.Tensor, sigma: float, params: object) -> torch.Tensor:
+            shapes.append(x.shape[0])
+            return super()._x0(x, sigma, params)  # type: ignore[arg-type]
+
+        def _view(self, cond: object, uncond: object) -> Rows:
+            return Rows(cond, self.s, _counter=self._counter)  # type: ignore[arg-type]
+
+    batch_model = Rows(mus, S)
+    batch = SAMPLERS["dpm_adaptive"](batch_model, x, sigmas, noise=noise)
+    assert set(shapes) == {1}
+    single_calls = 0
+    for k, seed in enumerate(seeds):
+        single_noise = BatchNoise([seed])
+        model = GaussianDenoiser(mus[k : k + 1], S)
+        single = SAMPLERS["dpm_adaptive"](model, single_noise(torch.empty(1, 4, 8, 8)), sigmas, noise=single_noise)
+        torch.testing.assert_close(batch[k : k + 1], single, rtol=0, atol=1e-6)
+        single_calls += model.calls
+    assert batch_model.calls == single_calls
+
+
 # (c) euler reproduces diffusers' FlowMatchEulerDiscreteScheduler --------------------------------------------
 
 
@@ -175,16 +206,6 @@ def test_only_stochastic_samplers_use_the_noise(name: str) -> None:
         assert name in DETERMINISTIC_SAMPLERS and torch.equal(a, b)
 
 
-class RecordingNoise(BatchNoise):
-    def __init__(self, seeds: list[int]) -> None:
-        super().__init__(seeds)
-        self.flags: list[bool] = []
-
-    def __call__(self, like: torch.Tensor, *, on_device: bool = False) -> torch.Tensor:
-        self.flags.append(on_device)
-        return super().__call__(like, on_device=on_device)
-
-
 @pytest.mark.parametrize("name", GPU_NOISE_SAMPLERS)
 def test_gpu_variants_draw_on_device(name: str) -> None:
     base = SAMPLER_INFO[name].base
@@ -194,29 +215,34 @@ def test_gpu_variants_draw_on_device(name: str) -> None:
     cpu_noise, dev_noise = RecordingNoise([5]), RecordingNoise([5])
     a = SAMPLERS[base](GaussianDenoiser(MU, S), x.clone(), sigmas, noise=cpu_noise)
     b = SAMPLERS[name](GaussianDenoiser(MU, S), x.clone(), sigmas, noise=dev_noise)
-    assert cpu_noise.flags and not any(cpu_noise.flags)
-    assert dev_noise.flags and all(dev_noise.flags)
+    assert cpu_noise.draws and not any(cpu_noise.draws)
+    assert dev_noise.draws and all(dev_noise.draws)
     torch.testing.assert_close(a, b)  # on a CPU tensor, "the device" is the CPU: same generator, same draws
 
 
 # CFG++ -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", CFG_PP_SAMPLERS)
-def test_cfg_pp_equals_base_without_guidance(name: str) -> None:
+def test_cfg_pp_uses_the_negative_prompt_even_at_guidance_1(name: str) -> None:
+    """Without a negative side a CFG++ sampler is its base (euler_ancestral_cfg_pp splits its noise in σ/α, so
+    only its η = 0 form, euler_cfg_pp, is); with one it differs at guidance 1 already (ComfyUI evaluates it)."""
     base_name = SAMPLER_INFO[name].base
     assert base_name is not None
     sigmas = get_sigmas("sgm_uniform", MS, 6)
     x = BatchNoise([9, 10])(torch.empty(2, 4, 8, 8))
-    for w in (0.0, 1.0):
+    plain = GaussianDenoiser(MU, S)
+    pp = SAMPLERS[name](plain, x.clone(), sigmas, noise=BatchNoise([9, 10]))
+    base = SAMPLERS[base_name](plain, x.clone(), sigmas, noise=BatchNoise([9, 10]))
+    if name == "euler_ancestral_cfg_pp":
+        pp = sample_euler_ancestral_cfg_pp(plain, x.clone(), sigmas, noise=BatchNoise([9, 10]), eta=0.0)
+        base = SAMPLERS["euler"](plain, x.clone(), sigmas, noise=BatchNoise([9, 10]))
+    torch.testing.assert_close(pp, base, rtol=0, atol=1e-5)
+    for w in (1.0, 3.0):
         model = GaussianDenoiser(MU, S, mu_uncond=-0.2, guidance=w)
         pp = SAMPLERS[name](model, x.clone(), sigmas, noise=BatchNoise([9, 10]))
         base = SAMPLERS[base_name](model, x.clone(), sigmas, noise=BatchNoise([9, 10]))
-        torch.testing.assert_close(pp, base, rtol=0, atol=1e-6)
-    guided = GaussianDenoiser(MU, S, mu_uncond=-0.2, guidance=3.0)
-    pp = SAMPLERS[name](guided, x.clone(), sigmas, noise=BatchNoise([9, 10]))
-    base = SAMPLERS[base_name](guided, x.clone(), sigmas, noise=BatchNoise([9, 10]))
-    assert not torch.allclose(pp, base, atol=1e-3)
-    assert torch.isfinite(pp).all()
+        assert not torch.allclose(pp, base, atol=1e-3)
+        assert torch.isfinite(pp).all()
 
 
 # contract: callback, no_grad, degenerate schedules -----------------------------------------------------------

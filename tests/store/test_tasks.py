@@ -152,3 +152,19 @@ def test_live_peers_keep_their_old_holds_and_orphans_are_returned(stores: tuple[
     assert a.settle_dead(dead_after=timedelta(seconds=30)) == 1  # the orphan only
     assert credits.balance(key_id=key_id) == 3
     assert tasks.get(task_id="live", key_id=key_id).status == "QUEUED"
+
+
+def test_cancel_refunds_at_once_and_a_late_completion_delivers_nothing(stores: tuple[CreditStore, TaskStore]) -> None:
+    credits, tasks = stores
+    key_id, res = _task(credits, "c1")
+    other = credits.create_key(credits=1)[0].id
+    with pytest.raises(NotFound):
+        tasks.cancel(task_id="c1", key_id=other, ttl=TTL)
+    view, cancelled = tasks.cancel(task_id="c1", key_id=key_id, ttl=TTL)
+    assert (view.status, cancelled, credits.balance(key_id=key_id)) == ("CANCELLED", True, 5)
+    assert tasks.cancelled_among(["c1", "nope"]) == ["c1"]
+    with pytest.raises(ReservationLost):
+        res.capture(deliver=_complete("c1", [b"late"]))  # type: ignore[arg-type]
+    view, cancelled = tasks.cancel(task_id="c1", key_id=key_id, ttl=TTL)
+    assert (view.status, view.image_count, cancelled) == ("CANCELLED", 0, False)
+    assert (credits.get_key(key_id=key_id).credits, credits.get_key(key_id=key_id).spent) == (5, 0)

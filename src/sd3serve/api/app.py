@@ -25,16 +25,20 @@ from sd3serve.api.middleware import (
     RequestBodyMiddleware,
     RequestContextMiddleware,
 )
-from sd3serve.api.routes import admin, credits, generate, ops, playground, v2
+from sd3serve.api.routes import admin, credits, events, generate, openai, ops, playground, v2
+from sd3serve.api.routes import webhooks as webhooks_routes
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
 from sd3serve.api.state import AppState
+from sd3serve.api.webhook_delivery import webhook_loop
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
+from sd3serve.store.idempotency import IdempotencyStore
 from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore
+from sd3serve.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,12 @@ async def _housekeeping(state: AppState) -> None:
                 log.error("presumed dead by another process: stopped %d request(s); their holds were returned",
                           stopped)  # fmt: skip
             await run_in_threadpool(recovery.settle_dead, dead_after=dead_after)
+            await state.service.stop_cancelled()
             await run_in_threadpool(state.store.retry_deferred)
-            await run_in_threadpool(state.tasks.delete_expired)
+            expired = await run_in_threadpool(state.tasks.delete_expired)
+            expired += await run_in_threadpool(state.idempotency.delete_expired)
+            if expired:
+                await run_in_threadpool(state.store.reclaim)
             await run_in_threadpool(recovery.prune_rate_windows, before_window=int(time.time() // 60) - 1)
         except Exception as e:  # the database may be away; try again next beat
             log.warning("housekeeping failed: %s", e)
@@ -146,18 +154,23 @@ def create_app(
 
         credit_store = store or CreditStore(settings.resolved_database_url)
         tasks = TaskStore(credit_store.engine)
+        idempotency = IdempotencyStore(credit_store.engine)
+        webhooks = WebhookStore(credit_store.engine)
         recovery = Recovery(credit_store.engine)
         await run_in_threadpool(credit_store.create_schema)
         await run_in_threadpool(recovery.register)
         the_engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
         state = AppState(
-            settings=settings, metrics=metrics, store=credit_store, tasks=tasks,
-            rate_limiter=RateLimiter(credit_store.engine), recovery=recovery, engine=the_engine,
-            service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, recovery=recovery,
-                                      settings=settings, metrics=metrics),
+            settings=settings, metrics=metrics, store=credit_store, tasks=tasks, idempotency=idempotency,
+            webhooks=webhooks, rate_limiter=RateLimiter(credit_store.engine), recovery=recovery, engine=the_engine,
+            service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, idempotency=idempotency,
+                                      webhooks=webhooks, recovery=recovery, settings=settings, metrics=metrics),
         )  # fmt: skip
         app.state.sd3 = state
         housekeeping = asyncio.create_task(_housekeeping(state), name="housekeeping")
+        deliveries = asyncio.create_task(
+            webhook_loop(webhooks, owner=recovery.instance_id, settings=settings), name="webhooks"
+        )
         await run_in_threadpool(_log_start, state, background=start_in_background)
         starting = None
         if start_in_background:  # HTTP first, the model after: /readyz says "loading" until the engine is ready
@@ -172,9 +185,10 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await starting
             await state.service.drain(settings.shutdown_grace_s)
-            housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeping
+            for loop_task in (housekeeping, deliveries):
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
             await the_engine.close()
             with contextlib.suppress(Exception):
                 await run_in_threadpool(credit_store.retry_deferred)
@@ -200,6 +214,9 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # the last added is the outermost
     app.include_router(generate.router)
     app.include_router(v2.router)
+    app.include_router(events.router)
+    app.include_router(webhooks_routes.router)
+    app.include_router(openai.router)
     app.include_router(credits.router)
     app.include_router(ops.router)
     app.include_router(admin.router)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
 
@@ -179,6 +179,44 @@ def parse_txt2img(body: Any, *, single_image_body: bool = True) -> Txt2ImgReques
     return req
 
 
+WebhookEvent = Literal["completed", "failed", "cancelled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("completed", "failed", "cancelled")
+
+
+class WebhookOptions(BaseModel):
+    """v2 only: where to POST the task's outcome, signed per Standard Webhooks with the key's webhook secret."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    webhook_url: Annotated[
+        str | None,
+        Strict(),
+        Field(
+            max_length=2000,
+            # scheme, a host name or IPv4 address, a port that exists, a path: what the server can check and reach
+            pattern=r"^https?://[A-Za-z0-9._~-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|"
+            r"[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][^\s]*)?$",
+            description="http(s) URL that receives the outcome (POST, JSON, signed); it must resolve to public "
+            "addresses, and the key needs a webhook secret (POST /v1/webhook-secret)",
+        ),
+    ] = None
+    webhook_events: Annotated[
+        list[WebhookEvent],
+        Field(min_length=1, description="which outcomes to send; default all three"),
+    ] = list(WEBHOOK_EVENTS)
+
+
+def parse_webhook(body: Any) -> WebhookOptions | None:
+    """The webhook fields of a v2 body (already known to be an object), or None when it asks for none."""
+    try:
+        options = WebhookOptions.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequest(f"{field}: {err['msg']} (got {_short(err.get('input'))})") from None
+    return options if options.webhook_url is not None else None
+
+
 class Base64ImagesResponse(BaseModel):
     image: str = Field(description="base64 of the first image")
     images: list[str] = Field(description="base64 of every image, in seed order")
@@ -203,5 +241,13 @@ def openapi_request_schemas() -> dict[str, Any]:
         "description": "One response body holds one image: batch_size above 1 needs base64 true.",
         "if": {"properties": {"batch_size": {"minimum": 2}}, "required": ["batch_size"]},
         "then": {"properties": {"base64": {"const": True}}, "required": ["base64"]},
+    }
+    hooks = WebhookOptions.model_json_schema(ref_template="#/components/schemas/{model}")
+    components["Txt2ImgRequestV2"] = {
+        "allOf": [
+            {"$ref": "#/components/schemas/Txt2ImgRequest"},
+            {"type": "object", "properties": hooks["properties"]},
+        ],
+        "description": "The v1 body, plus optional webhook fields.",
     }
     return components

@@ -9,6 +9,9 @@ database.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,18 +22,22 @@ from typing import Any, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.progress import ProgressChannel
-from sd3serve.api.schemas import Txt2ImgRequest
+from sd3serve.api.schemas import Txt2ImgRequest, WebhookOptions
+from sd3serve.api.webhook_delivery import target_problem
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.protocol import Aborted, Engine
-from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError
+from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError, StorageFull
 from sd3serve.imaging import encode_image
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore, KeyInfo, Reservation
+from sd3serve.store.credits import CreditHold, CreditStore, KeyInfo, Reservation, SessionStep
+from sd3serve.store.idempotency import Claim, IdempotencyStore, fingerprint
 from sd3serve.store.recovery import Recovery
-from sd3serve.store.tasks import TaskStore
+from sd3serve.store.tasks import TaskStore, TaskView
+from sd3serve.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,20 @@ class Delivery:
     cost: float
     remaining: float
     prompt_truncated: bool
+    replayed: bool = False  # the stored first answer to this Idempotency-Key
+
+    def answer(self) -> bytes:
+        """The answer kept for idempotent retries (the balance is read again when it is replayed)."""
+        files = [base64.b64encode(f).decode("ascii") for f in self.files]
+        return json.dumps({"files": files, "seed": self.seed, "seconds": self.seconds, "cost": self.cost,
+                           "prompt_truncated": self.prompt_truncated}).encode()  # fmt: skip
+
+    @classmethod
+    def replay(cls, answer: bytes, remaining: float) -> Delivery:
+        d = json.loads(answer)
+        files = [base64.b64decode(f) for f in d["files"]]
+        return cls(files=files, seed=d["seed"], seconds=d["seconds"], cost=d["cost"], remaining=remaining,
+                   prompt_truncated=d["prompt_truncated"], replayed=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,15 @@ class Submission:
     task_id: str
     cost: float
     remaining: float
+    replayed: bool = False
+
+    def answer(self) -> bytes:
+        return json.dumps({"task_id": self.task_id, "cost": self.cost}).encode()
+
+    @classmethod
+    def replay(cls, answer: bytes, remaining: float) -> Submission:
+        d = json.loads(answer)
+        return cls(task_id=d["task_id"], cost=d["cost"], remaining=remaining, replayed=True)
 
 
 @dataclass(frozen=True)
@@ -76,16 +106,18 @@ class _Generated:
 
 class GenerationService:
     def __init__(
-        self, *, engine: Engine, store: CreditStore, tasks: TaskStore, recovery: Recovery, settings: Settings,
-        metrics: Metrics,
+        self, *, engine: Engine, store: CreditStore, tasks: TaskStore, idempotency: IdempotencyStore,
+        webhooks: WebhookStore, recovery: Recovery, settings: Settings, metrics: Metrics,
     ) -> None:  # fmt: skip
         self.engine = engine
         self.store = store
         self.tasks = tasks
+        self.idempotency = idempotency
+        self.webhooks = webhooks
         self.recovery = recovery
         self.settings = settings
         self.metrics = metrics
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: dict[str, asyncio.Task[None]] = {}  # v2 tasks running in this process, by id
 
     def price(self, job: GenerationJob) -> Decimal:
         return self.settings.price_per_image * job.batch_size
@@ -93,39 +125,71 @@ class GenerationService:
     # --- synchronous (v1) -----------------------------------------------------------------------------------
 
     async def generate(
-        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, disconnected: Callable[[], Awaitable[None]]
-    ) -> Delivery:
+        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, disconnected: Callable[[], Awaitable[None]],
+        idempotency_key: str | None = None, route: str = "v1",
+    ) -> Delivery:  # fmt: skip
         """Run the request while the client waits; ClientGone if ``disconnected()`` returns first (the engine
-        then stops the job at its next step)."""
+        then stops the job at its next step). With an ``idempotency_key``, a retry gets the first answer."""
         job = req.to_job()
-        self._admit(job)
-        reservation = await self._reserve(key, job, request_id)
+        claim, answer = await self._claim(key, idempotency_key, route, req)
+        if answer is not None:
+            return Delivery.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
         try:
-            out = await _first_or_gone(self._generate(req, job, request_id=request_id), disconnected())
-            remaining = await run_in_threadpool(reservation.capture)
+            self._admit(job)
+            reservation = await self._reserve(key, job, request_id)
+            try:
+                out = await _first_or_gone(self._generate(req, job, request_id=request_id), disconnected())
+                delivery = Delivery(files=out.files, seed=job.seed, seconds=out.seconds, cost=reservation.credits,
+                                    remaining=0.0, prompt_truncated=out.prompt_truncated)  # fmt: skip
+                record = IdempotencyStore.answered(claim, delivery.answer()) if claim else None
+                remaining = await run_in_threadpool(reservation.capture, deliver=record)
+                claim = None  # answered: kept
+            finally:
+                await run_in_threadpool(reservation.close)
         finally:
-            await run_in_threadpool(reservation.close)
+            if claim is not None:
+                await run_in_threadpool(self.idempotency.abandon, claim)
         self._count(job, reservation)
-        return Delivery(files=out.files, seed=job.seed, seconds=out.seconds, cost=reservation.credits,
-                        remaining=remaining, prompt_truncated=out.prompt_truncated)  # fmt: skip
+        return dataclasses.replace(delivery, remaining=remaining)
 
     # --- asynchronous (v2) ----------------------------------------------------------------------------------
 
-    async def submit(self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str) -> Submission:
-        """Create the task with its hold (one transaction) and run it in the background."""
+    async def submit(
+        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, idempotency_key: str | None = None,
+        webhook: WebhookOptions | None = None, base_url: str = "",
+    ) -> Submission:  # fmt: skip
+        """Create the task with its hold (one transaction) and run it in the background. With an
+        ``idempotency_key``, a retry gets the first submission's task; with a ``webhook``, its outcome is POSTed
+        there (URLs in it start with ``base_url``)."""
         job = req.to_job()
-        self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
-        create = TaskStore.creation(
-            task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
-            media_type=req.image_format.media_type, request_json=req.model_dump_json(),
-            owner=self.recovery.instance_id,
-        )  # fmt: skip
-        reservation = await self._reserve(key, job, request_id, with_hold=create)
+        await self._check_storage(key)
+        subscribe = await self._webhook_step(key, webhook, request_id, base_url) if webhook else None
+        claim, answer = await self._claim(key, idempotency_key, "v2", req)
+        if answer is not None:
+            return Submission.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
+        try:
+            self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
+            create = TaskStore.creation(
+                task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
+                media_type=req.image_format.media_type, request_json=req.model_dump_json(),
+                owner=self.recovery.instance_id,
+            )  # fmt: skip
+            submission = Submission(task_id=request_id, cost=float(self.price(job)), remaining=0.0)
+            if subscribe is not None:
+                create = _both(create, subscribe)
+            if claim is not None:
+                record = IdempotencyStore.answered(claim, submission.answer())
+                create = _both(create, record)
+            reservation = await self._reserve(key, job, request_id, with_hold=create)
+            claim = None  # the task exists, with its answer
+        finally:
+            if claim is not None:
+                await run_in_threadpool(self.idempotency.abandon, claim)
         runner = asyncio.create_task(self._run_task(reservation, req, job, request_id), name=f"v2-{request_id}")
-        self._background.add(runner)
-        runner.add_done_callback(self._background.discard)
+        self._background[request_id] = runner
+        runner.add_done_callback(lambda _: self._background.pop(request_id, None))
         remaining = await run_in_threadpool(self.store.balance, key_id=key.id)
-        return Submission(task_id=request_id, cost=reservation.credits, remaining=remaining)
+        return dataclasses.replace(submission, remaining=remaining)
 
     async def _run_task(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
         ttl = timedelta(seconds=self.settings.task_ttl_s)
@@ -172,16 +236,80 @@ class GenerationService:
                 log.warning("task %s: could not record progress: %s", task_id, e)
             await asyncio.sleep(PROGRESS_WRITE_INTERVAL_S)
 
+    async def cancel(self, key: KeyInfo, task_id: str) -> tuple[TaskView, bool]:
+        """Cancel the caller's task: CANCELLED and refunded at once; a run here stops at its next step, a run in
+        another process when that process next checks (``stop_cancelled``, every heartbeat)."""
+        ttl = timedelta(seconds=self.settings.task_ttl_s)
+        view, cancelled = await run_in_threadpool(self.tasks.cancel, task_id=task_id, key_id=key.id, ttl=ttl)
+        if cancelled:
+            await self.engine.abort(task_id)
+        return view, cancelled
+
+    async def stop_cancelled(self) -> int:
+        """Stop the tasks running here that were cancelled through another process; returns how many."""
+        cancelled = await run_in_threadpool(self.tasks.cancelled_among, list(self._background))
+        for task_id in cancelled:
+            await self.engine.abort(task_id)
+        return len(cancelled)
+
     async def drain(self, grace_s: float) -> None:
         """On shutdown: let accepted v2 tasks finish for up to ``grace_s``, then fail the rest (refunded)."""
         if self._background:
             log.info("waiting up to %.0f s for %d v2 task(s)", grace_s, len(self._background))
-            _, pending = await asyncio.wait(set(self._background), timeout=grace_s)
+            _, pending = await asyncio.wait(set(self._background.values()), timeout=grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
     # --- shared steps ---------------------------------------------------------------------------------------
+
+    async def _check_storage(self, key: KeyInfo) -> None:
+        """Refuse a v2 submission when stored results are at their budget (the key's, or the server's)."""
+        per_key, total = self.settings.storage_per_key_mb * 2**20, self.settings.storage_total_mb * 2**20
+        if per_key and await run_in_threadpool(self.tasks.stored_bytes, key_id=key.id) >= per_key:
+            raise StorageFull(
+                f"this key's stored results reached {self.settings.storage_per_key_mb:g} MB "
+                "(SD3SERVE_STORAGE_PER_KEY_MB): fetch them and wait for them to expire, or use the v1 API",
+                server_wide=False,
+            )
+        if total and await run_in_threadpool(self.tasks.stored_bytes) >= total:
+            raise StorageFull(
+                f"the server's stored results reached {self.settings.storage_total_mb:g} MB "
+                "(SD3SERVE_STORAGE_TOTAL_MB); retry later",
+                server_wide=True,
+            )
+
+    async def _webhook_step(
+        self, key: KeyInfo, webhook: WebhookOptions, task_id: str, base_url: str
+    ) -> SessionStep:
+        """The subscription to create with the task, once the target and the key's secret are known good."""
+        assert webhook.webhook_url is not None
+        problem = await run_in_threadpool(
+            target_problem, webhook.webhook_url, allow_private=self.settings.webhook_allow_private
+        )
+        if problem is not None:
+            raise InvalidRequest(problem)
+        if not await run_in_threadpool(self.webhooks.has_secret, key_id=key.id):
+            raise InvalidRequest(
+                "webhook_url: this key has no webhook secret yet; create one with POST /v1/webhook-secret "
+                "(it is shown once) and verify deliveries with it"
+            )
+        return WebhookStore.subscription(
+            task_id=task_id, key_id=key.id, url=webhook.webhook_url, events=list(webhook.webhook_events),
+            base_url=base_url,
+        )  # fmt: skip
+
+    async def _claim(
+        self, key: KeyInfo, idempotency_key: str | None, route: str, req: Txt2ImgRequest
+    ) -> tuple[Claim | None, bytes | None]:
+        """(the claim to answer, None) for a new request; (None, the stored answer) for a retry."""
+        if idempotency_key is None:
+            return None, None
+        answer = await run_in_threadpool(
+            self.idempotency.begin, key_id=key.id, idem_key=idempotency_key,
+            fingerprint=fingerprint(route, req.model_dump_json()),
+        )  # fmt: skip
+        return (None, answer) if answer is not None else (Claim(key.id, idempotency_key), None)
 
     def _admit(self, job: GenerationJob) -> None:
         """Refuse, before any credit is held, what the server will not run: too much work for one request (400),
@@ -226,6 +354,14 @@ class GenerationService:
     def _count(self, job: GenerationJob, reservation: Reservation) -> None:
         self.metrics.images.inc(job.batch_size)
         self.metrics.credits_charged.inc(reservation.credits)
+
+
+def _both(first: SessionStep, second: SessionStep) -> SessionStep:
+    def both(s: Session, hold: CreditHold) -> None:
+        first(s, hold)
+        second(s, hold)
+
+    return both
 
 
 async def _first_or_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:

@@ -11,9 +11,11 @@ from sd3serve.api.service import GenerationService
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
+from sd3serve.store.idempotency import IdempotencyStore
 from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore
+from sd3serve.store.webhooks import WebhookStore
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class AppState:
     metrics: Metrics
     store: CreditStore
     tasks: TaskStore
+    idempotency: IdempotencyStore
+    webhooks: WebhookStore
     rate_limiter: RateLimiter
     recovery: Recovery
     engine: Engine

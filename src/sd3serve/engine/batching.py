@@ -115,6 +115,9 @@ class BatchingEngine:
             prompt_cache_entries=len(cache) if cache else 0, prompt_cache_bytes=cache.nbytes if cache else 0,
         )  # fmt: skip
 
+    def position(self, request_id: str) -> int | None:
+        return next((i for i, p in enumerate(self._queue) if p.request_id == request_id), None)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load_and_warm)

@@ -16,11 +16,15 @@ class SamplerInfo:
     name: str  # ComfyUI's KSampler name
     description: str  # one line: the algorithm and its paper
     stochastic: bool = False  # draws fresh noise at every step, so the result depends on the seed beyond x_T
-    cfg_pp: bool = False  # CFG++: guided x0 with the unconditional noise estimate; equals `base` at guidance ≤ 1
+    # CFG++: guided x0 with the negative prompt's noise estimate, which is evaluated even at guidance 1 (as ComfyUI);
+    # equals `base` only when the request has no negative side
+    cfg_pp: bool = False
     gpu_noise: bool = False  # draws its noise on the compute device; else equals `base`
     base: str | None = None  # the sampler a CFG++ or *_gpu variant equals when guidance is off / on the CPU
     order: int | None = None  # order of convergence to the probability-flow ODE; None: stochastic or adaptive
     calls_per_step: int | None = 1  # model calls per step at most (the last step may take fewer); None: adaptive
+    # ComfyUI's KSampler: schedule steps + 1 σ and drop the penultimate one (schedules.sampler_sigmas)
+    discard_penultimate_sigma: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,9 +62,19 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("heun", "Heun's method (Karras et al. 2022); Euler on the last step.", order=2, calls_per_step=2),
         # Its σ-weights are not those of a second-order method: it converges with order 1 (measured in the tests).
         SamplerInfo("heunpp2", "Heun++: 3-stage σ-weighted Heun (as ComfyUI).", order=1, calls_per_step=3),
-        SamplerInfo("dpm_2", "DPM-Solver-2-style midpoint in log σ (Karras et al. 2022).", order=2, calls_per_step=2),
         SamplerInfo(
-            "dpm_2_ancestral", "Ancestral DPM-2 with rectified-flow re-noising.", stochastic=True, calls_per_step=2
+            "dpm_2",
+            "DPM-Solver-2-style midpoint in log σ (Karras et al. 2022).",
+            order=2,
+            calls_per_step=2,
+            discard_penultimate_sigma=True,
+        ),
+        SamplerInfo(
+            "dpm_2_ancestral",
+            "Ancestral DPM-2 with rectified-flow re-noising.",
+            stochastic=True,
+            calls_per_step=2,
+            discard_penultimate_sigma=True,
         ),
         SamplerInfo("lms", "Linear multistep, Adams–Bashforth in σ of order 4.", order=4),
         # Orders 3, …, 3, 2, 1 on a uniform log-σ grid: the final first-order step makes the whole second order.
@@ -86,8 +100,10 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("ipndm_v", "Improved PNDM with variable step sizes (Zhang & Chen 2023).", order=4),
         SamplerInfo("deis", "DEIS tAB (Zhang & Chen 2022), exponential integrator of order 3.", order=3),
         SamplerInfo("ddim", "DDIM (Song et al. 2021), η = 0: Euler for a rectified flow.", order=1),
-        SamplerInfo("uni_pc", "UniPC (Zhao et al. 2023), B(h) = h, order 3.", order=3),
-        SamplerInfo("uni_pc_bh2", "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3.", order=3),
+        SamplerInfo("uni_pc", "UniPC (Zhao et al. 2023), B(h) = h, order 3.", order=3, discard_penultimate_sigma=True),
+        SamplerInfo(
+            "uni_pc_bh2", "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3.", order=3, discard_penultimate_sigma=True
+        ),
     )
 }
 SAMPLER_NAMES = tuple(SAMPLER_INFO)

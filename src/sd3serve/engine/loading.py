@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import torch
 from huggingface_hub.utils import disable_progress_bars
 from transformers.utils import logging as transformers_logging
 
+from sd3serve.engine.acceleration import prepare_weights, wanted
 from sd3serve.engine.flow import FlowSampling
+from sd3serve.engine.memory import MemoryMode, NoModeFits, budget_bytes, memory_plan
 from sd3serve.settings import Settings
 
 # Importing diffusers' pipelines makes transformers log advisory warnings (no torchvision: the PIL image processors
@@ -50,6 +53,7 @@ class LoadedModel:
     source: str  # a path, or "embedded demo model (...)"
     # The demo's tokenizers know its lower-case words only: its prompts are normalised before encoding.
     normalise_prompts: bool = False
+    memory: MemoryMode | None = None  # weight storage and offload, as set or chosen for a budget (engine/memory.py)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -61,12 +65,23 @@ class LoadedModel:
         return self.vae_scale_factor * int(self.pipe.transformer.config.patch_size)
 
 
+def parse_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` (compare ``.type``, never the name: ``cuda:0`` is CUDA too)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ModelLoadError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(name)
+    device = parse_device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {name!r} was asked for but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -76,7 +91,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def demo_model_dir() -> Path:
-    """The embedded demo model: trained by ``python -m sd3serve.models.train_demo``, shipped in the package."""
+    """The embedded demo model: trained by ``python -m sd3demo.train`` (``tools/``), shipped in the package."""
     path = DEMO_MODEL_DIR
     if not (path / "model_index.json").exists():
         raise ModelLoadError(f"the embedded demo model is missing from the package ({path}); reinstall sd3serve")
@@ -102,6 +117,45 @@ def configure_libraries() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def mode_as_set(settings: Settings) -> MemoryMode:
+    fp8_t5 = settings.weights in ("fp8", "t5-fp8")
+    return MemoryMode(
+        name="as set",
+        transformer="fp8" if settings.weights == "fp8" else "full",
+        t5="off" if not settings.load_t5 else ("fp8" if fp8_t5 else "full"),
+        offload=settings.offload,
+        about="from SD3SERVE_WEIGHTS, SD3SERVE_OFFLOAD and --no-t5",
+    )
+
+
+def forward_rows(settings: Settings, device: torch.device) -> int:
+    """The most images one transformer or VAE call sees: 1 with exact batches, else the batch (doubled: CFG)."""
+    if settings.exact_batches:
+        return 1
+    return 2 * (settings.max_batch_images or (4 if device.type == "cuda" else 1))
+
+
+LARGEST_SIZE = 2048  # pixels a side: the largest request the API accepts
+
+
+def choose_memory_mode(settings: Settings, config_dir: Path, device: torch.device) -> MemoryMode:
+    """The mode as set, or, with a memory budget, the fastest that fits the largest request this server takes."""
+    if settings.memory_budget == "off":
+        return mode_as_set(settings)
+    rows = forward_rows(settings, device)
+    try:
+        budget = budget_bytes(settings.memory_budget, device)
+        plan = memory_plan(config_dir, prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
+                           shapes=((LARGEST_SIZE, rows),))  # fmt: skip
+        mode, why = plan.choose(
+            budget, size=LARGEST_SIZE, rows=rows, with_t5=settings.load_t5, allow_offload=device.type == "cuda"
+        )
+    except (NoModeFits, FileNotFoundError) as e:
+        raise ModelLoadError(f"--memory-budget {settings.memory_budget}: {e}") from e
+    log.info("%s", why)
+    return mode
+
+
 def load_model(settings: Settings) -> LoadedModel:
     configure_libraries()
     device = resolve_device(settings.device)
@@ -117,17 +171,30 @@ def load_model(settings: Settings) -> LoadedModel:
     else:
         path = settings.model.expanduser()
         source = str(path)
+    config_dir = path if path.is_dir() else settings.model_config_dir
+    memory = choose_memory_mode(settings, config_dir, device) if config_dir else mode_as_set(settings)
+    load_t5 = memory.t5 != "off"
     if path.is_dir():
-        pipe = _load_directory(path, dtype=dtype, load_t5=settings.load_t5)
+        pipe = _load_directory(path, dtype=dtype, load_t5=load_t5)
     elif path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
-        pipe = _load_single_file(path, config_dir=settings.model_config_dir, dtype=dtype, load_t5=settings.load_t5)
+        pipe = _load_single_file(path, config_dir=settings.model_config_dir, dtype=dtype, load_t5=load_t5)
     elif path.exists():
         raise ModelLoadError(
             f"{path}: not a diffusers directory nor a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
         )
     else:
         raise ModelLoadError(f"{path}: no such file or directory")
-    pipe.to(device)
+    # Fusing and fp8 storage happen in CPU memory, so the GPU never holds more than the mode's weights; with offload
+    # the weights stay there (apply_acceleration installs the hooks that move them).
+    prepared = prepare_weights(
+        pipe,
+        fuse=wanted(settings.fuse_qkv, device),
+        fp8_transformer=memory.transformer == "fp8",
+        fp8_t5=memory.t5 == "fp8",
+        compute_dtype=dtype,
+    )
+    if memory.offload == "none":
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
@@ -135,15 +202,18 @@ def load_model(settings: Settings) -> LoadedModel:
     sched = pipe.scheduler.config
     flow = FlowSampling(shift=float(sched.get("shift", 3.0)), num_train_timesteps=int(sched["num_train_timesteps"]))
     log.info(
-        "loaded %s on %s (%s), shift %.2f, T5 %s",
+        "loaded %s on %s (%s), shift %.2f, T5 %s%s",
         source,
         device,
         dtype,
         flow.shift,
         "on" if pipe.text_encoder_3 is not None else "off",
+        f", {', '.join(prepared)}" if prepared else "",
     )
     demo = settings.model is None
-    return LoadedModel(pipe=pipe, flow=flow, device=device, dtype=dtype, source=source, normalise_prompts=demo)
+    return LoadedModel(
+        pipe=pipe, flow=flow, device=device, dtype=dtype, source=source, memory=memory, normalise_prompts=demo
+    )
 
 
 def _t5_overrides(has_t5: bool, load_t5: bool) -> dict[str, None]:

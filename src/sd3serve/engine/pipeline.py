@@ -7,6 +7,8 @@ with seed + i (and, with ``exact_batches``, bit for bit).
 
 from __future__ import annotations
 
+import copy
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +19,7 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
 from sd3serve.engine.acceleration import apply_acceleration
+from sd3serve.engine.catalogue import SAMPLER_INFO
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.engine.loading import LoadedModel, load_model
@@ -24,7 +27,7 @@ from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.prompt_cache import PromptCache, TextEmbedding
 from sd3serve.engine.protocol import ProgressCallback
 from sd3serve.engine.samplers import SAMPLERS
-from sd3serve.engine.schedules import get_sigmas
+from sd3serve.engine.schedules import sampler_sigmas
 from sd3serve.settings import Settings
 
 # Which jobs of a batch are still wanted, asked before every model call (True: keep computing it). A job whose
@@ -44,7 +47,9 @@ class AllAborted(Exception):
 class FlowDenoiser:
     """Wraps the SD3 transformer as a denoiser for the samplers: velocity → x0, with classifier-free guidance.
 
-    Sampler maths stays in float32; only the transformer sees the model dtype.
+    As ComfyUI: a plain call at guidance 1 evaluates only the prompt; ``with_uncond`` (CFG++) evaluates the
+    negative prompt whenever one is given, at guidance 1 too. Sampler maths stays in float32; only the
+    transformer sees the model dtype.
     """
 
     def __init__(
@@ -61,26 +66,46 @@ class FlowDenoiser:
         self.flow: FlowSampling = model.flow
         self.dtype = model.dtype
         self.cond = cond
-        self.uncond = uncond if guidance_scale > 1 else None
+        self.uncond = uncond
         self.guidance_scale = guidance_scale
+        self.cfg = uncond is not None and not math.isclose(guidance_scale, 1.0)  # plain calls: ComfyUI's cfg1 skip
         self.exact_batches = exact_batches
         self.live_rows = live_rows
+        self.any_live: Callable[[], bool] | None = None  # set on a rows() view: whether the whole batch has any
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.with_uncond(x, sigma)[0]
+        return self._evaluate(x, sigma, self.uncond if self.cfg else None)[0]
 
     def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._evaluate(x, sigma, self.uncond)
+
+    def rows(self, indices: list[int]) -> FlowDenoiser:
+        """The denoiser of rows ``indices`` only (their prompts, their live state); the same abort rules."""
+        view = copy.copy(self)
+        pick = lambda t: (t[0][indices], t[1][indices])  # noqa: E731
+        view.cond = pick(self.cond)
+        view.uncond = pick(self.uncond) if self.uncond is not None else None
+        parent = self.live_rows
+        if parent is not None:
+            view.live_rows = lambda: _rows_of(parent(), indices)
+            view.any_live = lambda: (rows := parent()) is None or bool(rows)
+        return view
+
+    def _evaluate(
+        self, x: torch.Tensor, sigma: torch.Tensor, uncond: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.live_rows() if self.live_rows is not None else None
         if rows is None or len(rows) == x.shape[0]:
-            return self._guided(x, sigma, self.cond, self.uncond)
-        if not rows:
+            return self._guided(x, sigma, self.cond, uncond)
+        if not rows and (self.any_live is None or not self.any_live()):
             raise AllAborted
         # Only the rows still wanted go through the model; the others are frozen (x0 = x: no change).
-        idx = torch.tensor(rows, device=x.device)
-        pick = lambda t: (t[0][idx], t[1][idx])  # noqa: E731
-        guided, uncond = self._guided(x[idx], sigma, pick(self.cond), pick(self.uncond) if self.uncond else None)
         full_guided, full_uncond = x.clone(), x.clone()
-        full_guided[idx], full_uncond[idx] = guided, uncond
+        if rows:
+            idx = torch.tensor(rows, device=x.device)
+            pick = lambda t: (t[0][idx], t[1][idx])  # noqa: E731
+            guided, unc = self._guided(x[idx], sigma, pick(self.cond), pick(uncond) if uncond is not None else None)
+            full_guided[idx], full_uncond[idx] = guided, unc
         return full_guided, full_uncond
 
     def _guided(
@@ -129,6 +154,14 @@ class FlowDenoiser:
 def normalise_demo_prompt(text: str) -> str:
     """What the demo model was trained on: lower case, no punctuation ("A Red Circle." reads "a red circle")."""
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def _rows_of(live: list[int] | None, indices: list[int]) -> list[int] | None:
+    """The positions within ``indices`` of the batch rows still live (None: all of them)."""
+    if live is None:
+        return None
+    keep = set(live)
+    return [j for j, r in enumerate(indices) if r in keep]
 
 
 def t5_length(pipe: StableDiffusion3Pipeline) -> int:
@@ -210,7 +243,8 @@ class SD3Pipeline:
         if len({batch_key(j) for j in jobs}) != 1:
             raise ValueError("jobs in one batch must share size, steps, sampler, scheduler and guidance")
         model, first, timings = self.model, jobs[0], {}
-        guidance = first.guidance_scale > 1
+        # the negative prompt is evaluated for CFG (guidance > 1) and, as ComfyUI does, by CFG++ at any guidance
+        guidance = first.guidance_scale > 1 or SAMPLER_INFO[first.sampler].cfg_pp
 
         # 1. Encode each prompt (once per text), one row per image.
         t0 = time.perf_counter()
@@ -226,8 +260,9 @@ class SD3Pipeline:
         channels = model.pipe.transformer.config.in_channels
         eps = noise(torch.empty(len(noise), channels, gen_h // f, gen_w // f, device=model.device))
 
-        # 3. σ schedule from the model's own shift; the start is x_σ0 of an empty latent (σ0 < 1 for ddim_uniform).
-        sigmas = get_sigmas(first.scheduler, model.flow, first.steps).to(model.device)
+        # 3. σ schedule from the model's own shift, as ComfyUI's KSampler builds it for this sampler; the start is
+        # x_σ0 of an empty latent (σ0 < 1 for ddim_uniform).
+        sigmas = sampler_sigmas(first.sampler, first.scheduler, model.flow, first.steps).to(model.device)
         x = eps * sigmas[0]
 
         # 4. Sample.

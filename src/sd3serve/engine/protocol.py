@@ -65,6 +65,10 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def position(self, request_id: str) -> int | None:
+        """How many requests are ahead of this one in the queue (0: next), or None if it is not queued here."""
+        ...
+
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
         ...

@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 
 from sd3serve.engine.catalogue import SAMPLER_NAMES, check_table
-from sd3serve.engine.noise import BatchNoise
+from sd3serve.engine.noise import BatchNoise, BrownianNoise
 
 
 class Denoiser(Protocol):
@@ -40,7 +40,12 @@ class Denoiser(Protocol):
         ...
 
     def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(guided x0, unconditional x0), for CFG++; equal when guidance is off."""
+        """(guided x0, unconditional x0), for CFG++: the negative prompt's x0 even at guidance 1 (ComfyUI's
+        ``disable_cfg1_optimization``); the same tensor twice only when the request has no negative side."""
+        ...
+
+    def rows(self, indices: list[int]) -> Denoiser:
+        """The same denoiser for a subset of the batch's rows: it takes and returns ``len(indices)`` rows."""
         ...
 
 
@@ -59,7 +64,9 @@ class Sampler(Protocol):
     ) -> torch.Tensor: ...
 
 
-SNR_SIGMA_MAX = 1.0 - 1e-4 / 3  # ComfyUI: percent_to_sigma(1e-4) at shift 3; first σ for finite log-SNR
+# First σ for a finite log-SNR: ComfyUI's percent_to_sigma(1e-4) at SD3's shift 3, rounded to float32 as it lands
+# in ComfyUI's schedule tensor (0.9999666...).
+SNR_SIGMA_MAX = float(torch.tensor(3 * (1 - 1e-4) / (1 + 2 * (1 - 1e-4)), dtype=torch.float32))
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -100,6 +107,18 @@ def _sigma_of_lam(lam: float) -> float:
     return 1.0 / (1.0 + math.exp(lam))  # sigmoid(-λ)
 
 
+def _f32(value: torch.Tensor) -> float:
+    return float(value.to(torch.float32))
+
+
+def _mid_sigma_f32(s: float, s_to: float, r: float) -> float:
+    """σ at λ_s + r·(λ_to - λ_s), evaluated in float32 as ComfyUI does: the model and the Brownian tree then see
+    the same float32 σ (a float64 evaluation is an ulp away, which non-smooth models can amplify)."""
+    a, b = (torch.tensor(v, dtype=torch.float32) for v in (s, s_to))
+    lam_a, lam_b = a.logit().neg(), b.logit().neg()
+    return _f32((lam_a + r * (lam_b - lam_a)).neg().sigmoid())
+
+
 def _offset_first(sig: list[float]) -> list[float]:
     """ComfyUI's offset_first_sigma_for_snr: σ = 1 has no finite log-SNR, start just below it."""
     return [SNR_SIGMA_MAX, *sig[1:]] if len(sig) > 1 and sig[0] >= 1.0 else sig
@@ -121,12 +140,6 @@ def _rf_renoise(s_next: float, s_down: float) -> tuple[float, float]:
     """(α_next/α_down, renoise std) taking a sample at σ_down to the flow marginal at σ_next ≥ σ_down."""
     scale = (1 - s_next) / (1 - s_down)
     return scale, math.sqrt(max(s_next**2 - (s_down * scale) ** 2, 0.0))
-
-
-def _noise_row(noise: BatchNoise, like: torch.Tensor, k: int) -> torch.Tensor:
-    """Image k's next draw, exactly as :class:`BatchNoise` would make it, without touching other images."""
-    g = noise.generators("cpu")[k]
-    return torch.randn(like.shape[1:], generator=g, dtype=torch.float32)[None].to(like.device, like.dtype)
 
 
 def _ve_ancestral(r: float, r_next: float, eta: float) -> tuple[float, float]:
@@ -186,15 +199,8 @@ def sample_euler_cfg_pp(
     noise: BatchNoise,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Euler with CFG++ (Chung et al. 2024): guided x0, unconditional noise estimate."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
-        guided, uncond = model.with_uncond(x, st[i])
-        s, s1 = sig[i], sig[i + 1]
-        # x' = α'·D_g + σ'·ε̂_u,  ε̂_u = (x - α·D_u)/σ
-        x = _comb((s1 / s, x), (-(s1 / s) * (1 - s), uncond), (1 - s1, guided))
-        _progress(callback, i, n)
-    return x
+    """Euler with CFG++ (Chung et al. 2024): x' = α'·D_g + σ'·ε̂_u, ε̂_u = (x - α·D_u)/σ (DDIM-CFG++)."""
+    return _euler_ancestral_cfg_pp(model, x, sigmas, noise, callback, 0.0, 0.0)
 
 
 def _euler_ancestral(
@@ -205,24 +211,49 @@ def _euler_ancestral(
     callback: StepCallback | None,
     eta: float,
     s_noise: float,
-    cfg_pp: bool,
 ) -> torch.Tensor:
     sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
     for i in range(n):
-        if cfg_pp:
-            denoised, uncond = model.with_uncond(x, st[i])
-        else:
-            denoised = uncond = model(x, st[i])
+        denoised = model(x, st[i])
         s, s1 = sig[i], sig[i + 1]
         if s1 == 0:
             x = denoised
         else:
             s_down, scale, renoise = _rf_ancestral(s, s1, eta)
-            r = s_down / s
-            # deterministic step to σ_down: α_down·D + σ_down·ε̂ (CFG++: ε̂ from the unconditional x0)
-            x = _comb((r, x), (-r * (1 - s), uncond), (1 - s_down, denoised)) if cfg_pp else torch.lerp(denoised, x, r)
+            x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down
             if eta > 0:
-                x = _comb((scale, x), (renoise * s_noise, noise(x)))
+                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
+        _progress(callback, i, n)
+    return x
+
+
+def _euler_ancestral_cfg_pp(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: BatchNoise,
+    callback: StepCallback | None,
+    eta: float,
+    s_noise: float,
+) -> torch.Tensor:
+    """CFG++ Euler as ComfyUI: x' = α'·D_g + σ_down·ε̂_u + α'·r_up·z with the ancestral split taken on the
+    noise-to-signal ratios r = σ/α (the paper's VE variable x/α); η = 0 is DDIM-CFG++ (euler_cfg_pp)."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        guided, uncond = model.with_uncond(x, st[i])
+        s, s1 = sig[i], sig[i + 1]
+        if s1 == 0:
+            x = guided
+        else:
+            a_s, a_t = 1 - s, 1 - s1
+            if a_s <= 0:  # σ = 1: r = ∞, all of σ' is fresh noise (ComfyUI's get_ancestral_step gives up = r')
+                r_down, r_up = (0.0, s1 / a_t) if eta else (s1 / a_t, 0.0)
+            else:
+                r_down, r_up = _ve_ancestral(s / a_s, s1 / a_t, eta)
+            c = a_t * r_down / s  # σ_down·ε̂_u, ε̂_u = (x - α·D_u)/σ
+            x = _comb((c, x), (-c * a_s, uncond), (a_t, guided))
+            if eta > 0 and s_noise > 0:
+                x.add_(noise.step(x), alpha=a_t * r_up * s_noise)
         _progress(callback, i, n)
     return x
 
@@ -239,7 +270,7 @@ def sample_euler_ancestral(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Ancestral Euler, rectified-flow re-noising (ComfyUI's sample_euler_ancestral_RF)."""
-    return _euler_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=False)
+    return _euler_ancestral(model, x, sigmas, noise, callback, eta, s_noise)
 
 
 @torch.no_grad()
@@ -253,8 +284,8 @@ def sample_euler_ancestral_cfg_pp(
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
-    """Ancestral Euler with CFG++ (Chung et al. 2024), rectified-flow re-noising."""
-    return _euler_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=True)
+    """Ancestral Euler with CFG++ (Chung et al. 2024), ancestral split in σ/α as ComfyUI."""
+    return _euler_ancestral_cfg_pp(model, x, sigmas, noise, callback, eta, s_noise)
 
 
 @torch.no_grad()
@@ -364,7 +395,7 @@ def sample_dpm_2_ancestral(
             x_2 = torch.lerp(denoised, x, s_mid / s)
             x = _comb((1.0, x), ((s_down - s) / s_mid, x_2), ((s - s_down) / s_mid, model(x_2, st.at(s_mid))))
             if eta > 0:
-                x = _comb((scale, x), (renoise * s_noise, noise(x)))
+                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
         _progress(callback, i, n)
     return x
 
@@ -640,7 +671,7 @@ def sample_dpm_fast(
                 s_down = max(_rf_ancestral(math.exp(-t), math.exp(-t1), eta)[0], s_min)
                 x = solver.step(order, x, t, -math.log(s_down), {})
                 scale, renoise = _rf_renoise(math.exp(-t1), s_down)
-                x = _comb((scale, x), (renoise * s_noise, noise(x)))
+                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
             else:
                 x = solver.step(order, x, t, t1, {})
     if denoise:
@@ -667,9 +698,9 @@ def sample_dpm_adaptive(
 ) -> torch.Tensor:
     """DPM-Solver-23 with adaptive step size (Lu et al. 2022; I-controller as k-diffusion), ≤ max_nfe calls.
 
-    The error norm and the step size are per image (batch invariance), so each image is integrated in turn;
-    the model still sees the whole batch (row k carries image k, the other rows are ignored), at most
-    ``max_nfe`` calls per image. Progress goes to ``callback`` as the fraction of the σ range covered.
+    The error norm and the step size are per image (batch invariance), so each image is integrated in turn
+    through ``model.rows([k])``: a batch of B costs the model calls of B single requests (at most ``max_nfe``
+    per image). Progress goes to ``callback`` as the fraction of the σ range covered.
     """
     sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
     if n < 1:
@@ -688,14 +719,7 @@ def sample_dpm_adaptive(
 
     rows: list[torch.Tensor] = []
     for k in range(b):
-
-        def row_model(xk: torch.Tensor, s: torch.Tensor, k: int = k) -> torch.Tensor:
-            if b == 1:
-                return model(xk, s)
-            full = x.clone()
-            full[k : k + 1] = xk
-            return model(full, s)[k : k + 1]
-
+        row_model, row_noise = (model, noise) if b == 1 else (model.rows([k]), noise.rows([k]))
         xk, x_prev = x[k : k + 1], x[k : k + 1]
         solver = _DPMSolver(row_model, st)
         t, h = t_start, h_init
@@ -718,7 +742,7 @@ def sample_dpm_adaptive(
                 x_prev, xk = x_low, x_high
                 if eta > 0:
                     scale, renoise = _rf_renoise(math.exp(-t1), s_down)
-                    xk = scale * xk + (renoise * s_noise) * _noise_row(noise, xk, k)
+                    xk = _comb((scale, xk), (renoise * s_noise, row_noise.step(xk)))
                 t, cache = t1, {}
                 report((k + (s_max - math.exp(-t)) / (s_max - s_min)) / b)
             else:
@@ -737,6 +761,11 @@ def sample_dpm_adaptive(
 # --------------------------------------------------------------------------- DPM-Solver++ (half-log-SNR λ)
 
 
+def _midpoint_2s(s: float, s_down: float) -> float:
+    """DPM-Solver++(2S)'s midpoint in λ between σ and σ_down; at σ = 1 (λ = -∞) ComfyUI's σ_s = 0.9999."""
+    return 0.9999 if s >= 1.0 else _mid_sigma_f32(s, s_down, 0.5)
+
+
 def _dpmpp_2s_ancestral(
     model: Denoiser,
     x: torch.Tensor,
@@ -745,29 +774,49 @@ def _dpmpp_2s_ancestral(
     callback: StepCallback | None,
     eta: float,
     s_noise: float,
-    cfg_pp: bool,
 ) -> torch.Tensor:
     sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
     for i in range(n):
         s, s1 = sig[i], sig[i + 1]
-        if cfg_pp:
-            denoised, uncond = model.with_uncond(x, st[i])
-        else:
-            denoised = uncond = model(x, st[i])
+        denoised = model(x, st[i])
         if s1 == 0:
             x = denoised
         else:
             s_down, scale, renoise = _rf_ancestral(s, s1, eta)
-            # midpoint in λ between σ and σ_down; at σ = 1 (λ = -∞) ComfyUI's σ_s = 0.9999
-            s_mid = 0.9999 if s >= 1.0 else _sigma_of_lam(0.5 * (_lam(s) + _lam(s_down)))
-            u = _comb((s_mid / s, x), (-(s_mid / s) * (1 - s), uncond), (1 - s_mid, denoised))
-            if cfg_pp:
-                d2, u2 = model.with_uncond(u, st.at(s_mid))
-            else:
-                d2 = u2 = model(u, st.at(s_mid))
-            x = _comb((s_down / s, x), (-(s_down / s) * (1 - s), u2), (1 - s_down, d2))
+            s_mid = _midpoint_2s(s, s_down)
+            u = torch.lerp(denoised, x, s_mid / s)
+            x = torch.lerp(model(u, st.at(s_mid)), x, s_down / s)
             if eta > 0:
-                x = _comb((scale, x), (renoise * s_noise, noise(x)))
+                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
+        _progress(callback, i, n)
+    return x
+
+
+def _dpmpp_2s_ancestral_cfg_pp(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: BatchNoise,
+    callback: StepCallback | None,
+    eta: float,
+    s_noise: float,
+) -> torch.Tensor:
+    """ComfyUI's ``*_RF_cfg_pp``: the unconditional 2S ancestral step, then α'·(D_g - D_u) of the first call."""
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        guided, uncond = model.with_uncond(x, st[i])
+        if s1 == 0:
+            x = guided  # u + 1·(D_g - u)
+        else:
+            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
+            s_mid = _midpoint_2s(s, s_down)
+            u = torch.lerp(uncond, x, s_mid / s)
+            _, uncond_2 = model.with_uncond(u, st.at(s_mid))  # only the unconditional x0 is used
+            x = torch.lerp(uncond_2, x, s_down / s)
+            if eta > 0:
+                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
+            x.add_(guided, alpha=1 - s1).sub_(uncond, alpha=1 - s1)
         _progress(callback, i, n)
     return x
 
@@ -784,7 +833,7 @@ def sample_dpmpp_2s_ancestral(
     s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022), λ = logit(1-σ), RF re-noising (ComfyUI's *_RF)."""
-    return _dpmpp_2s_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=False)
+    return _dpmpp_2s_ancestral(model, x, sigmas, noise, callback, eta, s_noise)
 
 
 @torch.no_grad()
@@ -798,8 +847,14 @@ def sample_dpmpp_2s_ancestral_cfg_pp(
     eta: float = 1.0,
     s_noise: float = 1.0,
 ) -> torch.Tensor:
-    """Ancestral DPM-Solver++(2S) with CFG++ (guided x0, unconditional ε̂ at both stages), RF re-noising."""
-    return _dpmpp_2s_ancestral(model, x, sigmas, noise, callback, eta, s_noise, cfg_pp=True)
+    """Ancestral DPM-Solver++(2S) with CFG++ as ComfyUI for flow models: unconditional 2S step, plus α'·(D_g - D_u)."""
+    return _dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, noise, callback, eta, s_noise)
+
+
+def _brownian(noise: BatchNoise, x: torch.Tensor, sigmas: torch.Tensor, on_device: bool) -> BrownianNoise:
+    """ComfyUI's BrownianTreeNoiseSampler for the SDE samplers: over the schedule's [σ_min > 0, σ_max]."""
+    positive = sigmas[sigmas > 0]
+    return noise.brownian(x, float(positive.min()), float(sigmas.max()), on_device=on_device)
 
 
 def _dpmpp_sde(
@@ -817,6 +872,7 @@ def _dpmpp_sde(
     sig = _offset_first(_floats(sigmas))
     st = _Sig(sigmas)
     fac = 1 / (2 * r)
+    tree = _brownian(noise, x, sigmas, on_device) if eta > 0 and s_noise > 0 else None
     for i in range(n):
         s, s1 = sig[i], sig[i + 1]
         denoised = model(x, st.at(s) if i == 0 else st[i])
@@ -826,22 +882,22 @@ def _dpmpp_sde(
             lam_s, lam_t = _lam(s), _lam(s1)
             h = lam_t - lam_s
             lam_1 = lam_s + r * h
-            s_1 = _sigma_of_lam(lam_1)
+            s_1 = _mid_sigma_f32(s, s1, r)
             a_s, a_1, a_t = 1 - s, 1 - s_1, 1 - s1
             # stage 1: exponential step to λ_1 with ancestral noise in the noise-to-signal ratio e^{-λ}
             rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_1), eta)
             h_ = -math.log(rd) - lam_s
             x_2 = _comb(((a_1 / a_s) * math.exp(-h_), x), (-a_1 * math.expm1(-h_), denoised))
-            if eta > 0 and s_noise > 0:
-                x_2.add_(noise(x, on_device=on_device), alpha=a_1 * ru * s_noise)
+            if tree is not None:
+                x_2.add_(tree(s, s_1), alpha=a_1 * ru * s_noise)
             denoised_2 = model(x_2, st.at(s_1))
             # stage 2
             rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_t), eta)
             h_ = -math.log(rd) - lam_s
             c = -a_t * math.expm1(-h_)
             x = _comb(((a_t / a_s) * math.exp(-h_), x), (c * (1 - fac), denoised), (c * fac, denoised_2))
-            if eta > 0 and s_noise > 0:
-                x.add_(noise(x, on_device=on_device), alpha=a_t * ru * s_noise)
+            if tree is not None:
+                x.add_(tree(s, s1), alpha=a_t * ru * s_noise)
         _progress(callback, i, n)
     return x
 
@@ -959,6 +1015,7 @@ def _dpmpp_multistep_sde(
     n = len(sigmas) - 1
     sig = _offset_first(_floats(sigmas))
     st = _Sig(sigmas)
+    tree = _brownian(noise, x, sigmas, on_device) if eta > 0 and s_noise > 0 else None
     d_1: torch.Tensor | None = None
     d_2: torch.Tensor | None = None
     h_1: float | None = None
@@ -992,8 +1049,8 @@ def _dpmpp_multistep_sde(
                 c = a_t * phi * h / h_1
                 terms = [terms[0], (a_t * phi_1 + c, denoised), (-c, d_1)]
             x = _comb(*terms)
-            if eta > 0 and s_noise > 0:
-                x.add_(noise(x, on_device=on_device), alpha=s1 * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+            if tree is not None:
+                x.add_(tree(s, s1), alpha=s1 * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
         d_1, d_2 = denoised, d_1
         h_1, h_2 = h, h_1
         _progress(callback, i, n)
@@ -1083,7 +1140,7 @@ def sample_ddpm(
             a_s, a_t = 1 - s, 1 - s1
             ratio = a_s / a_t  # α_{σ|σ'}
             var = max(s**2 - ratio**2 * s1**2, 0.0)  # σ²_{σ|σ'}
-            x = _comb((ratio * s1**2 / s**2, x), (a_t * var / s**2, denoised), (math.sqrt(var) * s1 / s, noise(x)))
+            x = _comb((ratio * s1**2 / s**2, x), (a_t * var / s**2, denoised), (math.sqrt(var) * s1 / s, noise.step(x)))
         _progress(callback, i, n)
     return x
 
@@ -1103,7 +1160,7 @@ def sample_lcm(
         x = model(x, st[i])
         s1 = sig[i + 1]
         if s1 > 0:
-            x = torch.lerp(x, noise(x), s1)
+            x = torch.lerp(x, noise.step(x), s1)
         _progress(callback, i, n)
     return x
 
@@ -1130,7 +1187,7 @@ def sample_ddim(
         k = math.sqrt(max(s1**2 - c**2, 0.0)) / s  # ε̂ = (x - α·x0)/σ
         x = _comb((k, x), (a_t - k * a_s, denoised))
         if c > 0:
-            x.add_(noise(x), alpha=c)
+            x.add_(noise.step(x), alpha=c)
         _progress(callback, i, n)
     return x
 

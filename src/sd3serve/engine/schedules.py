@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from sd3serve.engine.catalogue import SCHEDULER_NAMES, check_table
-from sd3serve.engine.flow import FlowSampling
+from sd3serve.engine.catalogue import SAMPLER_INFO, SCHEDULER_NAMES, check_table
+from sd3serve.engine.flow import FlowSampling, time_shift
 
 Schedule = Callable[[FlowSampling, int], torch.Tensor]
 
@@ -32,16 +32,18 @@ def simple(ms: FlowSampling, steps: int) -> torch.Tensor:
 
 
 def _timestep_uniform(ms: FlowSampling, steps: int, *, sgm: bool) -> torch.Tensor:
-    start = float(ms.timestep(torch.tensor(ms.sigma_max, dtype=torch.float64)))
-    end = float(ms.timestep(torch.tensor(ms.sigma_min, dtype=torch.float64)))
+    # In float32 throughout, as ComfyUI evaluates it (its σ table, linspace and shift are float32 tensors): the
+    # same rounding gives bit-equal σ, where a float64 evaluation is one ulp off at some points.
+    table = ms.sigmas.to(torch.float32)
+    start, end = table[-1] * ms.multiplier, table[0] * ms.multiplier
     append_zero = True
     if sgm:
-        ts = torch.linspace(start, end, steps + 1, dtype=torch.float64)[:-1]
+        ts = torch.linspace(start, end, steps + 1, dtype=torch.float32)[:-1]
     else:
-        if math.isclose(float(ms.sigma(torch.tensor(end, dtype=torch.float64))), 0.0, abs_tol=1e-5):
+        if math.isclose(float(time_shift(ms.shift, end / ms.multiplier)), 0.0, abs_tol=1e-5):
             steps, append_zero = steps + 1, False
-        ts = torch.linspace(start, end, steps, dtype=torch.float64)
-    sigs = ms.sigma(ts).tolist()
+        ts = torch.linspace(start, end, steps, dtype=torch.float32)
+    sigs = time_shift(ms.shift, ts / ms.multiplier).tolist()
     return _out([*sigs, 0.0] if append_zero else sigs)
 
 
@@ -183,3 +185,13 @@ def get_sigmas(name: str, ms: FlowSampling, steps: int) -> torch.Tensor:
     if steps < 1:
         raise ValueError("steps must be at least 1")
     return SCHEDULERS[name](ms, steps)
+
+
+def sampler_sigmas(sampler: str, scheduler: str, ms: FlowSampling, steps: int) -> torch.Tensor:
+    """The σ that ``sampler`` runs on, as ComfyUI's KSampler builds them: for the samplers that the catalogue marks
+    ``discard_penultimate_sigma`` (dpm_2, dpm_2_ancestral, uni_pc, uni_pc_bh2), ``steps + 1`` σ of the schedule
+    without the penultimate one, so the last step is a longer one to σ = 0; for the others the plain schedule."""
+    if SAMPLER_INFO[sampler].discard_penultimate_sigma:
+        sigmas = get_sigmas(scheduler, ms, steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return get_sigmas(scheduler, ms, steps)

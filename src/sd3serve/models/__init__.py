@@ -1,1 +1,2 @@
-"""Models that ship with sd3serve: the embedded default model and the builders behind it."""
+"""The model that ships with sd3serve: the embedded demo model's weights (``demo/``). The tooling that trained
+them (world, judge, trainer, tiny-model builders) is not part of the package: see ``tools/sd3demo``."""

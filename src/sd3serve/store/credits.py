@@ -13,7 +13,7 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sd3serve.errors import InsufficientCredits, InvalidApiKey, InvalidRequest, NotFound, ReservationLost
-from sd3serve.store.models import MICRO, ApiKey, Base, Hold
+from sd3serve.store.models import CANCELLED, MICRO, RUNNING, ApiKey, Base, Hold, Task
 
 KEY_PREFIX = "sk-"
 
@@ -90,6 +90,7 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MB after a checkpoint
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -109,10 +110,22 @@ class CreditStore:
         self._deferred_lock = threading.Lock()
 
     def create_schema(self) -> None:
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.begin() as conn:
+                if not conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").first():
+                    # A new file: freed pages can then be given back (``reclaim``). Older files keep their mode.
+                    conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def reclaim(self) -> None:
+        """Give the space of deleted rows back to the file system (SQLite: a file created by this version; the WAL
+        itself shrinks to ``journal_size_limit`` at its next checkpoint. PostgreSQL's autovacuum does this)."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("PRAGMA incremental_vacuum")
 
     # --- keys -------------------------------------------------------------------------------------------
 
@@ -162,6 +175,8 @@ class CreditStore:
         return self.get_key(key_id=key_id)
 
     def revoke(self, *, key_id: int) -> KeyInfo:
+        """Revoke a key; in the same transaction its unfinished v2 tasks are CANCELLED and their holds returned
+        (a revoked key can no longer read results, so nothing it cannot collect is charged)."""
         with self._session.begin() as s:
             res = s.execute(
                 update(ApiKey)
@@ -170,6 +185,7 @@ class CreditStore:
             )
             if res.rowcount != 1 and s.get(ApiKey, key_id) is None:  # type: ignore[attr-defined]
                 raise NotFound(f"no key with id {key_id}")
+            cancel_tasks(s, Task.key_id == key_id, error=REVOKED_MESSAGE, ttl=timedelta(hours=1))
         return self.get_key(key_id=key_id)
 
     def authenticate(self, *, api_key: str | None) -> KeyInfo:
@@ -320,6 +336,27 @@ def capture_hold(s: Session, hold: CreditHold) -> bool:
         return False
     s.execute(update(ApiKey).where(ApiKey.id == hold.key_id).values(spent_micro=ApiKey.spent_micro + hold.amount_micro))
     return True
+
+
+REVOKED_MESSAGE = "cancelled: the key was revoked; nothing was charged"
+
+
+def cancel_tasks(s: Session, *where: Any, error: str, ttl: timedelta) -> list[str]:
+    """In the caller's transaction: mark the running tasks matching ``where`` CANCELLED and return their holds.
+    A task that completed meanwhile is untouched (its hold was captured: nothing to return)."""
+    rows = s.execute(select(Task.id, Task.hold_id).where(*where, Task.status.in_(RUNNING))).all()
+    if not rows:
+        return []
+    now = datetime.now(UTC)
+    ids = [r.id for r in rows]
+    s.execute(
+        update(Task)
+        .where(Task.id.in_(ids), Task.status.in_(RUNNING))
+        .values(status=CANCELLED, error=error, finished_at=now, expires_at=now + ttl)
+    )
+    for h in s.scalars(select(Hold).where(Hold.id.in_([r.hold_id for r in rows if r.hold_id is not None]))):
+        release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))
+    return ids
 
 
 def release_hold(s: Session, hold: CreditHold) -> bool:

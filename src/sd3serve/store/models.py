@@ -49,6 +49,10 @@ class Hold(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"
+RUNNING = (QUEUED, PROCESSING)  # a task in these states holds credits and may still deliver
+
+
 class Task(Base):
     """A v2 (asynchronous) request: its state, its owner key, and once done its images or error."""
 
@@ -56,7 +60,7 @@ class Task(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # QUEUED, PROCESSING, COMPLETED, FAILED
+    status: Mapped[str] = mapped_column(String(16), index=True)  # QUEUED, PROCESSING, COMPLETED, FAILED, CANCELLED
     seed: Mapped[int] = mapped_column(BigInteger)
     base64: Mapped[bool] = mapped_column(Boolean, default=False)
     media_type: Mapped[str] = mapped_column(String(32))
@@ -99,3 +103,70 @@ class RateWindow(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
     window: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix minute
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class IdempotencyRecord(Base):
+    """The first answer to a request sent with an ``Idempotency-Key``: written in the transaction that charged it,
+    replayed for a retry with the same key and body (24 hours)."""
+
+    __tablename__ = "idempotency_keys"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    idem_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the route and the parsed request
+    answer: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # None while the first one runs
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+
+
+class WebhookSecret(Base):
+    """A key's webhook signing secret (Standard Webhooks: ``whsec_`` + base64 of 32 random bytes), shown once."""
+
+    __tablename__ = "webhook_secrets"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class TaskWebhook(Base):
+    """Where a v2 task's outcome is to be POSTed; turned into a delivery once the task ends."""
+
+    __tablename__ = "task_webhooks"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[str] = mapped_column(String(64))  # comma-separated: completed, failed, cancelled
+    base_url: Mapped[str] = mapped_column(Text)  # of the server that accepted the task, for result URLs
+    enqueued: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+
+
+class WebhookDelivery(Base):
+    """One webhook message and its delivery state; retried with back-off, by any process, across restarts."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the webhook-id header: msg_<hex>
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class WebhookAttempt(Base):
+    """Each try of a delivery: when, the answer's status or the error, how long it took."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duration_ms: Mapped[float] = mapped_column(Float, default=0.0)

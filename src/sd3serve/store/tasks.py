@@ -8,15 +8,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sd3serve.errors import NotFound, ReservationLost
-from sd3serve.store.credits import CreditHold, SessionStep
-from sd3serve.store.models import Task, TaskImage
+from sd3serve.store.credits import CreditHold, SessionStep, cancel_tasks
+from sd3serve.store.models import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PROCESSING,
+    QUEUED,
+    RUNNING,
+    IdempotencyRecord,
+    Task,
+    TaskImage,
+    TaskWebhook,
+)
 
-QUEUED, PROCESSING, COMPLETED, FAILED = "QUEUED", "PROCESSING", "COMPLETED", "FAILED"
-RUNNING = (QUEUED, PROCESSING)
+__all__ = ["CANCELLED", "COMPLETED", "FAILED", "PROCESSING", "QUEUED", "RUNNING", "TaskStore", "TaskView"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,9 @@ class TaskView:
             progress_step=t.progress_step, progress_total=t.progress_total, error=t.error,
             inference_time=t.inference_time, image_count=image_count,
         )  # fmt: skip
+
+
+CANCELLED_MESSAGE = "cancelled; nothing was charged"
 
 
 class TaskStore:
@@ -104,6 +117,23 @@ class TaskStore:
                 .values(status=PROCESSING, progress_step=step, progress_total=total)
             )
 
+    def cancel(self, *, task_id: str, key_id: int, ttl: timedelta) -> tuple[TaskView, bool]:
+        """Cancel the caller's task if it still runs (CANCELLED, its hold returned, in one transaction); returns
+        the task and whether this call cancelled it. A finished task is left as it is."""
+        with self._session.begin() as s:
+            task = s.get(Task, task_id)
+            if task is None or task.key_id != key_id:
+                raise NotFound(f"no task {task_id!r} for this key")
+            cancelled = bool(cancel_tasks(s, Task.id == task_id, error=CANCELLED_MESSAGE, ttl=ttl))
+        return self.get(task_id=task_id, key_id=key_id), cancelled
+
+    def cancelled_among(self, task_ids: list[str]) -> list[str]:
+        """Which of these tasks (run here) were cancelled meanwhile, by any process."""
+        if not task_ids:
+            return []
+        with self._session() as s:
+            return list(s.scalars(select(Task.id).where(Task.id.in_(task_ids), Task.status == CANCELLED)))
+
     def get(self, *, task_id: str, key_id: int) -> TaskView:
         """The caller's task; another key's task is NotFound, like a task that does not exist."""
         with self._session() as s:
@@ -128,11 +158,24 @@ class TaskStore:
             rows = s.scalars(select(TaskImage).where(TaskImage.task_id == task_id).order_by(TaskImage.index))
             return [r.data for r in rows]
 
+    def stored_bytes(self, *, key_id: int | None = None) -> int:
+        """Bytes of stored results (v2 images and idempotent answers), of one key or of everyone."""
+        images = select(func.coalesce(func.sum(func.length(TaskImage.data)), 0)).join(
+            Task, Task.id == TaskImage.task_id
+        )
+        answers = select(func.coalesce(func.sum(func.length(IdempotencyRecord.answer)), 0))
+        if key_id is not None:
+            images = images.where(Task.key_id == key_id)
+            answers = answers.where(IdempotencyRecord.key_id == key_id)
+        with self._session() as s:
+            return int(s.scalar(images) or 0) + int(s.scalar(answers) or 0)
+
     def delete_expired(self) -> int:
         now = datetime.now(UTC)
         with self._session.begin() as s:
             ids = s.scalars(select(Task.id).where(Task.expires_at.is_not(None), Task.expires_at < now)).all()
             if ids:
                 s.execute(delete(TaskImage).where(TaskImage.task_id.in_(ids)))
+                s.execute(delete(TaskWebhook).where(TaskWebhook.task_id.in_(ids)))
                 s.execute(delete(Task).where(Task.id.in_(ids)))
             return len(ids)

@@ -14,7 +14,9 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Bad input: the error names the field, what was wrong and what is allowed",
         401: "Missing, unknown or revoked API key",
         406: "Not enough credits",
+        409: "A request with the same Idempotency-Key is still running; retry after Retry-After seconds",
         413: "Request body too large",
+        422: "The Idempotency-Key was used with another request body",
         500: "The server failed; nothing is charged",
         503: "The queue is full, the request waited too long, or the server was interrupted; nothing is charged, "
         "retry after Retry-After seconds",
@@ -32,5 +34,8 @@ def credits_header(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:g}"
 
 
-def cost_headers(*, cost: float, remaining: float) -> dict[str, str]:
-    return {"x-remaining-credits": credits_header(remaining), "x-cost": credits_header(cost)}
+def cost_headers(*, cost: float, remaining: float, replayed: bool = False) -> dict[str, str]:
+    headers = {"x-remaining-credits": credits_header(remaining), "x-cost": credits_header(cost)}
+    if replayed:
+        headers["idempotent-replayed"] = "true"  # the first answer to this Idempotency-Key, not charged again
+    return headers

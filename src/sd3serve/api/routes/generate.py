@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import GenerationKeyDep, RequestIdDep, ServiceDep, SettingsDep
+from sd3serve.api.deps import GenerationKeyDep, IdempotencyKeyDep, RequestIdDep, ServiceDep, SettingsDep
 from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
 from sd3serve.api.schemas import Base64ImagesResponse, parse_txt2img
 from sd3serve.api.service import ClientGone
@@ -44,14 +44,16 @@ async def until_disconnected(request: Request) -> None:
     },
 )
 async def txt2img_v1(
-    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep
-) -> Response:
+    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> Response:  # fmt: skip
     req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes))
     try:
-        out = await service.generate(key, req, request_id=request_id, disconnected=lambda: until_disconnected(request))
+        out = await service.generate(key, req, request_id=request_id, idempotency_key=idempotency_key,
+                                     disconnected=lambda: until_disconnected(request))  # fmt: skip
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    headers = cost_headers(cost=out.cost, remaining=out.remaining) | {
+    headers = cost_headers(cost=out.cost, remaining=out.remaining, replayed=out.replayed) | {
         "x-generation-time": f"{out.seconds:.3f}",
         "x-seed-value": str(out.seed),
     }

@@ -8,19 +8,31 @@ failed task costs nothing. Running it is the generation service's job (``api/ser
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import ApiKeyDep, GenerationKeyDep, RequestIdDep, ServiceDep, SettingsDep, TaskStoreDep
+from sd3serve.api.deps import (
+    ApiKeyDep,
+    GenerationKeyDep,
+    IdempotencyKeyDep,
+    RequestIdDep,
+    ServiceDep,
+    SettingsDep,
+    TaskStoreDep,
+)
 from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
-from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img
+from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img, parse_webhook
 from sd3serve.settings import Settings
-from sd3serve.store.tasks import COMPLETED, FAILED, TaskView
+from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, TaskStore, TaskView
 
 router = APIRouter(tags=["async (v2)"])
 
@@ -38,7 +50,7 @@ class SubmitResponse(BaseModel):
 
 class StatusResponse(BaseModel):
     request_id: str
-    status: str = Field(description="QUEUED, PROCESSING, COMPLETED or FAILED")
+    status: str = Field(description="QUEUED, PROCESSING, COMPLETED, FAILED or CANCELLED")
     progress: dict[str, int] | None = Field(None, description="{step, steps} while PROCESSING")
     error: str | None = None
 
@@ -59,23 +71,26 @@ def base_url(request: Request, settings: Settings) -> str:
 @router.post(
     f"/v2/{MODEL_SLUG}",
     summary="Submit a generation (asynchronous)",
-    openapi_extra=request_body("Txt2ImgRequest"),
+    openapi_extra=request_body("Txt2ImgRequestV2"),
     response_model=SubmitResponse,
     responses=GENERATION_ERRORS,
 )
 async def txt2img_v2(
-    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep
-) -> JSONResponse:
-    # One URL per image: batches need no base64 here.
-    req = parse_txt2img(await read_json(request, limit=settings.max_body_bytes), single_image_body=False)
-    submitted = await service.submit(key, req, request_id=request_id)
+    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> JSONResponse:  # fmt: skip
+    body = await read_json(request, limit=settings.max_body_bytes)
+    req = parse_txt2img(body, single_image_body=False)  # one URL per image: batches need no base64 here
     base = base_url(request, settings)
+    submitted = await service.submit(key, req, request_id=request_id, idempotency_key=idempotency_key,
+                                     webhook=parse_webhook(body), base_url=base)  # fmt: skip
     status_url = f"{base}/v2/requests/{submitted.task_id}/status"
     body_out = SubmitResponse(
         request_id=submitted.task_id, status="QUEUED", poll_url=status_url, status_url=status_url,
         response_url=f"{base}/v2/requests/{submitted.task_id}",
     )  # fmt: skip
-    return JSONResponse(body_out.model_dump(), headers=cost_headers(cost=submitted.cost, remaining=submitted.remaining))
+    headers = cost_headers(cost=submitted.cost, remaining=submitted.remaining, replayed=submitted.replayed)
+    return JSONResponse(body_out.model_dump(), headers=headers)
 
 
 def _status_body(task: TaskView) -> StatusResponse:
@@ -83,11 +98,33 @@ def _status_body(task: TaskView) -> StatusResponse:
     return StatusResponse(request_id=task.id, status=task.status, progress=progress, error=task.error)
 
 
-_TASK_ERRORS: dict[int | str, dict[str, Any]] = {
+TASK_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "A path parameter is out of range"},
     401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"},
     404: {"model": ErrorResponse, "description": "No such task for this key"},
 }
+
+
+class CancelResponse(BaseModel):
+    request_id: str
+    status: str = Field(description="the task's status after the call: CANCELLED, or how it had already ended")
+    cancelled: bool = Field(description="true if this call cancelled it; false if it had already ended")
+    message: str
+
+
+def result_body(task: TaskView, tasks: TaskStore, base: str) -> ResultResponse:
+    """A task's result: its images (URLs, or base64 when it asked for that) once COMPLETED, else its state."""
+    output: list[str] = []
+    metrics: dict[str, float] = {}
+    if task.status == COMPLETED:
+        if task.base64:
+            output = [base64.b64encode(data).decode("ascii") for data in tasks.images(task_id=task.id)]
+        else:
+            output = [f"{base}/v2/requests/{task.id}/images/{i}" for i in range(task.image_count)]
+        metrics = {"inference_time": round(task.inference_time or 0.0, 4)}
+    return ResultResponse(
+        request_id=task.id, status=task.status, output=output, metrics=metrics, seed=task.seed, error=task.error
+    )
 
 
 def _task_answer(body: BaseModel, task: TaskView) -> JSONResponse:
@@ -98,7 +135,7 @@ def _task_answer(body: BaseModel, task: TaskView) -> JSONResponse:
 def _task_route(path: str, summary: str, model: type[BaseModel]) -> Any:
     return router.get(
         path, summary=summary, response_model=model, response_model_exclude_none=True,
-        responses={422: {"model": model, "description": "The task FAILED"}, **_TASK_ERRORS},
+        responses={422: {"model": model, "description": "The task FAILED"}, **TASK_ERRORS},
     )  # fmt: skip
 
 
@@ -111,29 +148,61 @@ def task_status(task_id: TaskId, key: ApiKeyDep, tasks: TaskStoreDep) -> JSONRes
 @_task_route("/v2/requests/{task_id}", "Result of an asynchronous request", ResultResponse)
 def task_result(
     task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, settings: SettingsDep
-) -> JSONResponse:
+) -> Response:
     task = tasks.get(task_id=task_id, key_id=key.id)
-    output: list[str] = []
-    metrics: dict[str, float] = {}
-    if task.status == COMPLETED:
-        if task.base64:
-            output = [base64.b64encode(data).decode("ascii") for data in tasks.images(task_id=task.id)]
-        else:
-            base = base_url(request, settings)
-            output = [f"{base}/v2/requests/{task.id}/images/{i}" for i in range(task.image_count)]
-        metrics = {"inference_time": round(task.inference_time or 0.0, 4)}
-    body = ResultResponse(
-        request_id=task.id, status=task.status, output=output, metrics=metrics, seed=task.seed, error=task.error
-    )
+    if task.status == COMPLETED and task.base64:
+        return StreamingResponse(_stream_base64_result(task, tasks, key.id), media_type="application/json")
+    body = result_body(task, tasks, base_url(request, settings))
     return _task_answer(body, task)
+
+
+# Base64 results can be large (10 × 2048² PNGs ≈ 120 MB stored): they are streamed one image at a time, and only
+# this many are streamed at once per process (the others wait), so concurrent fetches cannot multiply memory.
+LARGE_READS = 4
+_large_reads = asyncio.Semaphore(LARGE_READS)
+
+
+async def _stream_base64_result(task: TaskView, tasks: TaskStore, key_id: int) -> AsyncIterator[bytes]:
+    """The same JSON as ``result_body``, written as it is read: one image in memory at a time."""
+    head = {"request_id": task.id, "status": task.status}
+    tail = {"metrics": {"inference_time": round(task.inference_time or 0.0, 4)}, "seed": task.seed}
+    async with _large_reads:
+        yield json.dumps(head)[:-1].encode() + b', "output": ['
+        for i in range(task.image_count):
+            data, _ = await run_in_threadpool(tasks.image, task_id=task.id, key_id=key_id, index=i)
+            yield (b", " if i else b"") + b'"' + base64.b64encode(data) + b'"'
+            del data
+        yield b"], " + json.dumps(tail)[1:].encode()
 
 
 @router.get(
     "/v2/requests/{task_id}/images/{index}",
     summary="One image of a finished asynchronous request",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **_TASK_ERRORS},
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **TASK_ERRORS},
 )
 def task_image(task_id: TaskId, index: ImageIndex, key: ApiKeyDep, tasks: TaskStoreDep) -> Response:
     data, media_type = tasks.image(task_id=task_id, key_id=key.id, index=index)
     return Response(content=data, media_type=media_type)
+
+
+_CANCEL = {
+    "summary": "Cancel an asynchronous request",
+    "description": "A queued task is removed and a running one stops at its next step; either way it is CANCELLED "
+    "and nothing is charged. Cancelling twice, or after the task ended, answers 200 with `cancelled: false`.",
+    "response_model": CancelResponse,
+    "responses": TASK_ERRORS,
+}
+
+
+@router.post("/v2/requests/{task_id}/cancel", **_CANCEL)  # type: ignore[arg-type]
+@router.delete("/v2/requests/{task_id}", **_CANCEL)  # type: ignore[arg-type]
+async def cancel_task(task_id: TaskId, key: ApiKeyDep, service: ServiceDep) -> CancelResponse:
+    task, cancelled = await service.cancel(key, task_id)
+    if cancelled:
+        message = "cancelled; nothing was charged"
+    elif task.status == CANCELLED:
+        message = "already cancelled"
+    else:
+        message = f"the task had already ended ({task.status}); nothing changed"
+    return CancelResponse(request_id=task.id, status=task.status, cancelled=cancelled, message=message)

@@ -1,6 +1,6 @@
 """Train the embedded demo model: a small SD3-architecture model that draws the shapes world of ``world.py``.
 
-``python -m sd3serve.models.train_demo --out DIR [--minutes M] [--seed S]``
+``PYTHONPATH=tools python -m sd3demo.train --out DIR [--minutes M] [--seed S] [--threads T]``
 
 1. Build the components (the classes of SD3.5: two CLIP text encoders with projection, a T5 encoder,
    ``SD3Transformer2DModel``, a 16-channel ``AutoencoderKL`` with 16× downsampling) and word-level tokenizers
@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import math
 import random
-import string
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,8 +44,9 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from sd3serve.models import world
-from sd3serve.models.tiny import small_sd3_transformer
+from sd3demo import world
+from sd3demo.tiny import small_sd3_transformer
+from sd3demo.tokenization import build_clip_tokenizer, build_t5_tokenizer
 
 # Text windows, in tokens: the tokenizers' ``model_max_length``. diffusers pads the CLIP prompt to it, and the engine
 # pads T5 to ``min(256, model_max_length)``. The longest caption of the world is 14 CLIP / 13 T5 tokens; SD3's 77 +
@@ -124,48 +123,9 @@ class Schedule:
 # ----------------------------------------------------------------------------------------------- tokenizers
 
 
-def _bpe_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
-    """BPE merges learnt on the vocabulary words until each is a single token (ties broken by name)."""
-    segs = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts: dict[tuple[str, str], int] = {}
-        for s in segs.values():
-            for pair in itertools.pairwise(s):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            return merges
-        pair = max(sorted(counts), key=lambda p: counts[p])
-        merges.append(pair)
-        for w, s in segs.items():
-            out, i = [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == pair:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            segs[w] = out
-
-
-def build_clip_tokenizer() -> CLIPTokenizer:
-    """Characters (so any text tokenizes) plus merges that make every vocabulary word one token."""
-    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
-    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    merges = _bpe_merges(world.VOCABULARY)
-    for a, b in merges:
-        if a + b not in tokens:
-            tokens.append(a + b)
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=CLIP_LENGTH)
-
-
-def build_t5_tokenizer() -> T5TokenizerFast:
-    """A unigram vocabulary of characters (low score) and the vocabulary words (high score)."""
-    pieces = ["<pad>", "</s>", "<unk>", "▁", *sorted(set(string.ascii_lowercase + string.digits))]
-    vocab = [(p, 0.0 if i < 3 else -10.0) for i, p in enumerate(pieces)]
-    vocab += [("▁" + w, -1.0) for w in world.VOCABULARY]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=T5_LENGTH)
+def build_tokenizers() -> tuple[CLIPTokenizer, T5TokenizerFast]:
+    """The demo model's tokenizers: every word of the world's vocabulary is one token, windows of 16."""
+    return build_clip_tokenizer(world.VOCABULARY, CLIP_LENGTH), build_t5_tokenizer(world.VOCABULARY, T5_LENGTH)
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -186,8 +146,7 @@ def build_components(cfg: DemoConfig) -> Components:
     if cfg.t5_dim < 2 * cfg.text_dim:
         raise ValueError("t5_dim must be at least 2 * text_dim: SD3 pads the CLIP states to the T5 width")
     torch.manual_seed(cfg.seed)
-    tok = build_clip_tokenizer()
-    t5_tok = build_t5_tokenizer()
+    tok, t5_tok = build_tokenizers()
     clip_cfg = CLIPTextConfig(
         vocab_size=len(tok),
         hidden_size=cfg.text_dim,
@@ -675,7 +634,8 @@ def save(comps: Components, cfg: DemoConfig, out: Path) -> None:
         text_encoder=comps.text_encoder,
         tokenizer=comps.tokenizer,
         text_encoder_2=comps.text_encoder_2,
-        tokenizer_2=build_clip_tokenizer(),
+        # A fresh one: comps.tokenizer keeps the padding state TextIds set, and saves it (the shipped files differ).
+        tokenizer_2=build_tokenizers()[0],
         text_encoder_3=comps.text_encoder_3,
         tokenizer_3=comps.t5_tokenizer,
     )

@@ -1,26 +1,22 @@
 """Build a small SD3-architecture model in diffusers layout, from nothing but a seed.
 
 The same classes as SD3.5 Large Turbo (two CLIP text encoders with projection, an optional T5 encoder,
-``SD3Transformer2DModel``, a 16-channel ``AutoencoderKL``) at toy widths, with tokenizers built locally so that
-nothing is downloaded. Tests use it as a fixture; the server uses it as the built-in demo model.
+``SD3Transformer2DModel``, a 16-channel ``AutoencoderKL``) at toy widths, with character-level tokenizers
+(:mod:`sd3demo.tokenization`, SD3's 77-token CLIP window) so that nothing is downloaded. Tests use it as a fixture,
+benchmarks as a stand-in; the demo model's trainer (:mod:`sd3demo.train`) builds its transformer with
+:func:`small_sd3_transformer`.
 """
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from sd3demo.tokenization import build_clip_tokenizer, build_t5_tokenizer
 
 
 @dataclass(frozen=True)
@@ -36,25 +32,6 @@ class TinySD3Config:
     vae_channels: tuple[int, ...] = (8, 8, 8, 8)  # 4 blocks: 8x downsampling, as SD3
     max_pixels_side: int = 2048  # the largest side the contract serves
     shift: float = 3.0
-
-
-def _byte_vocab() -> tuple[dict[str, int], list[str]]:
-    """A character-level CLIP BPE vocabulary: every printable ASCII character, word-final or not."""
-    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
-    tokens = ["<|startoftext|>", "<|endoftext|>"]
-    tokens += chars + [c + "</w>" for c in chars]
-    return {t: i for i, t in enumerate(tokens)}, []
-
-
-def build_clip_tokenizer() -> CLIPTokenizer:
-    vocab, merges = _byte_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def build_t5_tokenizer() -> T5TokenizerFast:
-    pieces = ["<pad>", "</s>", "<unk>", "▁", *sorted(set(string.ascii_lowercase + string.digits))]
-    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
 def small_sd3_transformer(

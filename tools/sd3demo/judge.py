@@ -13,7 +13,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from sd3serve.models.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, unit_shape_mask
+from sd3demo.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, unit_shape_mask
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float32)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd3serve.models import world
-from sd3serve.models.judge import judge
+from sd3demo import world
+from sd3demo.judge import judge
 
 
 @pytest.mark.parametrize("size", [128, 512, 1024])

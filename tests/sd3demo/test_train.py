@@ -1,16 +1,25 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import pytest
 import torch
 
-from sd3serve.models import world
-from sd3serve.models.train_demo import Schedule, build_clip_tokenizer, build_t5_tokenizer, train
+from sd3demo import world
+from sd3demo.train import Schedule, build_tokenizers, train
+
+DEMO = Path(__file__).resolve().parents[2] / "src" / "sd3serve" / "models" / "demo"
+# The schedule of a few steps the tests train with: seconds, not minutes.
+TINY = Schedule(
+    vae_steps=2, pool={256: 4, 512: 2}, text_steps=2, text_batch=4, steps=3, mix={256: (0.7, 2), 512: (0.3, 1)},
+    warmup=1,
+)  # fmt: skip
 
 
 def test_every_vocabulary_word_is_one_token() -> None:
-    clip, t5 = build_clip_tokenizer(), build_t5_tokenizer()
+    clip, t5 = build_tokenizers()
     for word in world.VOCABULARY:
         assert clip.tokenize(word) == [word + "</w>"]
         assert t5.tokenize(word) == ["▁" + word]
@@ -23,14 +32,10 @@ def test_a_few_training_steps_write_a_loadable_model(tmp_path: Path) -> None:
     from sd3serve.engine.pipeline import SD3Pipeline
     from sd3serve.settings import Settings
 
-    sched = Schedule(
-        vae_steps=2, pool={256: 4, 512: 2}, text_steps=2, text_batch=4, steps=3, mix={256: (0.7, 2), 512: (0.3, 1)},
-        warmup=1,
-    )  # fmt: skip
     out = tmp_path / "demo"
     before = torch.get_num_threads()
     try:
-        times = train(out, sched=sched, seed=3)
+        times = train(out, sched=TINY, seed=3)
     finally:
         torch.set_num_threads(before)
     assert times["total"] > 0
@@ -55,9 +60,7 @@ def test_a_few_training_steps_write_a_loadable_model(tmp_path: Path) -> None:
 
 
 def test_text_encoders_learn_the_attributes_and_end_frozen() -> None:
-    import random
-
-    from sd3serve.models.train_demo import DemoConfig, build_components, pretrain_text_encoders
+    from sd3demo.train import DemoConfig, build_components, pretrain_text_encoders
 
     torch.manual_seed(0)
     comps = build_components(DemoConfig(seed=1))
@@ -95,41 +98,34 @@ def test_schedule_scales_with_minutes() -> None:
     assert full == Schedule()
 
 
-DEMO = Path(__file__).resolve().parents[2] / "src" / "sd3serve" / "models" / "demo"
+def test_a_rerun_writes_the_same_weights(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        for run in ("a", "b"):
+            train(tmp_path / run, sched=TINY, seed=3, threads=1)
+    finally:
+        torch.set_num_threads(before)
+    weights = sorted(f.relative_to(tmp_path / "a") for f in (tmp_path / "a").rglob("*.safetensors"))
+    assert len(weights) == 5
+    for f in weights:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-def test_shipped_demo_model_draws_the_seed_request() -> None:
-    import pytest
+def test_shipped_tokenizers_are_the_trainers() -> None:
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
     if not (DEMO / "model_index.json").exists():
         pytest.skip("no trained demo model in the package")
-    from sd3serve.engine.job import GenerationJob
-    from sd3serve.engine.loading import load_model
-    from sd3serve.engine.pipeline import SD3Pipeline
-    from sd3serve.models.judge import judge
-    from sd3serve.settings import Settings
-
-    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
-    assert size <= 30 * 2**20
-    assert not list(DEMO.rglob("*.bin")) and len(list(DEMO.rglob("*.safetensors"))) == 5
-    model = load_model(Settings(model=DEMO, device="cpu"))
-    job = GenerationJob(
-        prompt="a red circle on a blue background",
-        negative_prompt="",
-        steps=4,
-        guidance_scale=1.0,
-        seed=0,
-        sampler="dpmpp_2m",
-        scheduler="sgm_uniform",
-        width=512,
-        height=512,
-        batch_size=1,
-    )
-    verdict = judge(SD3Pipeline(model)(job).images[0])
-    assert (verdict.background, verdict.colour, verdict.shape, verdict.position, verdict.size) == (
-        "blue",
-        "red",
-        "circle",
-        "center",
-        "medium",
-    )
+    clip, t5 = build_tokenizers()
+    shipped = [CLIPTokenizer.from_pretrained(DEMO / d) for d in ("tokenizer", "tokenizer_2")]
+    shipped_t5 = T5TokenizerFast.from_pretrained(DEMO / "tokenizer_3")
+    rng = random.Random(0)
+    texts = [world.random_scene(rng).caption() for _ in range(300)] + ["a zebra", "Read the REDNESS!", ""]
+    for text in texts:
+        for tok in shipped:
+            assert tok(text).input_ids == clip(text).input_ids, text
+        assert shipped_t5(text).input_ids == t5(text).input_ids, text
+    assert [tok.get_vocab() for tok in shipped] == [clip.get_vocab()] * 2
+    assert shipped_t5.get_vocab() == t5.get_vocab()
+    assert [tok.model_max_length for tok in shipped] == [clip.model_max_length] * 2
+    assert shipped_t5.model_max_length == t5.model_max_length

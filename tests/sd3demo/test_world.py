@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from sd3serve.models import world
+from sd3demo import world
 
 
 def test_captions_round_trip() -> None:

@@ -1,0 +1,305 @@
+"""Mutation check: plant each bug below in a copy of src/, run the tests named for it, and see them fail.
+
+    .venv/bin/python bench/mutate.py [--only SUBSTRING] [--list] [--no-baseline]    (or: make mutate)
+
+A mutant is *killed* when its tests fail (or cannot even import it), *survived* when they pass. Each mutant is an
+exact snippet of the current source and its replacement: when the source changes under it, the mutant is reported
+as "snippet not found" (or "ambiguous" if the snippet occurs more than once) instead of being run, so that the list
+can be kept up to date by hand. A mutant that cannot change any observable behaviour is marked ``equivalent``
+with the reason; it is still run and shown, but not counted in the score. Every other survivor is a missing test.
+
+The copy lives in a temporary directory and goes first on PYTHONPATH, ahead of the editable install, so the
+working tree is never modified. The tests come from this checkout's tests/; each selection is a few files
+(SQLite only for the store): about 45 pytest runs of 10-15 s each on an idle 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "src/sd3serve"
+TIMEOUT_S = 240  # per mutant; a mutant that hangs its tests counts as killed ("timeout")
+SQLITE = ["-k", "not postgresql"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # under src/sd3serve
+    original: str
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments
+    equivalent: str = ""  # why no test can tell the mutant from the original
+
+
+def _m(name: str, file: str, original: str, replacement: str, *tests: str, equivalent: str = "") -> Mutant:
+    return Mutant(name, file, original, replacement, tests, equivalent)
+
+
+CREDITS_TESTS = ("tests/store/test_credits.py", "tests/store/test_key_digests.py", *SQLITE)
+TASK_TESTS = ("tests/store/test_tasks.py", "tests/store/test_task_images.py", *SQLITE)
+SCHEMA_TESTS = ("tests/api/test_schemas.py", "tests/api/test_schema_limits.py")
+PINS = "tests/engine/test_sampler_pins.py"
+NOISE_TESTS = ("tests/engine/test_noise.py",)
+QUEUE_TESTS = ("tests/engine/test_queue_limits.py",)
+
+MUTANTS: list[Mutant] = [
+    # --- the audit's planted bugs (issue 14) ---------------------------------------------------------------
+    _m("digest returns the plaintext key", "store/credits.py",
+       'return hashlib.sha256(api_key.encode("utf-8")).hexdigest()', "return api_key", *CREDITS_TESTS),
+    _m("steps le=70 -> lt=70", "api/schemas.py",
+       "Field(ge=1, le=70)", "Field(ge=1, lt=70)", *SCHEMA_TESTS),
+    _m("dpmpp_2m_cfg_pp keeps the guided x0 as history", "engine/samplers.py",
+       "        old = uncond\n", "        old = denoised\n", PINS),
+    _m("pipeline noise from seed + 1", "engine/pipeline.py",
+       "BatchNoise([seed for j in jobs for seed in j.seeds])",
+       "BatchNoise([seed + 1 for j in jobs for seed in j.seeds])",
+       *NOISE_TESTS),
+    _m("job seeds are seed + i + 1", "engine/job.py",
+       "[self.seed + i for i in range(self.batch_size)]", "[self.seed + i + 1 for i in range(self.batch_size)]",
+       "tests/engine/test_job.py"),
+    _m("queue full at > max_queue instead of >=", "engine/batching.py",
+       "if len(self._queue) >= self.settings.max_queue:", "if len(self._queue) > self.settings.max_queue:",
+       *QUEUE_TESTS),
+    _m("image() without the owner check", "store/tasks.py",
+       "            if task is None or task.key_id != key_id:\n"
+       '                raise NotFound(f"no task {task_id!r} for this key")\n'
+       "            row = s.get(TaskImage",
+       "            if task is None:\n"
+       '                raise NotFound(f"no task {task_id!r} for this key")\n'
+       "            row = s.get(TaskImage",
+       *TASK_TESTS),
+    # --- store/credits.py -------------------------------------------------------------------------------
+    _m("hold refuses spending the exact balance", "store/credits.py",
+       "ApiKey.balance_micro >= amount", "ApiKey.balance_micro > amount", *CREDITS_TESTS),
+    _m("a revoked key can still hold", "store/credits.py",
+       ".where(ApiKey.id == key_id, ApiKey.balance_micro >= amount, ApiKey.revoked_at.is_(None))",
+       ".where(ApiKey.id == key_id, ApiKey.balance_micro >= amount)", *CREDITS_TESTS),
+    _m("a revoked key still authenticates", "store/credits.py",
+       "compare_digest(row.digest, wanted) or row.revoked_at is not None:", "compare_digest(row.digest, wanted):",
+       *CREDITS_TESTS),
+    _m("capture does not count the spend", "store/credits.py",
+       "values(spent_micro=ApiKey.spent_micro + hold.amount_micro)", "values(spent_micro=ApiKey.spent_micro)",
+       *CREDITS_TESTS),
+    _m("release refunds a hold twice", "store/credits.py",
+       "def release_hold(s: Session, hold: CreditHold) -> bool:\n"
+       "    if s.execute(delete(Hold).where(Hold.id == hold.id)).rowcount != 1:  # type: ignore[attr-defined]\n"
+       "        return False\n",
+       "def release_hold(s: Session, hold: CreditHold) -> bool:\n"
+       "    s.execute(delete(Hold).where(Hold.id == hold.id))\n",
+       *CREDITS_TESTS),
+    _m("stale holds: newer instead of older than the cutoff", "store/credits.py",
+       "Hold.created_at < cutoff", "Hold.created_at > cutoff", *CREDITS_TESTS),
+    _m("re-revoking moves the revocation time", "store/credits.py",
+       ".where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))\n", ".where(ApiKey.id == key_id)\n",
+       *CREDITS_TESTS,
+       equivalent="revoked_at is only ever compared with NULL: a later timestamp on a revoked key changes nothing "
+       "that the store, the CLI or the API shows"),
+    # --- store/tasks.py ---------------------------------------------------------------------------------
+    _m("get() without the owner check", "store/tasks.py",
+       "            if task is None or task.key_id != key_id:\n"
+       '                raise NotFound(f"no task {task_id!r} for this key")\n'
+       "            count",
+       "            if task is None:\n"
+       '                raise NotFound(f"no task {task_id!r} for this key")\n'
+       "            count",
+       *TASK_TESTS),
+    _m("fail() overwrites a finished task", "store/tasks.py",
+       "                .where(Task.id == task_id, Task.status.in_([QUEUED, PROCESSING]))\n"
+       "                .values(status=FAILED",
+       "                .where(Task.id == task_id)\n                .values(status=FAILED",
+       *TASK_TESTS),
+    _m("complete() refunds instead of charging", "store/tasks.py",
+       "            capture_hold(s, hold)", "            release_hold(s, hold)", *TASK_TESTS),
+    _m("delete_expired() deletes the unexpired", "store/tasks.py",
+       "Task.expires_at < now", "Task.expires_at > now", *TASK_TESTS),
+    _m("image() always returns image 0", "store/tasks.py",
+       "s.get(TaskImage, (task_id, index))", "s.get(TaskImage, (task_id, 0))", *TASK_TESTS),
+    # --- api/schemas.py ---------------------------------------------------------------------------------
+    _m("batch_size up to 11", "api/schemas.py", "Field(ge=1, le=10)", "Field(ge=1, le=11)", *SCHEMA_TESTS),
+    _m("width from 48", "api/schemas.py",
+       'width: Annotated[int, Field(ge=64, le=2048', 'width: Annotated[int, Field(ge=48, le=2048', *SCHEMA_TESTS),
+    _m("height up to 2047", "api/schemas.py",
+       'height: Annotated[int, Field(ge=64, le=2048', 'height: Annotated[int, Field(ge=64, lt=2048', *SCHEMA_TESTS),
+    _m("seed from -2", "api/schemas.py", "Field(ge=-1, le=MAX_SEED", "Field(ge=-2, le=MAX_SEED", *SCHEMA_TESTS),
+    _m("guidance below 15", "api/schemas.py", "Field(ge=1, le=15,", "Field(ge=1, lt=15,", *SCHEMA_TESTS),
+    _m("image_quality from 1", "api/schemas.py", "Field(ge=10, le=100)", "Field(ge=1, le=100)", *SCHEMA_TESTS),
+    _m("stripped prompt of exactly 10000 refused", "api/schemas.py",
+       "if len(stripped) > 10000:", "if len(stripped) >= 10000:", *SCHEMA_TESTS),
+    _m("height not rounded to 16", "api/schemas.py",
+       "return w - w % SIZE_MULTIPLE, h - h % SIZE_MULTIPLE", "return w - w % SIZE_MULTIPLE, h", *SCHEMA_TESTS),
+    _m("v1 accepts batch_size 2 without base64", "api/schemas.py",
+       "req.batch_size > 1 and not req.base64", "req.batch_size > 2 and not req.base64", *SCHEMA_TESTS),
+    # --- engine/samplers.py -----------------------------------------------------------------------------
+    _m("euler_cfg_pp: guided ε̂ instead of the unconditional", "engine/samplers.py",
+       "x = _comb((s1 / s, x), (-(s1 / s) * (1 - s), uncond), (1 - s1, guided))",
+       "x = _comb((s1 / s, x), (-(s1 / s) * (1 - s), guided), (1 - s1, guided))", PINS),
+    _m("dpmpp_2s_ancestral_cfg_pp: plain second stage", "engine/samplers.py",
+       "d2, u2 = model.with_uncond(u, st.at(s_mid))", "d2 = u2 = model(u, st.at(s_mid))", PINS),
+    _m("RF ancestral step: σ_down on the wrong side", "engine/samplers.py",
+       "s_down = s_next * (1 + (s_next / s - 1) * eta)", "s_down = s_next * (1 - (s_next / s - 1) * eta)", PINS),
+    _m("dpmpp_2m: second-order term twice as large", "engine/samplers.py",
+       "c = (1 - a) * h / (2 * h_last) if old is not None else 0.0",
+       "c = (1 - a) * h / h_last if old is not None else 0.0",
+       PINS),
+    _m("euler_ancestral: no re-noising at eta = 1", "engine/samplers.py",
+       "else torch.lerp(denoised, x, r)\n            if eta > 0:",
+       "else torch.lerp(denoised, x, r)\n            if eta > 1:",
+       "tests/engine/test_samplers.py", "-k", "test_moments_match_data and euler_ancestral"),
+    _m("SDE solvers start at σ = 1 (λ = -∞)", "engine/samplers.py",
+       "if len(sig) > 1 and sig[0] >= 1.0 else sig", "if len(sig) > 1 and sig[0] > 1.0 else sig", PINS),
+    # --- engine/noise.py --------------------------------------------------------------------------------
+    _m("noise drawn in the latent's dtype", "engine/noise.py",
+       "generator=g, device=device, dtype=torch.float32)", "generator=g, device=device, dtype=like.dtype)",
+       *NOISE_TESTS),
+    _m("generators in reverse seed order", "engine/noise.py",
+       "manual_seed(s) for s in self.seeds]", "manual_seed(s) for s in reversed(self.seeds)]", *NOISE_TESTS),
+    _m("a new generator at every draw", "engine/noise.py",
+       "if key not in self._generators:", "if True:", *NOISE_TESTS),
+    _m("batch size check only one way", "engine/noise.py",
+       "if like.shape[0] != len(self.seeds):", "if like.shape[0] < len(self.seeds):", *NOISE_TESTS),
+    _m("noise always drawn on the latent's device", "engine/noise.py",
+       'device = like.device if on_device else torch.device("cpu")', "device = like.device", *NOISE_TESTS,
+       equivalent="the tests run on the CPU, where the latent's device is the CPU; the difference (CPU noise for "
+       "non-*_gpu samplers on CUDA) can only show on a GPU machine"),
+    # --- engine/batching.py -----------------------------------------------------------------------------
+    _m("deadline check reversed", "engine/batching.py",
+       "if now - p.enqueued > deadline]", "if now - p.enqueued < deadline]", *QUEUE_TESTS),
+    _m("a batch fills only below the image limit", "engine/batching.py",
+       "p.job.batch_size <= room:", "p.job.batch_size < room:",
+       "tests/engine/test_batching.py", "-k", "image_limit or share_a_batch"),
+    _m("Retry-After may be 0", "engine/batching.py",
+       "return max(1, round(waiting_batches * self._batch_avg_s))", "return round(waiting_batches * self._batch_avg_s)",
+       *QUEUE_TESTS),
+    # --- engine/pipeline.py -----------------------------------------------------------------------------
+    _m("VAE tiling from 1536 px instead of above", "engine/pipeline.py",
+       "side > VAE_TILING_ABOVE", "side >= VAE_TILING_ABOVE",
+       "tests/engine/test_acceleration.py", "-k", "decode_tiles or auto_tiles"),
+]  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    mutant: Mutant
+    status: str  # killed, survived, timeout, snippet not found, ambiguous (n), baseline failed
+    seconds: float = 0.0
+
+
+def copy_source(dest: Path) -> Path:
+    """src/ copied to ``dest``; the trained demo weights are linked, not copied (no mutant touches them)."""
+    big = ROOT / PACKAGE / "models" / "demo"
+    shutil.copytree(ROOT / "src", dest / "src", ignore=lambda d, names: ["demo"] if Path(d) == big.parent else [])
+    if big.exists():
+        (dest / PACKAGE / "models" / "demo").symlink_to(big, target_is_directory=True)
+    return dest / "src"
+
+
+def run_tests(src: Path, tests: tuple[str, ...]) -> tuple[str, float]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", f"timeout={TIMEOUT_S}", *tests]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=TIMEOUT_S + 60)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - start
+    seconds = time.monotonic() - start
+    if proc.returncode == 0:
+        return "survived", seconds
+    if proc.returncode == 5:
+        return "no tests ran", seconds
+    return "killed", seconds
+
+
+def check_import_path(src: Path) -> None:
+    """The copy, not the editable install, must be what the tests import."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run(
+        [sys.executable, "-c", "import sd3serve; print(sd3serve.__file__)"], env=env, capture_output=True, text=True
+    )
+    if not out.stdout.strip().startswith(str(src)):
+        sys.exit(f"the tests would import sd3serve from {out.stdout.strip() or out.stderr}, not from {src}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="run the mutants whose name contains this")
+    ap.add_argument("--list", action="store_true", help="list the mutants and whether their snippets are found")
+    ap.add_argument("--no-baseline", action="store_true", help="skip running each test selection unmutated first")
+    args = ap.parse_args()
+    mutants = [m for m in MUTANTS if not args.only or args.only in m.name]
+
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="sd3mutate-") as tmp:
+        src = copy_source(Path(tmp))
+        check_import_path(src)
+        if not args.list and not args.no_baseline:
+            # Every selection must pass on the unmutated copy, or a "killed" would mean nothing.
+            for tests in dict.fromkeys(m.tests for m in mutants):
+                status, seconds = run_tests(src, tests)
+                shown = "ok" if status == "survived" else status.upper()
+                print(f"baseline {shown:>11} {seconds:5.0f} s  {' '.join(tests)}", flush=True)
+                if status != "survived":
+                    sys.exit("a test selection fails without any mutant: fix that first")
+        for m in mutants:
+            path = src.parent / PACKAGE / m.file
+            text = path.read_text()
+            count = text.count(m.original)
+            if count != 1:
+                outcomes.append(Outcome(m, "snippet not found" if count == 0 else f"ambiguous ({count} matches)"))
+            elif args.list:
+                outcomes.append(Outcome(m, "found"))
+            else:
+                path.write_text(text.replace(m.original, m.replacement))
+                try:
+                    status, seconds = run_tests(src, m.tests)
+                finally:
+                    path.write_text(text)
+                outcomes.append(Outcome(m, status, seconds))
+            o = outcomes[-1]
+            print(f"{o.status:>20} {o.seconds:5.0f} s  {m.file}: {m.name}", flush=True)
+
+    report(outcomes)
+
+
+def report(outcomes: list[Outcome]) -> None:
+    print()
+    print(f"| {'mutant':<52} | {'file':<20} | {'result':<28} |")
+    print(f"|{'-' * 54}|{'-' * 22}|{'-' * 30}|")
+    for o in outcomes:
+        result = o.status + (" (equivalent)" if o.mutant.equivalent and o.status == "survived" else "")
+        print(f"| {o.mutant.name:<52} | {o.mutant.file:<20} | {result:<28} |")
+    counted = [o for o in outcomes if o.status in ("killed", "timeout", "survived") and not o.mutant.equivalent]
+    killed = sum(o.status in ("killed", "timeout") for o in counted)
+    equivalent = [o for o in outcomes if o.mutant.equivalent]
+    missing = [o for o in outcomes if o.status not in ("killed", "timeout", "survived", "found")]
+    if counted:
+        print(f"\nscore: {killed}/{len(counted)} killed ({100 * killed / len(counted):.0f} %), "
+              f"{len(equivalent)} equivalent not counted, {len(missing)} not run")  # fmt: skip
+    for o in equivalent:
+        print(f"  equivalent: {o.mutant.name}: {o.mutant.equivalent}")
+    for o in missing:
+        print(f"  not run: {o.mutant.name} ({o.mutant.file}): {o.status}; update its snippet in bench/mutate.py")
+    survivors = [o for o in counted if o.status == "survived"]
+    for o in survivors:
+        print(f"  SURVIVED: {o.mutant.name} ({o.mutant.file}): a test is missing")
+    if survivors or missing:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

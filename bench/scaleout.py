@@ -1,0 +1,138 @@
+"""Scale-out on Ray Serve against the plain server, side by side in one run.
+
+Three systems, all started at once, each in its own process tree, on the embedded demo model: plain
+`sd3serve serve` with 2 torch threads, `sd3serve serve --replicas 1 --threads 2` (Ray Serve, one replica) and
+`sd3serve serve --replicas 2 --threads 1` (two replicas of one thread). They take turns round by round (a round:
+c requests at once to one system), every request with its own prompt (no prompt-cache hits), 512², 4 steps.
+Prints images/s, p50 and p99 (nearest rank) per system and concurrency, and the ratios the issue sets targets
+for: Ray(1) / plain latency at c=1 (≤ 1.10) and Ray(2) / Ray(1) images/s at c=16 (≥ 1.3).
+
+    PYTHONPATH=src python bench/scaleout.py [--requests 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from common import URL, free_port, rich_key
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+PROMPTS = [f"a {c} {s} at the {p}" for c, s, p in itertools.product(COLOURS, SHAPES, POSITIONS)]
+SYSTEMS = {  # name: (extra arguments of `sd3serve serve`, torch threads per process)
+    "plain": ([], 2),
+    "ray-1": (["--replicas", "1"], 2),
+    "ray-2": (["--replicas", "2"], 1),
+}
+CONCURRENCY = (1, 4, 16)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[max(0, math.ceil(q * len(xs)) - 1)]
+
+
+@contextlib.contextmanager
+def system(name: str, data_dir: Path, log: Path) -> Iterator[str]:
+    args, threads = SYSTEMS[name]
+    port = free_port()
+    env = {**os.environ, "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port), "SD3SERVE_DEVICE": "cpu",
+           "SD3SERVE_LOG_LEVEL": "warning", "SD3SERVE_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+           "HF_HUB_OFFLINE": "1", "SD3SERVE_MAX_QUEUE": "256"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)  # each Ray system starts a cluster of its own
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve", *args], env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    replicas = int(args[1]) if args else 0
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"{name} did not start: {log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                r = httpx.get(f"{url}/readyz", timeout=5)
+                if r.status_code == 200 and r.json().get("replicas", {}).get("ready", 0) >= replicas:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()  # the Ray systems stop Serve and their cluster on SIGTERM
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=48, help="requests per system and concurrency")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4)
+    a = parser.parse_args()
+    prompts = itertools.cycle(PROMPTS)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        urls, keys = {}, {}
+        for name in SYSTEMS:
+            data_dir = root / name
+            data_dir.mkdir()
+            keys[name] = rich_key(data_dir)
+            urls[name] = stack.enter_context(system(name, data_dir, root / f"{name}.log"))
+            print(f"{name} ready: {urls[name]}", file=sys.stderr)
+        client = stack.enter_context(httpx.Client(timeout=300, limits=httpx.Limits(max_connections=64)))
+        pool = stack.enter_context(ThreadPoolExecutor(max(CONCURRENCY)))
+
+        def call(name: str, prompt: str) -> float:
+            body = {"prompt": prompt, "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
+            start = time.perf_counter()
+            r = client.post(urls[name] + URL, json=body, headers={"x-api-key": keys[name]})
+            r.raise_for_status()
+            return time.perf_counter() - start
+
+        for name in SYSTEMS:  # warm-up: every replica's first requests
+            list(pool.map(lambda p, n=name: call(n, p), [next(prompts) for _ in range(4)]))
+
+        results: dict[tuple[str, int], tuple[float, list[float]]] = {}
+        for c in CONCURRENCY:
+            rounds = max(1, a.requests // c)
+            busy = dict.fromkeys(SYSTEMS, 0.0)
+            latencies: dict[str, list[float]] = {n: [] for n in SYSTEMS}
+            for _ in range(rounds):
+                for name in SYSTEMS:
+                    batch = [next(prompts) for _ in range(c)]
+                    start = time.perf_counter()
+                    latencies[name] += list(pool.map(lambda p, n=name: call(n, p), batch))
+                    busy[name] += time.perf_counter() - start
+            for name in SYSTEMS:
+                results[name, c] = (len(latencies[name]) / busy[name], latencies[name])
+            print(f"c={c} done", file=sys.stderr)
+
+    print(f"\n{a.size}², {a.steps} steps, demo model, {os.cpu_count()} cores; rounds interleaved; "
+          f"{a.requests} requests per cell (fewer when c does not divide it)\n")  # fmt: skip
+    print("| concurrency | images/s: plain / ray-1 / ray-2 | p50 s: plain / ray-1 / ray-2 "
+          "| p99 s: plain / ray-1 / ray-2 | ray-1 / plain p50 | ray-2 / ray-1 images/s |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
+    for c in CONCURRENCY:
+        ips = [results[n, c][0] for n in SYSTEMS]
+        p50 = [percentile(results[n, c][1], 0.5) for n in SYSTEMS]
+        p99 = [percentile(results[n, c][1], 0.99) for n in SYSTEMS]
+        print(f"| {c} | {' / '.join(f'{x:.2f}' for x in ips)} | {' / '.join(f'{x:.3f}' for x in p50)} "
+              f"| {' / '.join(f'{x:.3f}' for x in p99)} | {p50[1] / p50[0]:.2f} | {ips[2] / ips[1]:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

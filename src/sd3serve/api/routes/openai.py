@@ -1,0 +1,126 @@
+"""The OpenAI-compatible images API: ``POST /v1/images/generations``, ``GET /v1/models[/{model}]``.
+
+The body is translated into the v1 contract's request and run by the same generation service, with the same keys,
+credits, limits and charges (on delivery only). Keys come as ``Authorization: Bearer`` or ``x-api-key``; errors
+are OpenAI's shape (``api/errors.py``).
+
+``response_format: url`` answers a ``data:`` URL holding the image: OpenAI's URLs are fetchable without the key
+for an hour, and a data: URL is too (browsers, ``urllib``, Node's ``fetch``), forever, with nothing stored here
+and no secret link to leak; the cost is the size of base64 in the response, as with ``b64_json``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from sd3serve.api.body import read_json
+from sd3serve.api.deps import (
+    BearerGenerationKeyDep,
+    BearerKeyDep,
+    IdempotencyKeyDep,
+    RequestIdDep,
+    ServiceDep,
+    SettingsDep,
+)
+from sd3serve.api.openai_schemas import (
+    ImageData,
+    ImagesResponse,
+    ModelList,
+    ModelObject,
+    OpenAIErrorResponse,
+    model_object,
+    parse_images_request,
+    request_schema,
+    resolve_model,
+)
+from sd3serve.api.routes.common import cost_headers
+from sd3serve.api.routes.generate import CLIENT_CLOSED, until_disconnected
+from sd3serve.api.schemas import ErrorResponse
+from sd3serve.api.service import ClientGone
+from sd3serve.imaging import to_base64
+
+router = APIRouter(tags=["OpenAI-compatible"])
+
+
+def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": OpenAIErrorResponse, "description": text} for code, text in codes.items()}
+
+
+_AUTH_ERRORS = {401: "Missing, unknown or revoked key (`invalid_api_key`)"}
+_GENERATION_ERRORS = _errors({
+    400: "Bad input (`invalid_request_error`); `param` names the field",
+    **_AUTH_ERRORS,
+    404: "Unknown model (`model_not_found`)",
+    409: "A request with the same Idempotency-Key is still running; retry after Retry-After seconds",
+    422: "The Idempotency-Key was used with another request body",
+    429: "Not enough credits (type and code `insufficient_quota`; nothing charged), or the key's rate limit "
+         "(`rate_limit_exceeded`, with `Retry-After`)",
+    500: "The server failed (`server_error`); nothing is charged",
+    503: "The queue is full or the server was interrupted (`server_error`); nothing is charged, retry after "
+         "Retry-After seconds",
+})  # fmt: skip
+# The body limit is enforced before routing (api/middleware.py), in the contract's shape.
+_GENERATION_ERRORS[413] = {"model": ErrorResponse, "description": 'Request body too large (`{"error": "..."}`)'}
+_HEADERS = {
+    name: {"description": text, "schema": {"type": "string"}}
+    for name, text in {
+        "x-seed-value": "the seed of the first image (image i used seed + i)",
+        "x-cost": "credits charged",
+        "x-remaining-credits": "the key's credits after this request",
+        "x-generation-time": "seconds",
+        "x-request-id": "this request's id",
+    }.items()
+}
+
+
+@router.post(
+    "/v1/images/generations",
+    summary="Generate images (OpenAI's images API)",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}},
+    responses={200: {"description": "The images", "headers": _HEADERS}, **_GENERATION_ERRORS},
+)
+async def create_images(
+    request: Request, key: BearerGenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> Response:  # fmt: skip
+    parsed = parse_images_request(await read_json(request, limit=settings.max_body_bytes))
+    req = parsed.txt2img
+    try:
+        out = await service.generate(key, req, request_id=request_id, idempotency_key=idempotency_key,
+                                     route="openai", disconnected=lambda: until_disconnected(request))  # fmt: skip
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    encoded = [to_base64(f) for f in out.files]
+    if parsed.response_format == "url":
+        data = [ImageData(url=f"data:{req.image_format.media_type};base64,{b}") for b in encoded]
+    else:
+        data = [ImageData(b64_json=b) for b in encoded]
+    headers = cost_headers(cost=out.cost, remaining=out.remaining, replayed=out.replayed) | {
+        "x-generation-time": f"{out.seconds:.3f}",
+        "x-seed-value": str(out.seed),
+    }
+    if out.prompt_truncated:
+        headers["x-prompt-truncated"] = "true"
+    body = ImagesResponse(created=int(time.time()), data=data)
+    return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
+
+
+@router.get("/v1/models", summary="The models served (OpenAI's models API)", responses=_errors(_AUTH_ERRORS))
+def list_models(key: BearerKeyDep) -> ModelList:
+    return ModelList(data=[model_object()])
+
+
+@router.get(
+    "/v1/models/{model:path}",
+    summary="One model (OpenAI's models API); aliases answer with the model they name",
+    responses=_errors({**_AUTH_ERRORS, 404: "Unknown model (`model_not_found`)"}),
+)
+def retrieve_model(model: str, key: BearerKeyDep) -> ModelObject:
+    resolve_model(model)
+    return model_object()

@@ -1,0 +1,27 @@
+"""``POST /v1/webhook-secret``: the key's webhook signing secret, new each call and shown only in the answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from sd3serve.api.deps import ApiKeyDep, StateDep
+from sd3serve.api.schemas import ErrorResponse
+
+router = APIRouter(tags=["webhooks"])
+
+
+class WebhookSecretResponse(BaseModel):
+    secret: str = Field(description="whsec_ + base64: verify the webhook-signature header of deliveries with it")
+
+
+@router.post(
+    "/v1/webhook-secret",
+    summary="Create (or replace) this key's webhook signing secret",
+    description="Deliveries for this key's v2 tasks are signed with it (Standard Webhooks). It is shown only here; "
+    "calling again replaces it at once, for deliveries not yet sent too.",
+    responses={401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"}},
+)
+async def rotate_webhook_secret(key: ApiKeyDep, state: StateDep) -> WebhookSecretResponse:
+    return WebhookSecretResponse(secret=await run_in_threadpool(state.webhooks.rotate_secret, key_id=key.id))

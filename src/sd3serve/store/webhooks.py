@@ -1,0 +1,176 @@
+"""Signed webhooks, kept in the database: secrets, the outbox of finished tasks, deliveries and their attempts.
+
+A v2 task that asks for a webhook gets a ``task_webhooks`` row in the transaction that creates it. Once the task
+ends (COMPLETED, FAILED or CANCELLED, by whatever process), ``enqueue_finished`` turns that row into a delivery
+with its payload, once. Any process then ``claim``s due deliveries for a while (a lease), sends them, and records
+each attempt; a failed one is retried with back-off for hours, and survives restarts because it lives here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from sd3serve.store.credits import CreditHold, SessionStep
+from sd3serve.store.models import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    Task,
+    TaskImage,
+    TaskWebhook,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookSecret,
+)
+
+EVENTS = {COMPLETED: "completed", FAILED: "failed", CANCELLED: "cancelled"}
+# Seconds to wait after each failed attempt: 9 attempts over about 7.5 hours, then the delivery is given up.
+RETRY_DELAYS_S = (5, 30, 120, 600, 1800, 3600, 7200, 14400)
+LEASE = timedelta(seconds=60)
+PENDING, DELIVERED, GAVE_UP = "pending", "delivered", "failed"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    url: str
+    payload: str
+    secret: str
+    attempts: int
+
+
+class WebhookStore:
+    def __init__(self, engine: Engine) -> None:
+        self._session = sessionmaker(engine, expire_on_commit=False)
+
+    def rotate_secret(self, *, key_id: int) -> str:
+        """A new signing secret for the key (the old one stops signing at once); returned here only."""
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        with self._session.begin() as s:
+            s.merge(WebhookSecret(key_id=key_id, secret=secret, created_at=datetime.now(UTC)))
+        return secret
+
+    def has_secret(self, *, key_id: int) -> bool:
+        with self._session() as s:
+            return s.get(WebhookSecret, key_id) is not None
+
+    @staticmethod
+    def subscription(*, task_id: str, key_id: int, url: str, events: list[str], base_url: str) -> SessionStep:
+        """A step of the task's creating transaction: where to POST its outcome."""
+
+        def subscribe(s: Session, _hold: CreditHold) -> None:
+            s.add(TaskWebhook(task_id=task_id, key_id=key_id, url=url, events=",".join(events), base_url=base_url))
+
+        return subscribe
+
+    def enqueue_finished(self) -> int:
+        """Turn the subscriptions of tasks that have ended into deliveries (once each); returns how many."""
+        made = 0
+        with self._session.begin() as s:
+            rows = s.execute(
+                select(TaskWebhook, Task)
+                .join(Task, Task.id == TaskWebhook.task_id)
+                .where(TaskWebhook.enqueued.is_(False), Task.status.in_(list(EVENTS)))
+                .limit(100)
+            ).all()
+            for hook, task in rows:
+                hook.enqueued = True
+                event = EVENTS[task.status]
+                if event not in hook.events.split(","):
+                    continue
+                count = len(s.scalars(select(TaskImage.index).where(TaskImage.task_id == task.id)).all())
+                s.add(
+                    WebhookDelivery(
+                        id=f"msg_{uuid.uuid4().hex}", key_id=hook.key_id, task_id=task.id, url=hook.url,
+                        payload=_payload(task, event, hook.base_url, count), status=PENDING,
+                    )
+                )  # fmt: skip
+                made += 1
+        return made
+
+    def claim(self, *, owner: str, limit: int = 10) -> list[Delivery]:
+        """Due deliveries, leased to ``owner`` for a minute (another process takes them over if it dies)."""
+        now = datetime.now(UTC)
+        with self._session.begin() as s:
+            due = select(WebhookDelivery.id).where(
+                WebhookDelivery.status == PENDING,
+                WebhookDelivery.next_attempt_at <= now,
+                or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < now),
+            )
+            ids = list(s.scalars(due.limit(limit)))
+            if not ids:
+                return []
+            s.execute(
+                update(WebhookDelivery)
+                .where(
+                    WebhookDelivery.id.in_(ids),
+                    or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < now),
+                )
+                .values(lease_owner=owner, lease_until=now + LEASE)
+            )
+        with self._session() as s:
+            rows = s.execute(
+                select(WebhookDelivery, WebhookSecret.secret)
+                .join(WebhookSecret, WebhookSecret.key_id == WebhookDelivery.key_id, isouter=True)
+                .where(WebhookDelivery.id.in_(ids), WebhookDelivery.lease_owner == owner)
+            ).all()
+            return [Delivery(d.id, d.url, d.payload, secret or "", d.attempts) for d, secret in rows]
+
+    def record(
+        self, delivery: Delivery, *, status_code: int | None, error: str | None, duration_ms: float,
+        give_up: bool = False,
+    ) -> None:  # fmt: skip
+        """One attempt: delivered on a 2xx, else retried later (or given up after the last delay, or at once
+        when it can never succeed)."""
+        ok = status_code is not None and 200 <= status_code < 300
+        attempts = delivery.attempts + 1
+        now = datetime.now(UTC)
+        if ok:
+            state, next_at = DELIVERED, now
+        elif give_up or attempts > len(RETRY_DELAYS_S):
+            state, next_at = GAVE_UP, now
+        else:
+            state, next_at = PENDING, now + timedelta(seconds=RETRY_DELAYS_S[attempts - 1])
+        with self._session.begin() as s:
+            s.add(WebhookAttempt(delivery_id=delivery.id, status_code=status_code, error=error,
+                                 duration_ms=duration_ms))  # fmt: skip
+            s.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery.id)
+                .values(status=state, attempts=attempts, next_attempt_at=next_at, lease_owner=None, lease_until=None)
+            )
+
+    def deliveries(self, *, task_id: str) -> list[tuple[str, str, int]]:
+        """(id, status, attempts) of a task's deliveries, for tests and operators."""
+        with self._session() as s:
+            rows = s.scalars(select(WebhookDelivery).where(WebhookDelivery.task_id == task_id))
+            return [(d.id, d.status, d.attempts) for d in rows]
+
+    def retry_now(self, *, task_id: str) -> None:
+        """Make a task's pending deliveries due now (operators; tests that cannot wait for the back-off)."""
+        with self._session.begin() as s:
+            s.execute(
+                update(WebhookDelivery)
+                .where(and_(WebhookDelivery.task_id == task_id, WebhookDelivery.status == PENDING))
+                .values(next_attempt_at=datetime.now(UTC))
+            )
+
+
+def _payload(task: Task, event: str, base_url: str, image_count: int) -> str:
+    data: dict[str, object] = {"request_id": task.id, "status": task.status, "seed": task.seed}
+    if task.status == COMPLETED:
+        data["output"] = [f"{base_url}/v2/requests/{task.id}/images/{i}" for i in range(image_count)]
+        data["metrics"] = {"inference_time": round(task.inference_time or 0.0, 4)}
+    else:
+        data["error"] = task.error
+    data["response_url"] = f"{base_url}/v2/requests/{task.id}"
+    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return json.dumps({"type": f"task.{event}", "timestamp": now, "data": data})

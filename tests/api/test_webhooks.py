@@ -1,0 +1,158 @@
+"""Signed webhooks through a live server, verified by an independent library (standardwebhooks): retries with
+back-off, a restart between attempts, event filters, and targets refused on private networks."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from live_server import SMALL, run_live_server
+from sd3serve.settings import Settings
+from sd3serve.store import webhooks as webhook_store
+from sd3serve.store.webhooks import WebhookStore
+from stub_engine import StubEngine
+
+SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
+
+
+class Receiver:
+    """A local webhook endpoint that fails its first ``fail_first`` requests with 500."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.received: list[tuple[dict[str, str], bytes, int]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                status = 500 if len(receiver.received) < receiver.fail_first else 204
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None: ...
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webhook_store, "RETRY_DELAYS_S", (0, 0, 0))  # the real back-off is 5 s, 30 s, 2 min, ...
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(fail_first=2)
+    yield r
+    r.close()
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.05)
+
+
+def test_signed_delivery_survives_failures_and_a_restart(
+    tmp_path: Path, receiver: Receiver, fast_retries: None
+) -> None:
+    settings = Settings(data_dir=tmp_path, device="cpu", webhook_allow_private=True)
+    first = run_live_server(settings, engine=StubEngine())
+    server = next(first)
+    key = server.new_key(5)
+    h = {"x-api-key": key}
+    with server.client() as c:
+        secret = c.post("/v1/webhook-secret", headers=h).json()["secret"]
+        assert secret.startswith("whsec_")
+        task_id = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url}, headers=h).json()["request_id"]
+        wait_for(lambda: len(receiver.received) >= 1)  # the first attempt fails (500)
+    first.close()  # the server goes away between attempts; the delivery lives in the database
+    store = WebhookStore(_engine(tmp_path))
+    assert store.deliveries(task_id=task_id)[0][1] == "pending"
+
+    second = run_live_server(settings, engine=StubEngine())
+    try:
+        next(second)
+        wait_for(lambda: any(status == 204 for _, _, status in receiver.received))
+        assert [status for _, _, status in receiver.received] == [500, 500, 204]
+        ids = {headers["webhook-id"] for headers, _, _ in receiver.received}
+        assert len(ids) == 1  # one message, retried
+        headers, body, _ = receiver.received[-1]
+        payload = Webhook(secret).verify(body, headers)  # raises unless the signature is right
+        assert payload["type"] == "task.completed"
+        assert payload["data"]["request_id"] == task_id and payload["data"]["output"][0].endswith("/images/0")
+        wait_for(lambda: store.deliveries(task_id=task_id)[0][1:] == ("delivered", 3))
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(body + b" ", headers)  # a tampered body fails verification
+    finally:
+        second.close()
+
+
+def _engine(tmp_path: Path) -> Any:
+    from sd3serve.store.credits import make_engine
+
+    return make_engine(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+
+
+def test_events_filter_and_refused_targets(tmp_path: Path) -> None:
+    receiver = Receiver()
+    gen = run_live_server(Settings(data_dir=tmp_path, device="cpu", webhook_allow_private=False),
+                          engine=StubEngine())  # fmt: skip
+    server = next(gen)
+    try:
+        key = server.new_key(5)
+        h = {"x-api-key": key}
+        with server.client() as c:
+            no_secret = c.post(SUBMIT, json={**SMALL, "webhook_url": "https://93.184.215.14/x"}, headers=h)
+            assert no_secret.status_code == 400 and "/v1/webhook-secret" in no_secret.json()["error"]
+            c.post("/v1/webhook-secret", headers=h)
+            for url, words in [(receiver.url, "not a public address"), ("ftp://93.184.215.14/x", "http"),
+                               ("http://169.254.169.254/latest", "not a public address")]:  # fmt: skip
+                r = c.post(SUBMIT, json={**SMALL, "webhook_url": url}, headers=h)
+                assert r.status_code == 400 and words in r.json()["error"], r.text
+            bad_event = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url, "webhook_events": ["done"]},
+                               headers=h)  # fmt: skip
+            assert bad_event.status_code == 400 and "webhook_events" in bad_event.json()["error"]
+            assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 5}  # nothing held for refusals
+    finally:
+        gen.close()
+        receiver.close()
+
+
+def test_only_the_chosen_events_are_sent(tmp_path: Path) -> None:
+    receiver = Receiver()
+    gen = run_live_server(Settings(data_dir=tmp_path, device="cpu", webhook_allow_private=True), engine=StubEngine())
+    server = next(gen)
+    try:
+        key = server.new_key(5)
+        h = {"x-api-key": key}
+        with server.client() as c:
+            c.post("/v1/webhook-secret", headers=h)
+            quiet = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url, "webhook_events": ["failed"]},
+                           headers=h).json()["request_id"]  # fmt: skip
+            loud = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url}, headers=h).json()["request_id"]
+            wait_for(lambda: len(receiver.received) == 1)
+            time.sleep(1.5)  # a delivery round passes: the filtered one is not sent
+            assert len(receiver.received) == 1
+            assert json.loads(receiver.received[0][1])["data"]["request_id"] == loud
+            assert quiet != loud
+    finally:
+        gen.close()
+        receiver.close()

@@ -1,0 +1,62 @@
+"""``TaskStore.image``: only the task's own key reads its images; anyone else gets the same NotFound as for a task
+that does not exist. Image rows are written through the ORM, so this does not depend on how a task is completed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+from sqlalchemy.orm import Session
+
+from sd3serve.errors import NotFound
+from sd3serve.store.credits import CreditStore
+from sd3serve.store.models import TaskImage
+from sd3serve.store.tasks import TaskStore
+
+
+@pytest.fixture
+def stores(store_url: str) -> Iterator[tuple[CreditStore, TaskStore]]:
+    credits = CreditStore(store_url)
+    credits.create_schema()
+    yield credits, TaskStore(credits.engine)
+    credits.close()
+
+
+def task_with_images(credits: CreditStore, tasks: TaskStore, task_id: str, images: list[bytes]) -> int:
+    key, _ = credits.create_key(credits=5)
+    create = TaskStore.creation(task_id=task_id, key_id=key.id, seed=1, base64=False, media_type="image/webp",
+                                request_json="{}", owner="me")  # fmt: skip
+    credits.reserve(key_id=key.id, credits=Decimal(1), request_id=task_id, owner="me", with_hold=create)
+    with Session(credits.engine) as s, s.begin():
+        s.add_all(TaskImage(task_id=task_id, index=i, data=data) for i, data in enumerate(images))
+    return key.id
+
+
+def test_the_owner_reads_each_image_with_its_media_type(stores: tuple[CreditStore, TaskStore]) -> None:
+    credits, tasks = stores
+    owner = task_with_images(credits, tasks, "t1", [b"first", b"second"])
+    assert tasks.image(task_id="t1", key_id=owner, index=0) == (b"first", "image/webp")
+    assert tasks.image(task_id="t1", key_id=owner, index=1) == (b"second", "image/webp")
+    with pytest.raises(NotFound, match="no image 2"):
+        tasks.image(task_id="t1", key_id=owner, index=2)
+
+
+def test_another_key_cannot_read_the_images(stores: tuple[CreditStore, TaskStore]) -> None:
+    credits, tasks = stores
+    task_with_images(credits, tasks, "t1", [b"first"])
+    stranger, _ = credits.create_key(credits=5)
+    other_owner = task_with_images(credits, tasks, "t2", [b"theirs"])
+    for key_id in (stranger.id, other_owner):
+        with pytest.raises(NotFound, match="for this key") as foreign:
+            tasks.image(task_id="t1", key_id=key_id, index=0)
+    with pytest.raises(NotFound) as missing:
+        tasks.image(task_id="nope", key_id=stranger.id, index=0)
+    assert str(foreign.value).replace("t1", "?") == str(missing.value).replace("nope", "?")  # nothing leaks
+
+
+def test_the_owner_of_an_unknown_task_gets_not_found(stores: tuple[CreditStore, TaskStore]) -> None:
+    credits, tasks = stores
+    owner = task_with_images(credits, tasks, "t1", [b"first"])
+    with pytest.raises(NotFound, match="for this key"):
+        tasks.image(task_id="t9", key_id=owner, index=0)

@@ -1,0 +1,284 @@
+"""Scale out on Ray Serve: a local Ray cluster started here, two CPU replicas of the demo model on PostgreSQL.
+
+The seed request over HTTP and through the segmind SDK (v1 and v2), credits exact under 200 concurrent requests
+from keys that run dry, a v2 task submitted to one replica and read from the other, a replica killed mid-request
+(nothing lost, nothing charged twice, Serve brings it back), metrics labelled per replica, readiness counting
+replicas; the Serve config and the KubeRay manifest parse against Ray Serve's schema. Ray's processes are
+stopped by the fixture that started them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import yaml
+
+import sd3serve
+from live_server import URL, free_port
+from sd3serve.settings import Settings
+from sd3serve.store.credits import CreditStore
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
+    APP_NAME,
+    REPLICA_HEADER,
+    ReplicaReport,
+    SQLiteAcrossHosts,
+    build_app,
+    check_database,
+    replica_options,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
+SRC = Path(sd3serve.__file__).parents[1]
+DEPLOY = Path(__file__).parents[1] / "deploy"
+SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
+SLOW = {**SMALL, "width": 512, "height": 512, "steps": 40}  # seconds on the demo model
+HEARTBEAT_S = 0.5
+
+
+def wait_for(condition: Any, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+@dataclass
+class Cluster:
+    url: str
+    store: CreditStore
+
+    def client(self, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def key(self, credits: int) -> tuple[str, int]:
+        key = self.store.create_key(credits=credits, name="ray")[1]
+        return key, self.store.authenticate(api_key=key).id
+
+    def reports(self) -> list[ReplicaReport]:
+        board = serve.get_deployment_handle("ReplicaBoard", app_name=APP_NAME)
+        reports: list[ReplicaReport] = board.snapshot.remote(3 * HEARTBEAT_S).result()
+        return reports
+
+    def ready_replicas(self) -> list[ReplicaReport]:
+        return [r for r in self.reports() if r.ready]
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    name = f"sd3serve_ray_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def cluster(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Ray on this machine (2 CPUs), Serve on a free port, 2 replicas with 1 CPU (1 torch thread) each."""
+    port = free_port()
+    settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu",
+                        heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
+    # The replicas import this checkout's sd3serve (workers of a local cluster get the driver's environment).
+    env = {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             runtime_env={"env_vars": env}, log_to_driver=False)  # fmt: skip
+    store = CreditStore(pg_url)
+    store.create_schema()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = replica_options(settings, replicas=2, num_cpus=1, num_gpus=0)
+        serve.run(build_app(settings, options=options), name=APP_NAME, route_prefix="/")
+        yield Cluster(url=f"http://127.0.0.1:{port}", store=store)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            store.close()
+
+
+def test_replicas_run_this_checkout_with_one_thread_each(cluster: Cluster) -> None:
+    reports = wait_for(lambda: len(cluster.ready_replicas()) == 2 and cluster.ready_replicas())
+    assert {Path(r.package).resolve() for r in reports} == {Path(sd3serve.__file__).resolve()}
+    assert len({r.pid for r in reports}) == 2
+    for r in reports:  # num_cpus 1: one torch thread, the wait policy set before torch loaded
+        assert r.threads["torch_threads"] == 1 and r.threads["OMP_WAIT_POLICY"] == "PASSIVE", r.threads
+        assert not r.threads["torch_imported_before"]
+    with cluster.client() as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json() == {"status": "ready", "replicas": {"ready": 2, "starting": 0}}
+        assert c.get("/healthz").json() == {"status": "ok"}
+
+
+def test_the_seed_request_over_http(cluster: Cluster) -> None:
+    key, _ = cluster.key(5)
+    with cluster.client() as c:
+        r = c.post(URL, json={**SMALL, "seed": 42}, headers={"x-api-key": key})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "image/jpeg" and r.content[:3] == b"\xff\xd8\xff"
+        assert r.headers["x-remaining-credits"] == "4" and r.headers["x-seed-value"] == "42"
+        assert r.headers[REPLICA_HEADER]
+        again = c.post(URL, json={**SMALL, "seed": 42}, headers={"x-api-key": key})
+        assert again.content == r.content  # whichever replica answers: the same bytes
+        assert c.get("/v1/get-user-credits", headers={"x-api-key": key}).json() == {"credits": 3}
+        assert c.post(URL, json=SMALL, headers={"x-api-key": "sk-nope"}).status_code == 401
+
+
+def test_the_segmind_sdk_v1_and_v2(cluster: Cluster) -> None:
+    segmind = pytest.importorskip("segmind")
+    key, key_id = cluster.key(3)
+    client = segmind.SegmindClient(api_key=key, base_url=cluster.url + "/v1", timeout=120)
+    slug = "stable-diffusion-3.5-turbo-txt2img"
+    image = client.run_sync(slug, **{**SMALL, "seed": 7})
+    assert image.headers["content-type"] == "image/jpeg" and image.content[:3] == b"\xff\xd8\xff"
+    job = client.submit_async(slug, **{**SMALL, "seed": 7, "base64": True})
+    result = job.wait(timeout=120, interval=0.2)
+    assert result["status"] == "COMPLETED" and len(result["output"]) == 1 and result["seed"] == 7
+    assert cluster.store.get_key(key_id=key_id).spent == 2
+
+
+def test_a_v2_task_submitted_to_one_replica_is_read_from_the_other(cluster: Cluster) -> None:
+    key, key_id = cluster.key(1)
+    h = {"x-api-key": key}
+    with cluster.client() as c:
+        submitted = c.post(SUBMIT, json={**SMALL, "seed": 3}, headers=h)
+        assert submitted.status_code == 200, submitted.text
+        task = submitted.json()["request_id"]
+        runner = submitted.headers[REPLICA_HEADER]
+
+        def read_elsewhere() -> httpx.Response | None:
+            r = c.get(f"/v2/requests/{task}", headers=h)
+            done = r.json()["status"] == "COMPLETED"
+            return r if done and r.headers[REPLICA_HEADER] != runner else None
+
+        result = wait_for(read_elsewhere)  # Ray routes each read to one of the two: soon to the other
+        image = c.get(result.json()["output"][0], headers=h)
+        assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"
+    assert cluster.store.get_key(key_id=key_id).spent == 1
+
+
+def test_credits_are_exact_under_200_concurrent_requests(cluster: Cluster) -> None:
+    balances = [40, 25, 15, 8, 3]  # every key runs dry
+    keys = [cluster.key(b)[0] for b in balances]
+    body = {**SMALL, "steps": 1}
+    with httpx.Client(base_url=cluster.url, timeout=240, limits=httpx.Limits(max_connections=200)) as c:
+
+        def one(key: str) -> tuple[str, int, str]:
+            r = c.post(URL, json=body, headers={"x-api-key": key})
+            return key, r.status_code, r.headers.get(REPLICA_HEADER, "")
+
+        with ThreadPoolExecutor(200) as pool:
+            results = list(pool.map(one, [keys[i % len(keys)] for i in range(200)]))
+    statuses = Counter(code for _, code, _ in results)
+    assert set(statuses) <= {200, 406}, statuses
+    assert len({replica for _, code, replica in results if code == 200}) == 2  # both replicas served
+    for key, balance in zip(keys, balances, strict=True):
+        info = cluster.store.get_key(key_id=cluster.store.authenticate(api_key=key).id)
+        delivered = sum(1 for k, code, _ in results if k == key and code == 200)
+        assert info.spent == delivered and info.credits + info.spent == balance and info.credits == 0
+
+
+def test_metrics_are_labelled_per_replica_in_one_scrape(cluster: Cluster) -> None:
+    key, _ = cluster.key(1)
+    with cluster.client() as c:
+        assert c.post(URL, json=SMALL, headers={"x-api-key": key}).status_code == 200
+        text = c.get("/metrics").text
+    replicas = {r.replica for r in cluster.ready_replicas()}
+    for replica in replicas:
+        assert f'sd3serve_queue_depth{{replica="{replica}"}}' in text
+    assert text.count("# TYPE sd3serve_images_total counter") == 1
+    delivered = [line for line in text.splitlines() if line.startswith("sd3serve_images_total{")]
+    assert len(delivered) == 2 and sum(float(line.split()[-1]) for line in delivered) >= 1
+
+
+def test_a_replica_killed_mid_request(cluster: Cluster) -> None:
+    """SIGKILL of the replica running a v1 request and a v2 task: the request fails 5xx, the task ends FAILED,
+    both uncharged (the other replica settles the dead one's holds); Serve starts a new replica; the API answers."""
+    key, key_id = cluster.key(10)
+    h = {"x-api-key": key}
+    before = {r.replica for r in wait_for(lambda: len(cluster.ready_replicas()) == 2 and cluster.ready_replicas())}
+
+    def busy() -> ReplicaReport | None:
+        return next((r for r in cluster.reports() if r.queued + r.running), None)
+
+    wait_for(lambda: busy() is None)  # no report left from earlier tests' requests
+    with cluster.client() as c, ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(lambda: httpx.post(cluster.url + URL, json=SLOW, headers=h, timeout=120))
+        victim = wait_for(busy)  # the replica the v1 request went to
+        tasks = []
+        while victim.replica not in {runner for _, runner in tasks}:  # a v2 task on the same replica
+            r = c.post(SUBMIT, json=SLOW, headers=h)
+            assert r.status_code == 200, r.text
+            tasks.append((r.json()["request_id"], r.headers[REPLICA_HEADER]))
+            assert len(tasks) < 12
+        os.kill(victim.pid, signal.SIGKILL)
+        answer = in_flight.result(timeout=120)
+        assert answer.status_code >= 500 or answer.status_code == 200, answer.text  # failed, or retried elsewhere
+        retried = answer.status_code == 200
+
+        def settled(task: str) -> bool:
+            return c.get(f"/v2/requests/{task}/status", headers=h).json()["status"] in ("COMPLETED", "FAILED")
+
+        wait_for(lambda: all(settled(task) for task, _ in tasks), timeout=180)
+        for task, runner in tasks:
+            status = c.get(f"/v2/requests/{task}/status", headers=h).json()
+            if runner == victim.replica:
+                assert status["status"] == "FAILED" and "nothing was charged" in status["error"]
+        completed = sum(
+            c.get(f"/v2/requests/{task}/status", headers=h).json()["status"] == "COMPLETED" for task, _ in tasks
+        )
+        charged = completed + retried
+        info = cluster.store.get_key(key_id=key_id)
+        assert info.spent == charged and info.credits == 10 - charged  # no hold left, nothing charged twice
+
+        after = wait_for(lambda: len(cluster.ready_replicas()) == 2 and cluster.ready_replicas(), timeout=180)
+        assert victim.replica not in {r.replica for r in after} and len(before & {r.replica for r in after}) == 1
+        assert c.post(URL, json=SMALL, headers=h).status_code == 200
+        assert cluster.store.get_key(key_id=key_id).spent == charged + 1
+
+
+def test_sqlite_on_another_host_is_refused() -> None:
+    check_database("sqlite:////data/sd3serve.db", origin_node="a", this_node="a")
+    check_database("postgresql://db/sd3serve", origin_node="a", this_node="b")
+    with pytest.raises(SQLiteAcrossHosts, match="postgresql://"):
+        check_database("sqlite:////data/sd3serve.db", origin_node="a", this_node="b")
+
+
+def test_the_serve_config_and_the_kuberay_manifest_parse_against_serves_schema() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((DEPLOY / "serve-config.yaml").read_text()))
+    manifests = list(yaml.safe_load_all((DEPLOY / "rayservice.yaml").read_text()))
+    service = next(m for m in manifests if m["kind"] == "RayService")
+    in_kuberay = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    for parsed in (config, in_kuberay):
+        (app,) = parsed.applications
+        assert app.import_path == "sd3serve.scaleout:app_builder" and app.route_prefix == "/"
+        deployments = {d.name: d for d in app.deployments}
+        assert deployments["SD3Replica"].ray_actor_options.num_gpus == 1
+        assert deployments["SD3Replica"].autoscaling_config["min_replicas"] >= 0
+        Settings(**app.args)  # the args are settings
