@@ -1,21 +1,32 @@
-# Two commands do everything on a fresh machine: `make serve` and `make test`.
-# Both create .venv when it is missing; settings come from SD3SERVE_* variables (e.g. SD3SERVE_PORT=8123 make serve).
+# Two commands do everything on a fresh machine: `make serve` and `make test`. `make serve` installs only what
+# serving needs; `make test` adds the dev tools and Debian's chromium. Settings come from SD3SERVE_* variables.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
 .PHONY: serve test lint bench mutate clean
 
-$(STAMP): pyproject.toml constraints.txt
+# What serving needs, and nothing else.
+$(SERVE_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins torch to the local CPU build: a newer torch would pull GBs of CUDA packages.
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e .
 	@$(PY) -c 'import torch, sys; v = torch.__version__; print("torch", v); sys.exit(0 if v.startswith("2.13.0") else "torch must be 2.13.0, got " + v)'
 	@! $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-' || (echo "nvidia-* packages found: something asked for another torch" && false)
+	touch $(SERVE_STAMP)
+
+# The tests also need the dev tools and a headless browser: Debian's chromium, which Playwright drives through
+# its executable_path (Playwright's own browser download is never used).
+$(STAMP): $(SERVE_STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@! $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-' || (echo "nvidia-* packages found: something asked for another torch" && false)
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 # The tests also run the Ray Serve scale-out (tests/test_ray.py): the `ray` extra, for `make test` only.
@@ -24,12 +35,13 @@ $(VENV)/.installed-ray: $(STAMP)
 	@! $(PY) -m pip list 2>/dev/null | grep -i '^nvidia-' || (echo "nvidia-* packages found: something asked for another torch" && false)
 	touch $@
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/sd3serve serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench tools
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 # npm packages for tests/api/test_seed_example_js.py. Without npm nothing is installed: that test then skips
 # where node is missing too, and fails (saying to install them) where node is there.

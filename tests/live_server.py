@@ -41,8 +41,9 @@ class LiveServer:
         return self.store.create_key(credits=int(credits), name="test")[1]
 
 
-def run_live_server(settings: Settings, *, engine: Engine | None = None) -> Iterator[LiveServer]:
-    """uvicorn on a free port in a thread, with the real app, until the generator is closed."""
+def run_live_server(settings: Settings, *, engine: Engine | None = None, ready: bool = True) -> Iterator[LiveServer]:
+    """uvicorn on a free port in a thread, with the real app, until the generator is closed; with ``ready``, once
+    the model is ready."""
     store = CreditStore(settings.resolved_database_url)
     app = create_app(settings, engine=engine, store=store)
     port = free_port()
@@ -54,6 +55,11 @@ def run_live_server(settings: Settings, *, engine: Engine | None = None) -> Iter
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
+    # HTTP answers first and the model loads after (api/app.py): wait until it is ready.
+    while ready and httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server's model did not become ready")
+        time.sleep(0.05)
     try:
         yield LiveServer(url=f"http://127.0.0.1:{port}", app=app, store=store, settings=settings)
     finally:

@@ -87,3 +87,59 @@ def test_add_credits_cannot_overflow_the_balance(tmp_path: Path, capsys: pytest.
     assert main([*args, "2"]) == 2 and "exceed" in capsys.readouterr().err
     assert main([*args, "1"]) == 0
     store.close()
+
+
+def test_help_is_readable_with_defaults_and_environment_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    top = capsys.readouterr().out
+    assert "First picture" in top and "``" not in top  # prose, not a raw docstring
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    serve = capsys.readouterr().out
+    for flag in ("--port", "--model", "--data-dir", "--max-queue"):
+        assert flag in serve
+    assert "default: 8000; env SD3SERVE_PORT" in " ".join(serve.split())
+    assert "env SD3SERVE_LOAD_T5=false" in " ".join(serve.split())
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    generate = " ".join(capsys.readouterr().out.split())
+    assert "--data-dir" not in generate and "--database-url" not in generate  # generate uses no database
+    assert "(default: 98552302)" in generate and "default: the embedded demo model; env SD3SERVE_MODEL" in generate
+
+
+def test_generate_takes_the_format_from_the_extension_or_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.gif")]) == 2
+    assert "extension" in capsys.readouterr().err and not (tmp_path / "x.gif").exists()
+
+
+def test_generate_shows_progress_timings_and_warnings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.webp"
+    cmd = [sys.executable, "-m", "sd3serve", "generate", "a red circle", "-o", str(out), "--model", str(tiny_model_dir),
+           "--width", "72", "--height", "64", "--steps", "2", "--negative-prompt", "blurry"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(out).format == "WEBP" and Image.open(out).size == (64, 64)
+    err = res.stderr
+    assert "--negative-prompt is unused" in err and "72x64 is generated as 64x64" in err
+    assert "step 1/2" in err and "step 2/2, decoding" in err
+    assert "encode" in err and "denoise" in err and "decode" in err and "batch_images" not in err
+    assert "seed 98552302" in err and res.stdout.strip() == str(out)
+
+
+def test_keys_warn_when_an_action_does_nothing_useful(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["keys", "--data-dir", str(tmp_path)]
+    assert main([*args, "list"]) == 0
+    assert "no keys in sqlite:///" in capsys.readouterr().err
+    assert main([*args, "create", "--credits", "5"]) == 0
+    created = capsys.readouterr()
+    assert created.out.startswith("sk-") and f"{tmp_path / 'sd3serve.db'}" in created.err
+    assert main([*args, "revoke", "1"]) == 0
+    assert capsys.readouterr().out == "key 1 revoked\n"
+    assert main([*args, "revoke", "1"]) == 0
+    assert "already revoked" in capsys.readouterr().err
+    assert main([*args, "add-credits", "1", "3"]) == 0
+    assert "is revoked: it cannot spend these credits" in capsys.readouterr().err

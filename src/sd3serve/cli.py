@@ -1,10 +1,12 @@
-"""``sd3serve serve | generate | keys ...``"""
+"""``sd3serve serve | generate | keys ...``: the server, one-off generation, and API keys."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -12,39 +14,69 @@ from typing import Any
 from sd3serve.settings import Settings
 from sd3serve.threads import configure_threads
 
+DESCRIPTION = """\
+Stable Diffusion 3.5 Turbo text-to-image with Segmind's hosted HTTP API.
+
+First picture:
+  sd3serve keys create --credits 100        # prints a key: keep it
+  sd3serve serve                            # http://127.0.0.1:8000/ is the playground, /docs the API
+  sd3serve generate "a red circle on a blue background" -o circle.png
+
+Every option of `serve` is also an environment variable SD3SERVE_<NAME> (SD3SERVE_PORT=8123); the README's
+"Settings" lists the ones without a flag. `serve` and `keys` must use the same --data-dir (or --database-url).
+"""
+
 # Flags of `serve` and `generate`, each the same as a Settings field (and an SD3SERVE_* variable).
-_SETTING_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    (
-        "--model",
-        {"type": Path, "help": "diffusers directory or single-file SD3 checkpoint (default: demo model)"},
-    ),
-    (
-        "--model-config-dir",
-        {"type": Path, "help": "configs + tokenizers (diffusers layout) for a single file"},
-    ),
-    ("--device", {"choices": ["auto", "cpu", "cuda"]}),
-    ("--dtype", {"choices": ["auto", "float32", "float16", "bfloat16"]}),
-    ("--no-t5", {"dest": "load_t5", "action": "store_const", "const": False, "help": "don't load T5"}),
+_MODEL_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--model", {"type": Path, "metavar": "PATH", "help": "diffusers directory or single-file SD3 checkpoint",
+                 "shown_default": "the embedded demo model"}),
+    ("--model-config-dir", {"type": Path, "metavar": "DIR",
+                            "help": "configs and tokenizers (diffusers layout) for a single-file checkpoint"}),
+    ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "auto: CUDA if there is one"}),
+    ("--dtype", {"choices": ["auto", "float32", "float16", "bfloat16"], "help": "auto: bf16 on CUDA, fp32 on a CPU"}),
+    ("--no-t5", {"dest": "load_t5", "action": "store_const", "const": False, "help": "don't load the T5 encoder"}),
     ("--weights", {"choices": ["full", "fp8", "t5-fp8"], "help": "weight storage: fp8 halves transformer and T5"}),
-    ("--memory-budget", {"help": "auto (the GPU's free memory) or GiB: pick the fastest memory mode that fits"}),
-    ("--data-dir", {"type": Path, "help": "where the SQLite store and the cached demo model live"}),
-    ("--database-url", {"help": "SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite)"}),
-    ("--threads", {"type": int, "help": "torch's CPU threads (default 0: the cores this process may use)"}),
+    ("--memory-budget", {"metavar": "GIB",
+                         "help": "auto (the GPU's free memory) or GiB: the fastest memory mode that fits"}),
+    ("--threads", {"type": int, "metavar": "N", "help": "torch's CPU threads; 0: the cores this process may use"}),
+]
+_STORE_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--data-dir", {"type": Path, "metavar": "DIR", "help": "where the SQLite database (sd3serve.db) lives"}),
+    ("--database-url", {"metavar": "URL", "help": "SQLAlchemy URL, e.g. postgresql://user@host/db",
+                        "shown_default": "SQLite in the data dir"}),
 ]
 _SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--host", {}),
+    ("--host", {"help": "address to listen on (0.0.0.0: every interface)"}),
     ("--port", {"type": int}),
-    ("--price-per-image", {"type": Decimal}),
-    ("--max-body-bytes", {"type": int}),
+    ("--price-per-image", {"type": Decimal, "help": "credits one image costs"}),
+    ("--max-body-bytes", {"type": int, "help": "request bodies above this are 413"}),
     ("--max-queue", {"type": int, "help": "requests waiting for the model; more get 503"}),
-    ("--max-batch-images", {"type": int, "help": "images in one batch"}),
+    ("--max-batch-images", {"type": int, "help": "images in one batch; 0: 4 on CUDA, 1 on a CPU"}),
     ("--log-level", {"choices": ["debug", "info", "warning", "error"]}),
 ]
+_SETTING_FLAGS = _MODEL_FLAGS + _STORE_FLAGS  # kept for callers that add them all
+IMAGE_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 
 
-def _add_flags(p: argparse.ArgumentParser, flags: list[tuple[str, dict[str, Any]]]) -> None:
-    for flag, kw in flags:
-        p.add_argument(flag, default=None, **kw)
+def _setting_help(dest: str, text: str | None, *, switch_off: bool = False, shown: object = None) -> str:
+    """The flag's help with its default and its environment variable."""
+    env = f"SD3SERVE_{dest.upper()}"
+    if switch_off:  # a flag that turns a setting off
+        return f"{text} (env {env}=false)"
+    if shown is None:
+        shown = Settings.model_fields[dest].get_default(call_default_factory=True)
+        shown = "unset" if shown is None else shown
+    return f"{text} (default: {shown}; env {env})" if text else f"default: {shown}; env {env}"
+
+
+def _add_flags(p: argparse.ArgumentParser, flags: list[tuple[str, dict[str, Any]]], title: str | None = None) -> None:
+    group = p.add_argument_group(title) if title else p
+    for flag, options in flags:
+        kw = dict(options)
+        dest = kw.get("dest", flag.removeprefix("--").replace("-", "_"))
+        shown = kw.pop("shown_default", None)
+        kw["help"] = _setting_help(dest, kw.get("help"), switch_off=kw.get("action") == "store_const", shown=shown)
+        group.add_argument(flag, default=None, **kw)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -97,55 +129,106 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sd3serve.api.app import create_app
     from sd3serve.api.connections import uvicorn_options
 
-    app = create_app(settings)
-    uvicorn.run(app, **uvicorn_options(settings))
-    return 0
+    failures: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:  # the model could not be loaded: nothing to serve
+        failures.append(error)
+        signal.raise_signal(signal.SIGINT)  # uvicorn shuts down gracefully, then re-raises it as KeyboardInterrupt
+
+    try:
+        uvicorn.run(create_app(settings, on_start_failure=stop), **uvicorn_options(settings))
+    except KeyboardInterrupt:
+        if not failures:
+            raise
+    return 1 if failures else 0
+
+
+# The request fields `generate` takes, as the API has them (image_format comes from the output's extension).
+GENERATE_FIELDS = ("negative_prompt", "steps", "guidance_scale", "seed", "sampler", "scheduler", "width", "height",
+                   "aspect_ratio", "batch_size", "image_quality")  # fmt: skip
+
+
+class ProgressBar:
+    """The denoising steps, then the decode, on stderr: one line redrawn on a terminal, a line each elsewhere."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def show(self, text: str, *, last: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K" + text + ("\n" if last else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def step(self, done: int, total: int) -> None:
+        bar = "#" * (self.WIDTH * done // max(total, 1))
+        after = ", decoding..." if done == total else ""
+        self.show(f"[{bar:<{self.WIDTH}}] step {done}/{total}{after}")
+
+
+def _generate_warnings(args: argparse.Namespace, req: Any, fmt: str) -> list[str]:
+    """Options that were given but change nothing, and sizes that are changed."""
+    from sd3serve.api.schemas import ASPECT_RATIOS
+
+    warnings = []
+    if args.negative_prompt is not None and req.guidance_scale <= 1:
+        warnings.append("--negative-prompt is unused at --guidance-scale 1 (it takes effect above 1)")
+    preset = ASPECT_RATIOS[req.aspect_ratio.value]
+    if preset and (args.width is not None or args.height is not None):
+        size = f"{preset[0]}x{preset[1]}"
+        warnings.append(f"--width/--height are ignored: --aspect-ratio {req.aspect_ratio.value} sets {size}")
+    elif not preset and (req.width, req.height) != req.size():
+        w, h = req.size()
+        warnings.append(f"sizes are rounded down to a multiple of 16: {req.width}x{req.height} is generated as {w}x{h}")
+    if args.image_quality is not None and fmt == "png":
+        warnings.append("--image-quality is unused for PNG (lossless)")
+    return warnings
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _configure_logging("warning")
-    configure_threads(settings)  # first: before anything imports torch
-    from sd3serve.api.schemas import parse_txt2img
-    from sd3serve.engine.pipeline import build_pipeline
-    from sd3serve.errors import InvalidRequest
-    from sd3serve.imaging import encode_image
-
-    body = {
-        k: getattr(args, k)
-        for k in (
-            "steps",
-            "guidance_scale",
-            "seed",
-            "sampler",
-            "scheduler",
-            "width",
-            "height",
-            "aspect_ratio",
-            "batch_size",
-        )
-        if getattr(args, k) is not None
-    }
     out: Path = args.output
-    fmt = {".png": "png", ".webp": "webp"}.get(out.suffix.lower(), "jpeg")
-    body |= {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "image_format": fmt,
-        "base64": True,
-    }
+    fmt = IMAGE_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        print(f"error: {out.name}: the format comes from the extension: {', '.join(IMAGE_FORMATS)}", file=sys.stderr)
+        return 2
+    from sd3serve.api.schemas import parse_txt2img
+    from sd3serve.errors import InvalidRequest
+
+    body = {k: getattr(args, k) for k in GENERATE_FIELDS if getattr(args, k) is not None}
+    body |= {"prompt": args.prompt, "image_format": fmt, "base64": True}
     try:
         req = parse_txt2img(body)
     except InvalidRequest as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for warning in _generate_warnings(args, req, fmt):
+        print(f"warning: {warning}", file=sys.stderr)
+    _configure_logging("warning")
+    configure_threads(settings)  # first: before anything imports torch
+    from sd3serve.engine.pipeline import build_pipeline
+    from sd3serve.imaging import encode_image
+
+    bar = ProgressBar()
+    bar.show(f"loading {settings.model or 'the demo model'}...")
+    started = time.perf_counter()
+    pipeline = build_pipeline(settings)  # the engine exactly as `serve` builds it
+    loaded = time.perf_counter()
     job = req.to_job()
-    result = build_pipeline(settings)(job)  # the engine exactly as `serve` builds it
+    bar.show(f"loaded in {loaded - started:.1f} s; {job.batch_size} image(s) of {job.width}x{job.height}", last=True)
+    result = pipeline(job, progress=bar.step)
+    bar.show(f"done in {time.perf_counter() - loaded:.2f} s", last=True)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_stem(f"{out.stem}-{i}")
         path.write_bytes(encode_image(image, req.image_format, req.image_quality))
         print(path)
-    print(f"seed {job.seed}, " + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()), file=sys.stderr)
+    phases = [k for k in ("encode", "denoise", "decode") if k in result.timings]  # timings also holds counts
+    seconds = ", ".join(f"{k} {result.timings[k]:.2f} s" for k in phases)
+    print(f"seed {job.seed}{' (image i: seed + i)' if job.batch_size > 1 else ''}; {seconds}", file=sys.stderr)
     return 0
 
 
@@ -156,13 +239,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = CreditStore(settings.resolved_database_url)
     store.create_schema()
+    where = _database_name(settings)
     try:
         if args.keys_cmd == "create":
-            _, plaintext = store.create_key(credits=args.credits, name=args.name or "")
+            k, plaintext = store.create_key(credits=args.credits, name=args.name or "")
             print(plaintext)  # alone on stdout: `KEY=$(sd3serve keys create --credits 100)`
+            print(f"key {k.id} created in {where}: a server must use the same database", file=sys.stderr)
         elif args.keys_cmd == "list":
+            keys = store.list_keys()
+            if not keys:
+                print(f"no keys in {where}; create one with `sd3serve keys create --credits 100`", file=sys.stderr)
+                return 0
             print(f"{'id':>4}  {'prefix':<12} {'credits':>12} {'spent':>12}  {'status':<8} name")
-            for k in store.list_keys():
+            for k in keys:
                 status = "revoked" if k.revoked else "active"
                 print(f"{k.id:>4}  {k.prefix:<12} {k.credits:>12g} {k.spent:>12g}  {status:<8} {k.name}")
         elif args.keys_cmd == "add-credits":
@@ -172,15 +261,33 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(f"key {k.id}: {k.credits:g} credits")
+            if k.revoked:
+                print(f"warning: key {k.id} is revoked: it cannot spend these credits", file=sys.stderr)
         elif args.keys_cmd == "revoke":
+            if store.get_key(key_id=args.key_id).revoked:
+                print(f"warning: key {args.key_id} was already revoked; nothing changed", file=sys.stderr)
+                return 0
             k = store.revoke(key_id=args.key_id)
             print(f"key {k.id} revoked")
     except NotFound as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e} (in {where})", file=sys.stderr)
         return 1
     finally:
         store.close()
     return 0
+
+
+def _database_name(settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+
+
+def _request_help(name: str, text: str) -> str:
+    from sd3serve.api.schemas import Txt2ImgRequest
+
+    default = Txt2ImgRequest.model_fields[name].default
+    return f"{text} (default: {getattr(default, 'value', default)})"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -214,34 +321,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sd3serve", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="sd3serve", description=DESCRIPTION, formatter_class=formatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{serve,generate,keys}")
 
-    serve = sub.add_parser("serve", help="start the HTTP server")
-    _add_flags(serve, _SETTING_FLAGS + _SERVE_FLAGS)
+    serve = sub.add_parser(
+        "serve", help="start the HTTP server (playground at /, docs at /docs)", formatter_class=formatter,
+        description="Start the HTTP server. HTTP answers at once; /readyz says 503 loading until the model is "
+        "loaded and warmed up.\nThe log names the data directory, the database and the URLs.",
+    )  # fmt: skip
+    _add_flags(serve, _SERVE_FLAGS, "server")
+    _add_flags(serve, _MODEL_FLAGS, "model")
+    _add_flags(serve, _STORE_FLAGS, "keys and credits")
     serve.add_argument(
         "--replicas", type=int, default=0, metavar="N",
         help="run N replicas on Ray Serve, one per GPU (needs sd3serve[ray]); 0: one process, no Ray",
     )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
-    gen = sub.add_parser("generate", help="generate an image from the command line")
-    gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", type=Path, default=Path("out.jpg"), help="file; .jpg, .png or .webp")
-    gen.add_argument("--negative-prompt", default="low quality, blurry")
-    for flag, typ in (
-        ("--steps", int),
-        ("--guidance-scale", float),
-        ("--seed", int),
-        ("--sampler", str),
-        ("--scheduler", str),
-        ("--width", int),
-        ("--height", int),
-        ("--aspect-ratio", str),
-        ("--batch-size", int),
+    gen = sub.add_parser(
+        "generate", help="generate images here, without a server", formatter_class=formatter,
+        description="Generate images with the same engine as the server, and write them to a file.\n"
+        "A batch writes NAME-0.jpg, NAME-1.jpg, ...; image i uses seed + i.",
+    )  # fmt: skip
+    gen.add_argument("prompt", help="what to draw (the demo model: e.g. 'a red circle on a blue background')")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.jpg"),
+                     help="the file; its extension sets the format: .jpg/.jpeg, .png or .webp (default: out.jpg)")
+    request = gen.add_argument_group("request (the API's fields)")
+    for flag, typ, text in (
+        ("--negative-prompt", str, "what to avoid; used when --guidance-scale > 1"),
+        ("--steps", int, "denoising steps, 1..70"),
+        ("--guidance-scale", float, "classifier-free guidance, 1..15"),
+        ("--seed", int, "0..4294967295, or -1 for a random one"),
+        ("--sampler", str, "a ComfyUI sampler name: euler, dpmpp_2m, uni_pc, ... (README: Samplers)"),
+        ("--scheduler", str, "simple, sgm_uniform, karras, exponential, ddim_uniform, beta, normal, ..."),
+        ("--width", int, "64..2048, rounded down to a multiple of 16"),
+        ("--height", int, "64..2048, rounded down to a multiple of 16"),
+        ("--aspect-ratio", str, "custom (use --width/--height), or a preset: 1:1, 16:9, 9:16, 21:9, 3:2, ..."),
+        ("--batch-size", int, "images, 1..10"),
+        ("--image-quality", int, "10..100, for .jpg and .webp"),
     ):
-        gen.add_argument(flag, type=typ, default=None)
-    _add_flags(gen, _SETTING_FLAGS)
+        name = flag.removeprefix("--").replace("-", "_")
+        request.add_argument(flag, type=typ, default=None, help=_request_help(name, text))
+    _add_flags(gen, _MODEL_FLAGS, "model")
     gen.set_defaults(func=cmd_generate)
 
     plan = sub.add_parser("plan", help="GPU memory each memory mode needs for a model, from its configs")
@@ -250,18 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prompt-cache-mb", type=float, default=256.0, help="as SD3SERVE_PROMPT_CACHE_MB")
     plan.set_defaults(func=cmd_plan)
 
-    keys = sub.add_parser("keys", help="manage API keys and credits")
-    _add_flags(keys, [f for f in _SETTING_FLAGS if f[0] in ("--data-dir", "--database-url")])
-    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
-    create = ksub.add_parser("create", help="create a key; prints it alone on stdout (shown only once)")
-    create.add_argument("--credits", type=_credits, required=True)
-    create.add_argument("--name", default="")
-    ksub.add_parser("list", help="list keys with their balances")
+    keys = sub.add_parser(
+        "keys", help="manage API keys and credits", formatter_class=formatter,
+        description="Manage API keys and credits in the server's database: use the same --data-dir (or "
+        "--database-url, or SD3SERVE_DATA_DIR / SD3SERVE_DATABASE_URL) as `sd3serve serve`.",
+    )  # fmt: skip
+    _add_flags(keys, _STORE_FLAGS)
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True, metavar="{create,list,add-credits,revoke}")
+    create = ksub.add_parser("create", help="create a key; prints it alone on stdout (it is shown only this once)")
+    create.add_argument("--credits", type=_credits, required=True, help="the key's starting balance")
+    create.add_argument("--name", default="", help="a label for `keys list`")
+    ksub.add_parser("list", help="list keys with their balances (never the keys themselves)")
     add = ksub.add_parser("add-credits", help="add credits to a key")
-    add.add_argument("key_id", type=int)
-    add.add_argument("credits", type=_added_credits)
-    revoke = ksub.add_parser("revoke", help="revoke a key")
-    revoke.add_argument("key_id", type=int)
+    add.add_argument("key_id", type=int, help="the key's id (from `keys list`)")
+    add.add_argument("credits", type=_added_credits, help="credits to add (> 0)")
+    revoke = ksub.add_parser("revoke", help="revoke a key: refused (401) from its next request on")
+    revoke.add_argument("key_id", type=int, help="the key's id (from `keys list`)")
     keys.set_defaults(func=cmd_keys)
     return parser
 

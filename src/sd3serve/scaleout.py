@@ -172,7 +172,7 @@ class SD3Replica:
     def __serve_build_asgi_app__(self) -> ASGIApp:
         from sd3serve.api.app import create_app
 
-        app = create_app(self.settings)
+        app = create_app(self.settings, start_in_background=False)  # Ray routes here once the lifespan ran
         replace_route(app, "/metrics", self._metrics, "Prometheus metrics of every replica, labelled `replica`")
         replace_route(app, "/readyz", self._readyz, "Readiness: this replica's model is loaded; replicas ready")
         self.api = app

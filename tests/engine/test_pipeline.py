@@ -111,3 +111,23 @@ def test_t5_window_is_diffusers_default_or_the_tokenizers_shorter_limit(tiny_mod
         assert SD3Pipeline(tiny_model).encode_text("a red circle")[0].shape[1] == pipe.tokenizer_max_length + 16
     finally:
         pipe.tokenizer_3.model_max_length = 512
+
+
+def test_demo_prompts_are_read_in_lower_case_without_punctuation() -> None:
+    """The demo's tokenizers know its lower-case words only: capitals and punctuation draw the same picture."""
+    from sd3serve.engine.pipeline import normalise_demo_prompt
+
+    assert normalise_demo_prompt("A Red Circle On A Blue Background.") == "a red circle on a blue background"
+    assert normalise_demo_prompt("a  LARGE green cross, at the top-left!") == "a large green cross at the top left"
+    demo = load_model(Settings(device="cpu"))  # the embedded demo model
+    assert demo.normalise_prompts
+    pipe = SD3Pipeline(demo)
+    job = GenerationJob(
+        prompt="a red circle on a blue background", negative_prompt="", steps=2, guidance_scale=1.0, seed=3,
+        sampler="euler", scheduler="simple", width=128, height=128, batch_size=1,
+    )  # fmt: skip
+    shouted = dataclasses.replace(job, prompt="A Red Circle On A Blue Background.")
+    assert np.array_equal(pixels(pipe, job)[0], pixels(SD3Pipeline(demo), shouted)[0])  # no shared cache entry
+    assert not pipe.is_truncated("A Red Circle On A Blue Background.")
+    as_typed = SD3Pipeline(dataclasses.replace(demo, normalise_prompts=False))  # what the demo drew before
+    assert not np.array_equal(pixels(pipe, job)[0], pixels(as_typed, shouted)[0])

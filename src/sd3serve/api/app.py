@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -14,7 +14,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.engine import make_url
 
+from sd3serve.api.docs import document_api, install_docs
 from sd3serve.api.errors import install_error_handlers
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.middleware import (
@@ -23,7 +25,7 @@ from sd3serve.api.middleware import (
     RequestBodyMiddleware,
     RequestContextMiddleware,
 )
-from sd3serve.api.routes import admin, credits, events, generate, openai, ops, v2
+from sd3serve.api.routes import admin, credits, events, generate, openai, ops, playground, v2
 from sd3serve.api.routes import webhooks as webhooks_routes
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
@@ -67,6 +69,38 @@ async def _housekeeping(state: AppState) -> None:
         await asyncio.sleep(settings.heartbeat_s)
 
 
+async def _start_engine(state: AppState, *, on_failure: Callable[[BaseException], None] | None) -> None:
+    """Load and warm the model while HTTP already answers; say when it is ready, or why it failed."""
+    started = time.perf_counter()
+    try:
+        await state.engine.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        from sd3serve.engine.loading import ModelLoadError  # torch is loaded by now
+
+        log.critical("the model could not be loaded: %s", e, exc_info=not isinstance(e, ModelLoadError))
+        if on_failure is not None:
+            on_failure(e)
+        return
+    log.info("model ready in %.1f s: generation requests are served (/readyz: ready)", time.perf_counter() - started)
+
+
+def _log_start(state: AppState, *, background: bool) -> None:
+    """Where things are, for a person reading the log: data, database, pages, and how to get a first key."""
+    settings = state.settings
+    url = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = settings.public_url.rstrip("/") if settings.public_url else f"http://{host}:{settings.port}"
+    log.info("data dir %s; database %s", settings.data_dir, url)
+    log.info("playground %s/ ; API docs %s/docs ; readiness %s/readyz", base, base, base)
+    if background:
+        log.info("loading the model in the background; until it is ready /readyz answers 503 loading")
+    if not state.store.list_keys():
+        where = f"--database-url '{url}'" if settings.database_url else f"--data-dir '{settings.data_dir}'"
+        log.warning("no API key exists yet: create one with `sd3serve keys %s create --credits 100`", where)
+
+
 def _document_400_not_422(spec: dict[str, Any]) -> None:
     """FastAPI documents its parameter errors as 422; this API answers them with 400 ``{"error"}``."""
     error = {
@@ -90,6 +124,7 @@ def _publish_request_schemas(app: FastAPI) -> None:
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(openapi_request_schemas())
             _document_400_not_422(spec)
+            document_api(spec)
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
             app.openapi_schema = spec
@@ -98,8 +133,19 @@ def _publish_request_schemas(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None, store: CreditStore | None = None) -> FastAPI:
-    """The app; ``engine`` and ``store`` may be given (tests), else they are built from the settings."""
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    store: CreditStore | None = None,
+    on_start_failure: Callable[[BaseException], None] | None = None,
+    start_in_background: bool = True,
+) -> FastAPI:
+    """The app; ``engine`` and ``store`` may be given (tests), else they are built from the settings.
+
+    With ``start_in_background`` HTTP answers while the model loads, and ``on_start_failure`` is called if it
+    cannot be loaded (``serve`` stops the server then); without it the lifespan loads the model before the app
+    takes requests, and a failed load fails the start (for hosts that route only to started apps)."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -125,10 +171,19 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
         deliveries = asyncio.create_task(
             webhook_loop(webhooks, owner=recovery.instance_id, settings=settings), name="webhooks"
         )
+        await run_in_threadpool(_log_start, state, background=start_in_background)
+        starting = None
+        if start_in_background:  # HTTP first, the model after: /readyz says "loading" until the engine is ready
+            starting = asyncio.create_task(_start_engine(state, on_failure=on_start_failure), name="engine-start")
         try:
-            await the_engine.start()
+            if starting is None:
+                await the_engine.start()
             yield
         finally:
+            if starting is not None:
+                starting.cancel()  # a load still in progress: the engine's close() waits for its thread
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
             await state.service.drain(settings.shutdown_grace_s)
             for loop_task in (housekeeping, deliveries):
                 loop_task.cancel()
@@ -146,8 +201,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
         summary="Stable Diffusion 3.5 Turbo text-to-image, with the hosted API of Segmind",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # api/docs.py serves them, with local assets
     )
     install_error_handlers(app)
+    install_docs(app)
     _publish_request_schemas(app)
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(HeadMiddleware)
@@ -161,4 +220,5 @@ def create_app(settings: Settings, *, engine: Engine | None = None, store: Credi
     app.include_router(credits.router)
     app.include_router(ops.router)
     app.include_router(admin.router)
+    app.include_router(playground.router)
     return app

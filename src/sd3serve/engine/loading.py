@@ -51,6 +51,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str  # a path, or "embedded demo model (...)"
+    # The demo's tokenizers know its lower-case words only: its prompts are normalised before encoding.
+    normalise_prompts: bool = False
     memory: MemoryMode | None = None  # weight storage and offload, as set or chosen for a budget (engine/memory.py)
 
     @property
@@ -208,7 +210,10 @@ def load_model(settings: Settings) -> LoadedModel:
         "on" if pipe.text_encoder_3 is not None else "off",
         f", {', '.join(prepared)}" if prepared else "",
     )
-    return LoadedModel(pipe=pipe, flow=flow, device=device, dtype=dtype, source=source, memory=memory)
+    demo = settings.model is None
+    return LoadedModel(
+        pipe=pipe, flow=flow, device=device, dtype=dtype, source=source, memory=memory, normalise_prompts=demo
+    )
 
 
 def _t5_overrides(has_t5: bool, load_t5: bool) -> dict[str, None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -36,6 +37,7 @@ LiveJobs = Callable[[], Sequence[bool]]
 VAE_TILING_ABOVE = 1536  # pixels a side: "auto" decodes larger images in tiles (2048² in little memory)
 MIN_VAE_TILE = 512  # pixels
 T5_MAX_LENGTH = 256  # tokens: diffusers' default max_sequence_length, SD3's training window
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
 class AllAborted(Exception):
@@ -149,6 +151,11 @@ class FlowDenoiser:
         return out.float()
 
 
+def normalise_demo_prompt(text: str) -> str:
+    """What the demo model was trained on: lower case, no punctuation ("A Red Circle." reads "a red circle")."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
 def _rows_of(live: list[int] | None, indices: list[int]) -> list[int] | None:
     """The positions within ``indices`` of the batch rows still live (None: all of them)."""
     if live is None:
@@ -193,6 +200,8 @@ class SD3Pipeline:
 
         The negative prompt goes through here too: diffusers encodes it exactly as a prompt.
         """
+        if self.model.normalise_prompts:
+            text = normalise_demo_prompt(text)
         cached = self.prompt_cache.get(text)
         if cached is not None:
             return cached
@@ -213,6 +222,8 @@ class SD3Pipeline:
         """Whether the text encoders see only the start of ``text`` (SD3.5: CLIP 77 tokens, T5 256), as diffusers
         truncates."""
         pipe = self.model.pipe
+        if self.model.normalise_prompts:
+            text = normalise_demo_prompt(text)
         limits = [(pipe.tokenizer, pipe.tokenizer_max_length), (pipe.tokenizer_2, pipe.tokenizer_max_length)]
         if pipe.tokenizer_3 is not None and pipe.text_encoder_3 is not None:
             limits.append((pipe.tokenizer_3, t5_length(pipe)))
