@@ -52,7 +52,7 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 test: lint $(VENV)/.installed-ray $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-# Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (~10 minutes).
+# Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (~13 minutes).
 mutate: $(STAMP)
 	$(PY) bench/mutate.py
 

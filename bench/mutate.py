@@ -1,6 +1,6 @@
 """Mutation check: plant each bug below in a copy of src/, run the tests named for it, and see them fail.
 
-    .venv/bin/python bench/mutate.py [--only SUBSTRING] [--list] [--no-baseline]    (or: make mutate)
+    .venv/bin/python bench/mutate.py [--only SUBSTRING ...] [--list] [--no-baseline]    (or: make mutate)
 
 A mutant is *killed* when its tests fail (or cannot even import it), *survived* when they pass. Each mutant is an
 exact snippet of the current source and its replacement: when the source changes under it, the mutant is reported
@@ -342,11 +342,12 @@ def main() -> None:
 
 def report(outcomes: list[Outcome]) -> None:
     print()
-    print(f"| {'mutant':<52} | {'file':<20} | {'result':<28} |")
-    print(f"|{'-' * 54}|{'-' * 22}|{'-' * 30}|")
+    w = max([len("mutant"), *(len(o.mutant.name) for o in outcomes)])
+    print(f"| {'mutant':<{w}} | {'file':<20} | {'result':<28} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 22}|{'-' * 30}|")
     for o in outcomes:
         result = o.status + (" (equivalent)" if o.mutant.equivalent and o.status == "survived" else "")
-        print(f"| {o.mutant.name:<52} | {o.mutant.file:<20} | {result:<28} |")
+        print(f"| {o.mutant.name:<{w}} | {o.mutant.file:<20} | {result:<28} |")
     counted = [o for o in outcomes if o.status in ("killed", "timeout", "survived") and not o.mutant.equivalent]
     killed = sum(o.status in ("killed", "timeout") for o in counted)
     equivalent = [o for o in outcomes if o.mutant.equivalent]
