@@ -9,8 +9,11 @@ stopped by the fixture that started them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -34,11 +37,13 @@ serve = pytest.importorskip("ray.serve")
 
 from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
     APP_NAME,
+    HEALTH_APP,
     REPLICA_HEADER,
     ReplicaReport,
     SQLiteAcrossHosts,
     build_app,
     check_database,
+    health_app,
     replica_options,
 )
 
@@ -57,6 +62,7 @@ HEARTBEAT_S = 0.5
 class Cluster:
     url: str
     store: CreditStore
+    healthz_before_ready: list[int]  # /healthz statuses seen while the model replicas were starting
 
     def client(self, timeout: float = 120) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -100,15 +106,39 @@ def cluster(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     store.create_schema()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")
         options = replica_options(settings, replicas=2, num_cpus=1, num_gpus=0)
-        serve.run(build_app(settings, options=options), name=APP_NAME, route_prefix="/")
-        yield Cluster(url=f"http://127.0.0.1:{port}", store=store)
+        url = f"http://127.0.0.1:{port}"
+        seen: list[int] = []
+        starting = threading.Event()
+        starting.set()
+
+        def probe() -> None:  # /healthz while serve.run below waits for the replicas to load the model
+            while starting.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    seen.append(httpx.get(f"{url}/healthz", timeout=5).status_code)
+                time.sleep(0.1)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            serve.run(build_app(settings, options=options), name=APP_NAME, route_prefix="/")
+        finally:
+            starting.clear()
+            prober.join()
+        yield Cluster(url=url, store=store, healthz_before_ready=seen)
     finally:
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
             store.close()
+
+
+def test_healthz_answers_while_the_replicas_start(cluster: Cluster) -> None:
+    assert 200 in cluster.healthz_before_ready, cluster.healthz_before_ready  # before any model replica was up
+    with cluster.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
 
 
 def test_replicas_run_this_checkout_with_one_thread_each(cluster: Cluster) -> None:
@@ -245,8 +275,12 @@ def test_a_replica_killed_mid_request(cluster: Cluster) -> None:
         info = cluster.store.get_key(key_id=key_id)
         assert info.spent == charged and info.credits == 10 - charged  # no hold left, nothing charged twice
 
-        after = wait_for(lambda: len(cluster.ready_replicas()) == 2 and cluster.ready_replicas(), timeout=180)
-        assert victim.replica not in {r.replica for r in after} and len(before & {r.replica for r in after}) == 1
+        def replaced() -> list[ReplicaReport]:  # the victim's last report lingers on the board for 3 heartbeats
+            ready = cluster.ready_replicas()
+            return ready if len(ready) == 2 and victim.replica not in {r.replica for r in ready} else []
+
+        after = wait_for(replaced, timeout=180)
+        assert len(before & {r.replica for r in after}) == 1
         assert c.post(URL, json=SMALL, headers=h).status_code == 200
         assert cluster.store.get_key(key_id=key_id).spent == charged + 1
 
@@ -266,7 +300,8 @@ def test_the_serve_config_and_the_kuberay_manifest_parse_against_serves_schema()
     service = next(m for m in manifests if m["kind"] == "RayService")
     in_kuberay = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     for parsed in (config, in_kuberay):
-        (app,) = parsed.applications
+        health, app = parsed.applications
+        assert (health.import_path, health.route_prefix) == ("sd3serve.scaleout:health_builder", "/healthz")
         assert app.import_path == "sd3serve.scaleout:app_builder" and app.route_prefix == "/"
         deployments = {d.name: d for d in app.deployments}
         assert deployments["SD3Replica"].ray_actor_options.num_gpus == 1

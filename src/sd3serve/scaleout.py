@@ -42,6 +42,7 @@ from sd3serve.threads import available_cores, configure_threads, thread_report
 log = logging.getLogger(__name__)
 
 APP_NAME = "sd3serve"
+HEALTH_APP = "sd3serve-health"  # /healthz, answered without a model (see Liveness)
 REPLICA_HEADER = "x-sd3serve-replica"
 # Requests Ray sends one replica before it queues them at the proxy. Cheap ones (status reads, credits, /metrics)
 # count too, so it is well above the one batch the engine runs at a time; past it, and past the engine's own
@@ -234,6 +235,27 @@ def replace_route(app: FastAPI, path: str, endpoint: Any, summary: str) -> None:
     app.router.routes.insert(0, app.router.routes.pop())
 
 
+# --- liveness while the replicas start ------------------------------------------------------------------------
+
+
+class Liveness:
+    """``/healthz`` of the cluster, from a deployment without a model behind its own route (Ray's proxy takes the
+    longest matching prefix): it answers while the model replicas start, restart or are scaled to zero, when the
+    app's own ``/healthz`` has no replica to run on. Readiness stays with ``/readyz``, on the replicas."""
+
+    async def __call__(self, request: Any) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+
+def health_app() -> serve.Application:
+    return serve.deployment(Liveness, ray_actor_options={"num_cpus": 0}, logging_config=QUIET).bind()
+
+
+def health_builder(_args: dict[str, Any]) -> serve.Application:
+    """For ``serve run`` / ``serve deploy``: the second application of deploy/serve-config.yaml."""
+    return health_app()
+
+
 # --- building and running the application -------------------------------------------------------------------
 
 
@@ -292,6 +314,7 @@ def serve_forever(settings: Settings, *, replicas: int) -> int:
         num_cpus = settings.threads or max(1, cpus // replicas)
         options = replica_options(settings, replicas=replicas, num_cpus=num_cpus, num_gpus=1 if use_gpus else 0)
         serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")  # live before the models load
         serve.run(build_app(settings, options=options), name=APP_NAME, route_prefix="/")
         log.info("serving on http://%s:%d with %d replica(s), %s CPU each%s", settings.host, settings.port,
                  replicas, num_cpus, " and one GPU" if use_gpus else "")  # fmt: skip
