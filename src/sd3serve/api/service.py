@@ -162,12 +162,12 @@ class GenerationService:
         ``idempotency_key``, a retry gets the first submission's task; with a ``webhook``, its outcome is POSTed
         there (URLs in it start with ``base_url``)."""
         job = req.to_job()
-        await self._check_storage(key)
-        subscribe = await self._webhook_step(key, webhook, request_id, base_url) if webhook else None
         claim, answer = await self._claim(key, idempotency_key, "v2", req)
-        if answer is not None:
+        if answer is not None:  # a retry gets its task whatever the server's state now
             return Submission.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
         try:
+            await self._check_storage(key)
+            subscribe = await self._webhook_step(key, webhook, request_id, base_url) if webhook else None
             self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
             create = TaskStore.creation(
                 task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
