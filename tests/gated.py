@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from live_server import LiveServer, run_live_server
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.pipeline import SD3Pipeline
+from sd3serve.settings import Settings
 
 
 class GatedEngine(BatchingEngine):
@@ -58,3 +63,18 @@ class CountingGate(GatedEngine):
                 progress(done, total)  # type: ignore[operator]
 
         return super()._run_gated(jobs, counting, live)
+
+
+@contextlib.contextmanager
+def paused_server(model: Any, data_dir: Path, *, pause_at_step: int) -> Iterator[tuple[LiveServer, CountingGate]]:
+    """A live server whose engine pauses after step ``pause_at_step`` of each batch until ``engine.gate`` is set."""
+    settings = Settings(data_dir=data_dir, device="cpu", batch_wait_ms=0)
+    engine = CountingGate(settings, model)
+    gen = run_live_server(settings, engine=engine)
+    server = next(gen)
+    engine.pause_at_step, engine.gate = pause_at_step, threading.Event()
+    try:
+        yield server, engine
+    finally:
+        engine.gate.set()
+        gen.close()

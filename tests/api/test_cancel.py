@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from gated import CountingGate
+from gated import CountingGate, paused_server
 from live_server import SMALL, run_live_server
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
@@ -21,12 +21,7 @@ def status(c: httpx.Client, key: str, task_id: str) -> dict[str, object]:
 
 
 def test_cancel_queued_and_running_tasks(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
-    engine = CountingGate(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.pause_at_step, engine.gate = 2, threading.Event()
-    try:
+    with paused_server(tiny_model, tmp_path, pause_at_step=2) as (server, engine):
         key, other = server.new_key(5), server.new_key(5)
         h = {"x-api-key": key}
         with server.client() as c:
@@ -61,9 +56,6 @@ def test_cancel_queued_and_running_tasks(tiny_model: LoadedModel, tmp_path: Path
             assert (late["cancelled"], late["status"]) == (False, "COMPLETED")
             key_info = server.store.list_keys()[0]
             assert (key_info.credits, key_info.spent) == (4, 1)
-    finally:
-        engine.gate.set()
-        gen.close()
 
 
 def test_cancel_through_another_process_stops_the_run(tiny_model: LoadedModel, tmp_path: Path) -> None:
@@ -93,12 +85,7 @@ def test_cancel_through_another_process_stops_the_run(tiny_model: LoadedModel, t
 
 
 def test_revoking_a_key_cancels_its_unfinished_tasks(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
-    engine = CountingGate(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.pause_at_step, engine.gate = 1, threading.Event()
-    try:
+    with paused_server(tiny_model, tmp_path, pause_at_step=1) as (server, engine):
         key = server.new_key(3)
         with server.client() as c:
             assert c.post(SUBMIT, json={**SMALL, "steps": 4}, headers={"x-api-key": key}).status_code == 200
@@ -110,6 +97,3 @@ def test_revoking_a_key_cancels_its_unfinished_tasks(tiny_model: LoadedModel, tm
             engine.gate.set()
             wait_for(lambda: engine.in_flight == 0)
             assert server.store.get_key(key_id=key_id).spent == 0  # the run's late capture was refused
-    finally:
-        engine.gate.set()
-        gen.close()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 from httpx_sse import connect_sse
 
-from gated import CountingGate
-from live_server import SMALL, run_live_server
+from gated import paused_server
+from live_server import SMALL
 from sd3serve.engine.loading import LoadedModel
-from sd3serve.settings import Settings
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 
@@ -23,12 +21,7 @@ def events(c: httpx.Client, key: str, task_id: str, **headers: str) -> Any:
 
 
 def test_progress_then_result_and_resume(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
-    engine = CountingGate(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.pause_at_step, engine.gate = 2, threading.Event()
-    try:
+    with paused_server(tiny_model, tmp_path, pause_at_step=2) as (server, engine):
         key = server.new_key(5)
         with server.client() as c:
             task_id = c.post(SUBMIT, json={**SMALL, "steps": 4}, headers={"x-api-key": key}).json()["request_id"]
@@ -57,18 +50,10 @@ def test_progress_then_result_and_resume(tiny_model: LoadedModel, tmp_path: Path
                 assert [s.event for s in source.iter_sse()] == ["completed"]
             other = server.new_key(1)
             assert c.get(f"/v2/requests/{task_id}/events", headers={"x-api-key": other}).status_code == 404
-    finally:
-        engine.gate.set()
-        gen.close()
 
 
 def test_a_cancelled_task_ends_its_stream(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
-    engine = CountingGate(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.pause_at_step, engine.gate = 1, threading.Event()
-    try:
+    with paused_server(tiny_model, tmp_path, pause_at_step=1) as (server, engine):
         key = server.new_key(5)
         h = {"x-api-key": key}
         with server.client() as c:
@@ -83,6 +68,3 @@ def test_a_cancelled_task_ends_its_stream(tiny_model: LoadedModel, tmp_path: Pat
                 last = next(it)
                 assert last.event == "cancelled" and "nothing was charged" in json.loads(last.data)["error"]
                 assert list(it) == []
-    finally:
-        engine.gate.set()
-        gen.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gated import CountingGate, GatedEngine
+from gated import CountingGate, GatedEngine, paused_server
 from live_server import SMALL, URL, run_live_server
 from sd3serve.api import service
 from sd3serve.engine.loading import LoadedModel
@@ -21,12 +21,7 @@ SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 
 
 def test_a_client_that_disconnects_frees_the_model_within_a_step(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
-    engine = CountingGate(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.pause_at_step, engine.gate = 2, threading.Event()
-    try:
+    with paused_server(tiny_model, tmp_path, pause_at_step=2) as (server, engine):
         key = server.new_key(3)
         body = b'{"prompt": "a red circle", "width": 64, "height": 64, "steps": 20}'
         head = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\n"
@@ -45,9 +40,6 @@ def test_a_client_that_disconnects_frees_the_model_within_a_step(tiny_model: Loa
         assert server.store.list_keys()[-1].spent == 0
         with server.client() as c:  # and the model serves the next request at once
             assert c.post(URL, json=SMALL, headers={"x-api-key": key}).status_code == 200
-    finally:
-        engine.gate.set()
-        gen.close()
 
 
 def test_a_locked_database_does_not_stall_the_model(

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
+
+from sd3serve.api.middleware import CLIENT_CLOSED_REQUEST as CLIENT_CLOSED
 from sd3serve.api.schemas import ErrorResponse
+
+__all__ = ["CLIENT_CLOSED", "GENERATION_ERRORS", "MODEL_SLUG", "cost_headers", "request_body", "until_disconnected"]
 
 MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
 
@@ -39,3 +44,11 @@ def cost_headers(*, cost: float, remaining: float, replayed: bool = False) -> di
     if replayed:
         headers["idempotent-replayed"] = "true"  # the first answer to this Idempotency-Key, not charged again
     return headers
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -7,23 +7,19 @@ from fastapi.responses import JSONResponse
 
 from sd3serve.api.body import read_json
 from sd3serve.api.deps import GenerationKeyDep, IdempotencyKeyDep, RequestIdDep, ServiceDep, SettingsDep
-from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
+from sd3serve.api.routes.common import (
+    CLIENT_CLOSED,
+    GENERATION_ERRORS,
+    MODEL_SLUG,
+    cost_headers,
+    request_body,
+    until_disconnected,
+)
 from sd3serve.api.schemas import Base64ImagesResponse, parse_txt2img
 from sd3serve.api.service import ClientGone
 from sd3serve.imaging import to_base64
 
 router = APIRouter(tags=["generation"])
-
-CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection: nothing was sent, nothing charged
-
-
-async def until_disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
 
 @router.post(
     f"/v1/{MODEL_SLUG}",

@@ -37,8 +37,7 @@ from sd3serve.api.openai_schemas import (
     request_schema,
     resolve_model,
 )
-from sd3serve.api.routes.common import cost_headers
-from sd3serve.api.routes.generate import CLIENT_CLOSED, until_disconnected
+from sd3serve.api.routes.common import CLIENT_CLOSED, cost_headers, until_disconnected
 from sd3serve.api.schemas import ErrorResponse
 from sd3serve.api.service import ClientGone
 from sd3serve.imaging import to_base64
