@@ -9,7 +9,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
-.PHONY: serve test lint bench mutate clean
+.PHONY: serve test lint docs bench mutate clean
 
 # What serving needs, and nothing else.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -49,7 +49,11 @@ $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then cd tests/js && npm ci --no-audit --no-fund; \
 	else echo "npm not found: tests/js/node_modules not installed (the seed JavaScript example test needs node and npm)"; fi
 
-test: lint $(VENV)/.installed-ray $(JS_DEPS)
+# The reference in docs/ as a site (MkDocs, Material theme); --strict: a broken link or anchor fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+test: lint docs $(VENV)/.installed-ray $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 # Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (~13 minutes).

@@ -22,8 +22,8 @@ First picture:
   sd3serve serve                            # http://127.0.0.1:8000/ is the playground, /docs the API
   sd3serve generate "a red circle on a blue background" -o circle.png
 
-Every option of `serve` is also an environment variable SD3SERVE_<NAME> (SD3SERVE_PORT=8123); the README's
-"Settings" lists the ones without a flag. `serve` and `keys` must use the same --data-dir (or --database-url).
+Every option of `serve` is also an environment variable SD3SERVE_<NAME> (SD3SERVE_PORT=8123); docs/settings.md
+lists the ones without a flag. `serve` and `keys` must use the same --data-dir (or --database-url).
 """
 
 # Flags of `serve` and `generate`, each the same as a Settings field (and an SD3SERVE_* variable).
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--steps", int, "denoising steps, 1..70"),
         ("--guidance-scale", float, "classifier-free guidance, 1..15"),
         ("--seed", int, "0..4294967295, or -1 for a random one"),
-        ("--sampler", str, "a ComfyUI sampler name: euler, dpmpp_2m, uni_pc, ... (README: Samplers)"),
+        ("--sampler", str, "a ComfyUI sampler name: euler, dpmpp_2m, uni_pc, ... (docs/samplers.md)"),
         ("--scheduler", str, "simple, sgm_uniform, karras, exponential, ddim_uniform, beta, normal, ..."),
         ("--width", int, "64..2048, rounded down to a multiple of 16"),
         ("--height", int, "64..2048, rounded down to a multiple of 16"),

@@ -4,8 +4,8 @@ generator, Brownian trees), computed once by a throwaway script outside this rep
 ``data/comfy_reference.json``: a Gaussian model and a two-mode mixture, 4 and 28 steps (sgm_uniform, shift 3),
 guidance 1 and 3 with a negative prompt, one (1, 2, 3, 3) float32 latent.
 
-dpmpp_2m_cfg_pp is in the data too but follows the CFG++ paper on the flow, not ComfyUI (README, "Samplers and
-schedulers"): its test checks the documented difference instead.
+dpmpp_2m_cfg_pp is in the data too but follows the CFG++ paper on the flow, not ComfyUI (docs/samplers.md):
+its test checks the documented difference instead.
 """
 
 from __future__ import annotations

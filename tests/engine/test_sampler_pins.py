@@ -7,7 +7,7 @@ Gaussian model of conftest.py, and Euler CFG++ also against a one-line reference
 Issue 17 (ComfyUI's semantics and noise streams) changed, and re-pinned from the new code: euler_ancestral_cfg_pp
 and dpmpp_2s_ancestral_cfg_pp at guidance 3, and without guidance every stochastic sampler (step noise from a
 second generator seeded with seed + 1, Brownian trees for the SDE samplers). dpmpp_2m_cfg_pp keeps this project's
-update (README, "Samplers and schedulers"), and every deterministic pin is unchanged.
+update (docs/samplers.md), and every deterministic pin is unchanged.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def test_moments_match_data(name: str) -> None:
     assert abs(out.mean().item() - mu) < 0.02, out.mean().item()
     if name == "lcm":
         # LCM re-noises the *posterior mean* at every step: exact for a consistency model, but with the exact
-        # E[x0 | x_σ] of this Gaussian the spread shrinks to ~0.69·s at any step count (see README).
+        # E[x0 | x_σ] of this Gaussian the spread shrinks to ~0.69·s at any step count (see docs/samplers.md).
         assert 0.6 * s < out.std().item() < 0.8 * s
     else:
         assert abs(out.std().item() / s - 1) < 0.045, out.std().item()

@@ -165,7 +165,7 @@ def load_model(settings: Settings) -> LoadedModel:
         source = f"embedded demo model ({DEMO_MODEL_VERSION}, {path})"
         log.warning(
             "No --model given: serving the built-in DEMO model (%s): a tiny SD3-architecture model trained on "
-            "coloured shapes (see the README for what it can draw), not SD3.5. Pass --model PATH for real weights.",
+            "coloured shapes (docs/models.md says what it can draw), not SD3.5. Pass --model PATH for real weights.",
             DEMO_MODEL_VERSION,
         )
     else:
