@@ -28,6 +28,22 @@ def test_tables_list_the_catalogued_names_in_order() -> None:
     assert all(info.name == name for name, info in SCHEDULER_INFO.items())
 
 
+def test_every_sampler_is_a_solver_family_with_options_it_takes() -> None:
+    import inspect
+
+    from sd3serve.engine.samplers import SOLVERS
+
+    for info in SAMPLER_INFO.values():
+        accepted = inspect.signature(SOLVERS[info.solver]).parameters
+        assert all(option in accepted for option, _ in info.options), info.name
+        assert SAMPLERS[info.name].keywords == dict(info.options)  # type: ignore[attr-defined]
+    # a variant runs its base's family: only its options differ
+    for info in SAMPLER_INFO.values():
+        if info.base is not None:
+            assert info.solver == SAMPLER_INFO[info.base].solver, info.name
+    assert len(SOLVERS) == 20  # 29 samplers, 9 of them options of another's family
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [(("a",), r"missing \['b'\]"), (("a", "b", "c"), r"not catalogued \['c'\]"), (("b", "a"), "order differs")],

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from conftest import GaussianDenoiser
+from sd3serve.engine.catalogue import SAMPLER_NAMES
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
-from sd3serve.engine.samplers import SAMPLER_NAMES, SAMPLERS
+from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import get_sigmas
 
 MU, S, MU_UNCOND, GUIDANCE = 0.5, 0.3, -0.2, 3.0

@@ -1,9 +1,9 @@
 """What each sampler and scheduler is, without the code that runs it: names and properties, torch-free.
 
 The request schema, the tests, the benchmarks and the docs read the names and properties here, so the HTTP layer
-imports no tensor library. The function tables (``samplers.SAMPLERS``, ``schedules.SCHEDULERS``) must list the
-same names in the same order: both modules check it when imported, and ``tests/engine/test_catalogue.py`` checks
-every property against what the functions do.
+imports no tensor library. ``samplers.SAMPLERS`` is built from this table (each entry names its solver family and
+options); ``schedules.SCHEDULERS`` must list the same names in the same order (checked when it is imported).
+``tests/engine/test_catalogue.py`` checks every property against what the functions do.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ class SamplerInfo:
     calls_per_step: int | None = 1  # model calls per step at most (the last step may take fewer); None: adaptive
     # ComfyUI's KSampler: schedule steps + 1 σ and drop the penultimate one (schedules.sampler_sigmas)
     discard_penultimate_sigma: bool = False
+    solver: str = ""  # the solver family that runs it (samplers.SOLVERS); empty: the sampler's own name
+    options: tuple[tuple[str, bool | int | float], ...] = ()  # keyword options of that family that make this sampler
+
+    def __post_init__(self) -> None:
+        if not self.solver:
+            object.__setattr__(self, "solver", self.name)
 
 
 @dataclass(frozen=True)
@@ -34,12 +40,26 @@ class SchedulerInfo:
 
 
 def _cfg_pp(base: SamplerInfo, description: str) -> SamplerInfo:
-    return replace(base, name=f"{base.name}_cfg_pp", description=description, cfg_pp=True, base=base.name)
+    return replace(
+        base,
+        name=f"{base.name}_cfg_pp",
+        description=description,
+        cfg_pp=True,
+        base=base.name,
+        options=(*base.options, ("cfg_pp", True)),
+    )
 
 
 def _gpu(base: SamplerInfo) -> SamplerInfo:
     description = base.description.removesuffix(".") + ", noise drawn on the compute device."
-    return replace(base, name=f"{base.name}_gpu", description=description, gpu_noise=True, base=base.name)
+    return replace(
+        base,
+        name=f"{base.name}_gpu",
+        description=description,
+        gpu_noise=True,
+        base=base.name,
+        options=(*base.options, ("on_device", True)),
+    )
 
 
 _EULER = SamplerInfo("euler", "Euler's method (Karras et al. 2022).", order=1)
@@ -49,8 +69,20 @@ _DPMPP_2S_ANCESTRAL = SamplerInfo(
 )
 _DPMPP_SDE = SamplerInfo("dpmpp_sde", "DPM-Solver++ SDE, 2 stages (Lu et al. 2022).", stochastic=True, calls_per_step=2)
 _DPMPP_2M = SamplerInfo("dpmpp_2m", "DPM-Solver++(2M) (Lu et al. 2022), multistep.", order=2)
-_DPMPP_2M_SDE = SamplerInfo("dpmpp_2m_sde", "DPM-Solver++(2M) SDE, midpoint (Lu et al. 2022).", stochastic=True)
-_DPMPP_3M_SDE = SamplerInfo("dpmpp_3m_sde", "DPM-Solver++(3M) SDE (Lu et al. 2022).", stochastic=True)
+_DPMPP_2M_SDE = SamplerInfo(
+    "dpmpp_2m_sde",
+    "DPM-Solver++(2M) SDE, midpoint (Lu et al. 2022).",
+    stochastic=True,
+    solver="dpmpp_multistep_sde",
+    options=(("max_order", 2),),
+)
+_DPMPP_3M_SDE = SamplerInfo(
+    "dpmpp_3m_sde",
+    "DPM-Solver++(3M) SDE (Lu et al. 2022).",
+    stochastic=True,
+    solver="dpmpp_multistep_sde",
+    options=(("max_order", 3),),
+)
 
 SAMPLER_INFO: dict[str, SamplerInfo] = {
     s.name: s
@@ -102,7 +134,12 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("ddim", "DDIM (Song et al. 2021), η = 0: Euler for a rectified flow.", order=1),
         SamplerInfo("uni_pc", "UniPC (Zhao et al. 2023), B(h) = h, order 3.", order=3, discard_penultimate_sigma=True),
         SamplerInfo(
-            "uni_pc_bh2", "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3.", order=3, discard_penultimate_sigma=True
+            "uni_pc_bh2",
+            "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3.",
+            order=3,
+            discard_penultimate_sigma=True,
+            solver="uni_pc",
+            options=(("bh2", True),),
         ),
     )
 }

@@ -18,19 +18,20 @@ solvers in σ carry over. Everything that depends on the noise *schedule* uses t
 Scalar coefficients are computed in Python float64 from ``sigmas.tolist()`` (one host sync per call), tensors
 only see ``x ← a·x + b·D`` updates, so every batch item is computed independently of the others.
 
-What each sampler is (stochastic, CFG++, order, ...) is in :mod:`sd3serve.engine.catalogue`, torch-free; the table
-at the end must list its names in its order.
+What each sampler is (stochastic, CFG++, order, ...) is in :mod:`sd3serve.engine.catalogue`, torch-free, with the
+solver family that runs it and its options (as k-diffusion's ``solver_type=``): ``SAMPLERS`` is built from it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import torch
 
-from sd3serve.engine.catalogue import SAMPLER_NAMES, check_table
+from sd3serve.engine.catalogue import SAMPLER_INFO
 from sd3serve.engine.noise import BatchNoise, BrownianNoise
 
 
@@ -179,8 +180,12 @@ def sample_euler(
     *,
     noise: BatchNoise,
     callback: StepCallback | None = None,
+    cfg_pp: bool = False,
 ) -> torch.Tensor:
-    """Euler's method (Karras et al. 2022, Algorithm 2 without churn)."""
+    """Euler's method (Karras et al. 2022, Algorithm 2 without churn). ``cfg_pp``: Euler with CFG++ (Chung et al.
+    2024), x' = α'·D_g + σ'·ε̂_u with ε̂_u = (x - α·D_u)/σ (DDIM-CFG++: the ancestral CFG++ step at η = 0)."""
+    if cfg_pp:
+        return _euler_ancestral_cfg_pp(model, x, sigmas, noise, callback, 0.0, 0.0)
     sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
     for i in range(n):
         denoised = model(x, st[i])
@@ -191,16 +196,21 @@ def sample_euler(
 
 
 @torch.no_grad()
-def sample_euler_cfg_pp(
+def sample_euler_ancestral(
     model: Denoiser,
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
     noise: BatchNoise,
     callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    cfg_pp: bool = False,
 ) -> torch.Tensor:
-    """Euler with CFG++ (Chung et al. 2024): x' = α'·D_g + σ'·ε̂_u, ε̂_u = (x - α·D_u)/σ (DDIM-CFG++)."""
-    return _euler_ancestral_cfg_pp(model, x, sigmas, noise, callback, 0.0, 0.0)
+    """Ancestral Euler, rectified-flow re-noising (ComfyUI's sample_euler_ancestral_RF); ``cfg_pp``: with CFG++
+    (Chung et al. 2024), the ancestral split taken in σ/α as ComfyUI."""
+    step = _euler_ancestral_cfg_pp if cfg_pp else _euler_ancestral
+    return step(model, x, sigmas, noise, callback, eta, s_noise)
 
 
 def _euler_ancestral(
@@ -256,36 +266,6 @@ def _euler_ancestral_cfg_pp(
                 x.add_(noise.step(x), alpha=a_t * r_up * s_noise)
         _progress(callback, i, n)
     return x
-
-
-@torch.no_grad()
-def sample_euler_ancestral(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """Ancestral Euler, rectified-flow re-noising (ComfyUI's sample_euler_ancestral_RF)."""
-    return _euler_ancestral(model, x, sigmas, noise, callback, eta, s_noise)
-
-
-@torch.no_grad()
-def sample_euler_ancestral_cfg_pp(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """Ancestral Euler with CFG++ (Chung et al. 2024), ancestral split in σ/α as ComfyUI."""
-    return _euler_ancestral_cfg_pp(model, x, sigmas, noise, callback, eta, s_noise)
 
 
 @torch.no_grad()
@@ -766,6 +746,24 @@ def _midpoint_2s(s: float, s_down: float) -> float:
     return 0.9999 if s >= 1.0 else _mid_sigma_f32(s, s_down, 0.5)
 
 
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    cfg_pp: bool = False,
+) -> torch.Tensor:
+    """Ancestral DPM-Solver++(2S) (Lu et al. 2022), λ = logit(1-σ), RF re-noising (ComfyUI's *_RF); ``cfg_pp``: as
+    ComfyUI for flow models, the unconditional 2S step plus α'·(D_g - D_u)."""
+    step = _dpmpp_2s_ancestral_cfg_pp if cfg_pp else _dpmpp_2s_ancestral
+    return step(model, x, sigmas, noise, callback, eta, s_noise)
+
+
 def _dpmpp_2s_ancestral(
     model: Denoiser,
     x: torch.Tensor,
@@ -821,53 +819,27 @@ def _dpmpp_2s_ancestral_cfg_pp(
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """Ancestral DPM-Solver++(2S) (Lu et al. 2022), λ = logit(1-σ), RF re-noising (ComfyUI's *_RF)."""
-    return _dpmpp_2s_ancestral(model, x, sigmas, noise, callback, eta, s_noise)
-
-
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral_cfg_pp(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """Ancestral DPM-Solver++(2S) with CFG++ as ComfyUI for flow models: unconditional 2S step, plus α'·(D_g - D_u)."""
-    return _dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, noise, callback, eta, s_noise)
-
-
 def _brownian(noise: BatchNoise, x: torch.Tensor, sigmas: torch.Tensor, on_device: bool) -> BrownianNoise:
     """ComfyUI's BrownianTreeNoiseSampler for the SDE samplers: over the schedule's [σ_min > 0, σ_max]."""
     positive = sigmas[sigmas > 0]
     return noise.brownian(x, float(positive.min()), float(sigmas.max()), on_device=on_device)
 
 
-def _dpmpp_sde(
+@torch.no_grad()
+def sample_dpmpp_sde(
     model: Denoiser,
     x: torch.Tensor,
     sigmas: torch.Tensor,
+    *,
     noise: BatchNoise,
-    callback: StepCallback | None,
-    eta: float,
-    s_noise: float,
-    r: float,
-    on_device: bool,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+    on_device: bool = False,
 ) -> torch.Tensor:
+    """DPM-Solver++ SDE (Lu et al. 2022), 2 stages, λ = logit(1-σ), noise in the flow's σ/α; ``on_device``: the
+    Brownian tree grows on the compute device."""
     n = len(sigmas) - 1
     sig = _offset_first(_floats(sigmas))
     st = _Sig(sigmas)
@@ -903,44 +875,22 @@ def _dpmpp_sde(
 
 
 @torch.no_grad()
-def sample_dpmpp_sde(
+def sample_dpmpp_2m(
     model: Denoiser,
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
     noise: BatchNoise,
     callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    r: float = 0.5,
+    cfg_pp: bool = False,
 ) -> torch.Tensor:
-    """DPM-Solver++ SDE (Lu et al. 2022), 2 stages, λ = logit(1-σ), noise in the flow's σ/α."""
-    return _dpmpp_sde(model, x, sigmas, noise, callback, eta, s_noise, r, on_device=False)
+    """DPM-Solver++(2M) (Lu et al. 2022) on the flow ODE in t = -log σ, as k-diffusion and ComfyUI.
 
-
-@torch.no_grad()
-def sample_dpmpp_sde_gpu(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    r: float = 0.5,
-) -> torch.Tensor:
-    """DPM-Solver++ SDE with the noise drawn on the compute device."""
-    return _dpmpp_sde(model, x, sigmas, noise, callback, eta, s_noise, r, on_device=True)
-
-
-def _dpmpp_2m(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    callback: StepCallback | None,
-    cfg_pp: bool,
-) -> torch.Tensor:
+    The first-order part (σ'/σ)·x + (1-σ'/σ)·D is the exact flow step (the same as with λ = logit(1-σ)); the
+    second-order term uses step ratios in log σ, which keeps the σ = 1 evaluation as history (λ = -∞ there).
+    On the Gaussian benchmark this is the more accurate choice at 4-8 steps (bench/samplers.py). ``cfg_pp``: with
+    CFG++ (Chung et al. 2024), guided x0, unconditional ε̂ and history.
+    """
     sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
     old: torch.Tensor | None = None
     h_last = 1.0
@@ -971,47 +921,21 @@ def _dpmpp_2m(
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(
+def sample_dpmpp_multistep_sde(
     model: Denoiser,
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
     noise: BatchNoise,
     callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    max_order: int = 2,
+    on_device: bool = False,
 ) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022) on the flow ODE in t = -log σ, as k-diffusion and ComfyUI.
-
-    The first-order part (σ'/σ)·x + (1-σ'/σ)·D is the exact flow step (the same as with λ = logit(1-σ)); the
-    second-order term uses step ratios in log σ, which keeps the σ = 1 evaluation as history (λ = -∞ there).
-    On the Gaussian benchmark this is the more accurate choice at 4-8 steps (bench/samplers.py).
-    """
-    return _dpmpp_2m(model, x, sigmas, callback, cfg_pp=False)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_cfg_pp(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) with CFG++ (Chung et al. 2024): guided x0, unconditional ε̂ and history (t = -log σ)."""
-    return _dpmpp_2m(model, x, sigmas, callback, cfg_pp=True)
-
-
-def _dpmpp_multistep_sde(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: BatchNoise,
-    callback: StepCallback | None,
-    eta: float,
-    s_noise: float,
-    max_order: int,
-    on_device: bool,
-) -> torch.Tensor:
+    """DPM-Solver++ multistep SDE (Lu et al. 2022; k-diffusion), λ = logit(1-σ), noise σ'·sqrt(1-e^{-2hη}):
+    ``max_order`` 2 is DPM-Solver++(2M) SDE (midpoint), 3 is (3M) SDE; ``on_device``: the Brownian tree grows on the
+    compute device."""
     n = len(sigmas) - 1
     sig = _offset_first(_floats(sigmas))
     st = _Sig(sigmas)
@@ -1055,66 +979,6 @@ def _dpmpp_multistep_sde(
         h_1, h_2 = h, h_1
         _progress(callback, i, n)
     return x
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE, midpoint (Lu et al. 2022), λ = logit(1-σ), noise σ'·sqrt(1-e^{-2hη})."""
-    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 2, on_device=False)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m_sde_gpu(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE with the noise drawn on the compute device."""
-    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 2, on_device=True)
-
-
-@torch.no_grad()
-def sample_dpmpp_3m_sde(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """DPM-Solver++(3M) SDE (Lu et al. 2022; k-diffusion), λ = logit(1-σ)."""
-    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 3, on_device=False)
-
-
-@torch.no_grad()
-def sample_dpmpp_3m_sde_gpu(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """DPM-Solver++(3M) SDE with the noise drawn on the compute device."""
-    return _dpmpp_multistep_sde(model, x, sigmas, noise, callback, eta, s_noise, 3, on_device=True)
 
 
 # ------------------------------------------------------------------------------------ DDPM, LCM, DDIM
@@ -1209,14 +1073,19 @@ def _unipc_coeffs(rks: list[float], hh: float, order: int, bh2: bool) -> tuple[f
     return b_h, bs, h_phi_1
 
 
-def _unipc(
+@torch.no_grad()
+def sample_uni_pc(
     model: Denoiser,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    callback: StepCallback | None,
-    bh2: bool,
+    *,
+    noise: BatchNoise,
+    callback: StepCallback | None = None,
+    bh2: bool = False,
     order: int = 3,
 ) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), order 3, data prediction in λ = logit(1-σ); B(h) = h (bh1) or, with ``bh2``,
+    B(h) = e^h - 1."""
     n = len(sigmas) - 1
     sig, st = _floats(sigmas), _Sig(sigmas)
     # λ(1) = -∞: the history coefficients use the offset first σ; the σ-ratio part stays exact at σ = 1
@@ -1262,61 +1131,32 @@ def _unipc(
     return x
 
 
-@torch.no_grad()
-def sample_uni_pc(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """UniPC (Zhao et al. 2023), B(h) = h (bh1), order 3, data prediction in λ = logit(1-σ)."""
-    return _unipc(model, x, sigmas, callback, bh2=False)
-
-
-@torch.no_grad()
-def sample_uni_pc_bh2(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """UniPC (Zhao et al. 2023), B(h) = e^h - 1 (bh2), order 3, data prediction in λ = logit(1-σ)."""
-    return _unipc(model, x, sigmas, callback, bh2=True)
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "euler": sample_euler,
-    "euler_cfg_pp": sample_euler_cfg_pp,
-    "euler_ancestral": sample_euler_ancestral,
-    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,
-    "heun": sample_heun,
-    "heunpp2": sample_heunpp2,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "lms": sample_lms,
-    "dpm_fast": sample_dpm_fast,
-    "dpm_adaptive": sample_dpm_adaptive,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_2s_ancestral_cfg_pp": sample_dpmpp_2s_ancestral_cfg_pp,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_sde_gpu": sample_dpmpp_sde_gpu,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_cfg_pp": sample_dpmpp_2m_cfg_pp,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_2m_sde_gpu": sample_dpmpp_2m_sde_gpu,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-    "dpmpp_3m_sde_gpu": sample_dpmpp_3m_sde_gpu,
-    "ddpm": sample_ddpm,
-    "lcm": sample_lcm,
-    "ipndm": sample_ipndm,
-    "ipndm_v": sample_ipndm_v,
-    "deis": sample_deis,
-    "ddim": sample_ddim,
-    "uni_pc": sample_uni_pc,
-    "uni_pc_bh2": sample_uni_pc_bh2,
+# The solver families by name; each catalogue entry names its family and the options that make it that sampler.
+SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
+    f.__name__.removeprefix("sample_"): f
+    for f in (
+        sample_euler,
+        sample_euler_ancestral,
+        sample_heun,
+        sample_heunpp2,
+        sample_dpm_2,
+        sample_dpm_2_ancestral,
+        sample_lms,
+        sample_dpm_fast,
+        sample_dpm_adaptive,
+        sample_dpmpp_2s_ancestral,
+        sample_dpmpp_sde,
+        sample_dpmpp_2m,
+        sample_dpmpp_multistep_sde,
+        sample_ddpm,
+        sample_lcm,
+        sample_ipndm,
+        sample_ipndm_v,
+        sample_deis,
+        sample_ddim,
+        sample_uni_pc,
+    )
 }
-check_table("sampler", tuple(SAMPLERS), SAMPLER_NAMES)
+SAMPLERS: dict[str, Sampler] = {
+    info.name: partial(SOLVERS[info.solver], **dict(info.options)) for info in SAMPLER_INFO.values()
+}
