@@ -9,6 +9,7 @@ options); ``schedules.SCHEDULERS`` must list the same names in the same order (c
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -39,27 +40,29 @@ class SchedulerInfo:
     description: str
 
 
-def _cfg_pp(base: SamplerInfo, description: str) -> SamplerInfo:
+def _variant(
+    base: SamplerInfo, suffix: str, description: str, *, option: str, flag: Literal["cfg_pp", "gpu_noise"]
+) -> SamplerInfo:
+    """``base`` with one more option of its solver family (and the property ``flag`` that says so): it equals
+    ``base`` where that option changes nothing."""
     return replace(
         base,
-        name=f"{base.name}_cfg_pp",
+        name=f"{base.name}_{suffix}",
         description=description,
-        cfg_pp=True,
         base=base.name,
-        options=(*base.options, ("cfg_pp", True)),
+        options=(*base.options, (option, True)),
+        cfg_pp=base.cfg_pp or flag == "cfg_pp",
+        gpu_noise=base.gpu_noise or flag == "gpu_noise",
     )
+
+
+def _cfg_pp(base: SamplerInfo, description: str) -> SamplerInfo:
+    return _variant(base, "cfg_pp", description, option="cfg_pp", flag="cfg_pp")
 
 
 def _gpu(base: SamplerInfo) -> SamplerInfo:
     description = base.description.removesuffix(".") + ", noise drawn on the compute device."
-    return replace(
-        base,
-        name=f"{base.name}_gpu",
-        description=description,
-        gpu_noise=True,
-        base=base.name,
-        options=(*base.options, ("on_device", True)),
-    )
+    return _variant(base, "gpu", description, option="on_device", flag="gpu_noise")
 
 
 _EULER = SamplerInfo("euler", "Euler's method (Karras et al. 2022).", order=1)
