@@ -36,13 +36,14 @@ class ServerProcess:
 def start_server(*, model_dir: Path, data_dir: Path, log_dir: Path, **settings: object) -> ServerProcess:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port),
-           "SD3SERVE_MODEL": str(model_dir), "SD3SERVE_DEVICE": "cpu", "SD3SERVE_LOG_LEVEL": "warning"}  # fmt: skip
+           "SD3SERVE_MODEL": str(model_dir), "SD3SERVE_DEVICE": "cpu", "SD3SERVE_LOG_LEVEL": "warning",
+           "SD3SERVE_THREADS": "1"}  # fmt: skip  (several servers share 2 cores: one torch thread each)
     env |= {f"SD3SERVE_{k.upper()}": str(v) for k, v in settings.items()}
     log = log_dir / f"server-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a liveness guard, not a timing: 4 servers loading at once on a busy machine
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
