@@ -29,7 +29,7 @@ from sd3serve.settings import Settings
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
 
-    from sd3serve.engine.loading import LoadedModel
+    from sd3serve.engine.model import LoadedModel
 
 log = logging.getLogger(__name__)
 

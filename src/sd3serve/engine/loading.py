@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -18,7 +17,8 @@ from transformers.utils import logging as transformers_logging
 
 from sd3serve.engine.acceleration import prepare_weights, wanted
 from sd3serve.engine.flow import FlowSampling
-from sd3serve.engine.memory import MemoryMode, NoModeFits, budget_bytes, memory_plan
+from sd3serve.engine.memory import NoModeFits, budget_bytes, memory_plan
+from sd3serve.engine.model import LoadedModel, MemoryMode
 from sd3serve.settings import Settings
 
 # Importing diffusers' pipelines makes transformers log advisory warnings (no torchvision: the PIL image processors
@@ -40,29 +40,6 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 class ModelLoadError(RuntimeError):
     pass
-
-
-@dataclass
-class LoadedModel:
-    """The model's components (kept on a diffusers pipeline object, which also encodes prompts)."""
-
-    pipe: StableDiffusion3Pipeline
-    flow: FlowSampling
-    device: torch.device
-    dtype: torch.dtype
-    source: str  # a path, or "embedded demo model (...)"
-    # The demo's tokenizers know its lower-case words only: its prompts are normalised before encoding.
-    normalise_prompts: bool = False
-    memory: MemoryMode | None = None  # weight storage and offload, as set or chosen for a budget (engine/memory.py)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-
-    @property
-    def size_multiple(self) -> int:
-        """Latent sides must be a multiple of the patch: pixel sizes a multiple of this."""
-        return self.vae_scale_factor * int(self.pipe.transformer.config.patch_size)
 
 
 def parse_device(name: str) -> torch.device:

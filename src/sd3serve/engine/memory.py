@@ -25,13 +25,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from sd3serve.engine.acceleration import fp8_groups, fuse_qkv, store_in_fp8
+from sd3serve.engine.model import MemoryMode
+from sd3serve.engine.windows import MIN_VAE_TILE, VAE_TILING_ABOVE, t5_window
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +46,6 @@ COMPUTE_DTYPE = torch.bfloat16
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENTS = (*TEXT_ENCODERS, "transformer", "vae")
 SHAPES = ((1024, 1), (1024, 4), (2048, 1), (2048, 4))  # (pixels a side, images in one forward pass)
-VAE_TILING_ABOVE, MIN_VAE_TILE = 1536, 512  # as engine/pipeline.py: larger images decode in tiles of 512 px or more
-
-
-@dataclass(frozen=True)
-class MemoryMode:
-    name: str
-    transformer: Literal["full", "fp8"]  # weight storage; "full" is the compute dtype (bf16 on CUDA)
-    t5: Literal["full", "fp8", "off"]
-    offload: Literal["none", "model", "sequential"]
-    about: str = ""
-
-    @property
-    def fp8(self) -> dict[str, bool]:
-        return {"transformer": self.transformer == "fp8", "text_encoder_3": self.t5 == "fp8"}
 
 
 # In order of preference: the automatic choice takes the first that fits. Modes with T5 come first and without T5
@@ -158,7 +148,6 @@ def build_on_meta(model_dir: Path, name: str, *, fp8: bool = False, fuse: bool =
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from sd3serve.engine.acceleration import fuse_qkv, store_in_fp8
 
     folder = model_dir / name
     module: torch.nn.Module
@@ -323,7 +312,6 @@ def _latent_state(size: int, rows: int) -> int:
 
 
 def _component_bytes(model_dir: Path, name: str, full: torch.nn.Module) -> ComponentBytes:
-    from sd3serve.engine.acceleration import fp8_groups
 
     buffers = sum(b.numel() * b.element_size() for b in full.buffers())
     largest = max(tensor_bytes(m) for m in full.modules() if not list(m.children()))
@@ -378,10 +366,10 @@ def clip_tokens(model_dir: Path) -> int:
 
 
 def t5_tokens(model_dir: Path) -> int:
-    """The T5 window the engine pads to: min(256, the tokenizer's limit), as engine/pipeline.py."""
+    """The T5 window the engine pads to (``windows.t5_window``)."""
     cfg = model_dir / "tokenizer_3" / "tokenizer_config.json"
-    limit = int(_read_json(cfg).get("model_max_length", 256)) if cfg.exists() else 256
-    return min(256, limit)
+    limit = _read_json(cfg).get("model_max_length") if cfg.exists() else None
+    return t5_window(None if limit is None else int(limit))
 
 
 def memory_plan(

@@ -28,15 +28,13 @@ from sd3serve.engine.prompt_cache import PromptCache, TextEmbedding
 from sd3serve.engine.protocol import ProgressCallback
 from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import sampler_sigmas
+from sd3serve.engine.windows import MIN_VAE_TILE, VAE_TILING_ABOVE, t5_window
 from sd3serve.settings import Settings
 
 # Which jobs of a batch are still wanted, asked before every model call (True: keep computing it). A job whose
 # requesters are all gone stops at the next step: its rows are no longer computed, and when no job is left the
 # batch ends with AllAborted.
 LiveJobs = Callable[[], Sequence[bool]]
-VAE_TILING_ABOVE = 1536  # pixels a side: "auto" decodes larger images in tiles (2048² in little memory)
-MIN_VAE_TILE = 512  # pixels
-T5_MAX_LENGTH = 256  # tokens: diffusers' default max_sequence_length, SD3's training window
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
@@ -165,10 +163,9 @@ def _rows_of(live: list[int] | None, indices: list[int]) -> list[int] | None:
 
 
 def t5_length(pipe: StableDiffusion3Pipeline) -> int:
-    """The T5 window the prompt is padded to: diffusers' 256, or the T5 tokenizer's own limit where it is shorter
-    (the demo model is trained on 16-token windows; SD3.5's tokenizer says 512)."""
+    """The T5 window the prompt is padded to (``windows.t5_window``)."""
     tok = pipe.tokenizer_3
-    return min(T5_MAX_LENGTH, tok.model_max_length) if tok is not None else T5_MAX_LENGTH
+    return t5_window(tok.model_max_length if tok is not None else None)
 
 
 def batch_key(job: GenerationJob) -> tuple[object, ...]:
