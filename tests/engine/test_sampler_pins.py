@@ -17,7 +17,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import GaussianDenoiser
+from helpers.denoisers import GaussianDenoiser
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.samplers import SAMPLER_NAMES, SAMPLERS
