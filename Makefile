@@ -9,7 +9,11 @@ SERVE_STAMP := $(VENV)/.installed-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
+<<<<<<< HEAD
 .PHONY: serve test lint docs bench mutate clean
+=======
+.PHONY: serve test test-stress lint bench mutate mutate-hand clean
+>>>>>>> tests
 
 # What serving needs, and nothing else.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -43,8 +47,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
-# npm packages for tests/api/test_seed_example_js.py. Without npm nothing is installed: that test then skips
-# where node is missing too, and fails (saying to install them) where node is there.
+# npm packages for the JavaScript client tests (tests/api/test_seed_example_js.py, the OpenAI node client). Without
+# npm nothing is installed, and those tests skip, saying why.
 $(JS_DEPS): tests/js/package.json tests/js/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then cd tests/js && npm ci --no-audit --no-fund; \
 	else echo "npm not found: tests/js/node_modules not installed (the seed JavaScript example test needs node and npm)"; fi
@@ -56,15 +60,31 @@ docs: $(STAMP)
 test: lint docs $(VENV)/.installed-ray $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-# Plants the mutations listed in bench/mutate.py one at a time and runs the tests named for each (~13 minutes).
+# The whole suite in random order (pytest-randomly; the seed is printed) with both cores kept busy by stress-ng,
+# as a loaded CI machine would: what passes only on an idle machine is flaky. Debian's stress-ng is installed once.
+test-stress: lint $(VENV)/.installed-ray $(JS_DEPS)
+	command -v stress-ng >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq stress-ng)
+	stress-ng --cpu 2 --quiet & load=$$!; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -p randomly $(PYTEST_ARGS); rc=$$?; kill $$load; wait $$load; exit $$rc
+
+# Mutation testing with mutmut ([tool.mutmut] in pyproject.toml; docs/testing.md): every module, or one area with
+# MODULE=store, MODULE=api.service, MODULE=engine.batching... (a dotted prefix under sd3serve). mutmut keeps its
+# results in mutants/ and reruns only what changed; `rm -rf mutants` starts over.
+MODULE ?=
 mutate: $(STAMP)
+	$(VENV)/bin/mutmut run --max-children 2 $(if $(MODULE),"sd3serve.$(MODULE)*") || true
+	$(PY) bench/mutation_scores.py $(if $(MODULE),"sd3serve.$(MODULE)*")
+
+# The hand-planted mutants of bench/mutate.py: modules outside mutmut's selection, and what its operators cannot
+# express (about 40 pytest runs).
+mutate-hand: $(STAMP)
 	$(PY) bench/mutate.py
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules mutants
 
 # Retrain the demo model shipped in src/sd3serve/models/demo (about 50 minutes on 2 cores) with its tooling,
 # tools/sd3demo, which is not part of the package: `make train-demo DEMO_OUT=DIR`.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from helpers.same_code import same_code_env
 from live_server import free_port
 
 
@@ -35,7 +35,7 @@ class ServerProcess:
 
 def start_server(*, model_dir: Path, data_dir: Path, log_dir: Path, **settings: object) -> ServerProcess:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port),
+    env = {**same_code_env(), "HF_HUB_OFFLINE": "1", "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port),
            "SD3SERVE_MODEL": str(model_dir), "SD3SERVE_DEVICE": "cpu", "SD3SERVE_LOG_LEVEL": "warning",
            "SD3SERVE_THREADS": "1"}  # fmt: skip  (several servers share 2 cores: one torch thread each)
     env |= {f"SD3SERVE_{k.upper()}": str(v) for k, v in settings.items()}

@@ -44,3 +44,10 @@ class StubEngine:
     async def check_health(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class FailingEngine(StubEngine):
+    """An engine that fails on purpose, to prove a failed generation costs nothing."""
+
+    async def generate(self, job: GenerationJob, *, request_id: str, progress: Any = None) -> GenerationResult:
+        raise RuntimeError("secret internal detail: CUDA out of memory at /opt/model.py:42")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers.same_code import same_code_env
 from sd3serve.cli import main
 from sd3serve.store.credits import CreditStore
 
@@ -61,11 +62,11 @@ def test_generate_writes_images(tiny_model_dir: Path, tmp_path: Path) -> None:
         "--batch-size",
         "2",
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=same_code_env())
     assert res.returncode == 0, res.stderr
     for i in range(2):
         assert Image.open(tmp_path / f"out-{i}.png").size == (64, 64)
-    bad = subprocess.run([*cmd[:5], "--steps", "0"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([*cmd[:5], "--steps", "0"], capture_output=True, text=True, timeout=300, env=same_code_env())
     assert bad.returncode == 2 and "steps" in bad.stderr
 
 
@@ -120,7 +121,7 @@ def test_generate_shows_progress_timings_and_warnings(tiny_model_dir: Path, tmp_
     out = tmp_path / "out.webp"
     cmd = [sys.executable, "-m", "sd3serve", "generate", "a red circle", "-o", str(out), "--model", str(tiny_model_dir),
            "--width", "72", "--height", "64", "--steps", "2", "--negative-prompt", "blurry"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=same_code_env())
     assert res.returncode == 0, res.stderr
     assert Image.open(out).format == "WEBP" and Image.open(out).size == (64, 64)
     err = res.stderr

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from helpers.same_code import same_code_env
 from live_server import LiveServer, run_live_server
 from sd3serve.errors import Overloaded
 from sd3serve.settings import Settings
@@ -192,7 +193,7 @@ def test_shutdown_while_the_model_loads(tmp_path: Path) -> None:
 def test_serve_exits_1_when_the_model_cannot_be_loaded(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "sd3serve", "serve", "--model", str(tmp_path / "nowhere"), "--port", "0",
            "--data-dir", str(tmp_path)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=same_code_env())
     assert res.returncode == 1, res.stderr
     assert "the model could not be loaded" in res.stderr and "no such file or directory" in res.stderr
 

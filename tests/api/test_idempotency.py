@@ -70,7 +70,7 @@ def test_a_duplicate_in_flight_is_409_then_replayed(tiny_model: LoadedModel, tmp
 
 
 def test_a_failed_request_can_be_retried_with_its_key(tmp_path: Path) -> None:
-    from test_routes import FailingEngine
+    from stub_engine import FailingEngine
 
     gen = run_live_server(Settings(data_dir=tmp_path, device="cpu"), engine=FailingEngine())
     server = next(gen)

@@ -15,9 +15,8 @@ import pytest
 from PIL import Image
 
 from live_server import SMALL, URL, LiveServer, run_live_server
-from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.settings import Settings
-from stub_engine import StubEngine
+from stub_engine import FailingEngine
 
 GEN_HEADERS = ("x-remaining-credits", "x-cost", "x-generation-time", "x-seed-value", "x-request-id")
 
@@ -174,13 +173,6 @@ def test_concurrent_requests_never_overdraw(client: httpx.Client, live_server: L
     info = live_server.store.get_key(key_id=live_server.store.authenticate(api_key=key).id)
     assert codes.count(200) * 1 == info.spent == 9
     assert info.credits == 0
-
-
-class FailingEngine(StubEngine):
-    """An engine that fails on purpose, to prove a failed generation costs nothing."""
-
-    async def generate(self, job: GenerationJob, *, request_id: str, progress: Any = None) -> GenerationResult:
-        raise RuntimeError("secret internal detail: CUDA out of memory at /opt/model.py:42")
 
 
 def test_500_is_json_and_charges_nothing(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-from test_routes import FailingEngine
 
 from gated import GatedEngine
 from live_server import SMALL, LiveServer, run_live_server
@@ -20,6 +19,7 @@ from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
 from sd3serve.store.tasks import TaskStore
+from stub_engine import FailingEngine
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GaussianDenoiser, RecordingNoise
+from helpers.denoisers import GaussianDenoiser, RecordingNoise
 from sd3serve.engine.catalogue import (
     GPU_NOISE_SAMPLERS,
     SAMPLER_INFO,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GaussianDenoiser, MixtureDenoiser, _KnownDenoiser
+from helpers.denoisers import GaussianDenoiser, MixtureDenoiser, _KnownDenoiser
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.samplers import SAMPLERS

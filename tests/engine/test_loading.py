@@ -90,8 +90,8 @@ def test_the_embedded_demo_model_is_the_default(tmp_path: Path) -> None:
 def test_single_file_checkpoint_gives_the_same_images(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A ComfyUI-style transformer-only checkpoint plus a config directory loads the same model."""
     import numpy as np
-    from original_format import save_transformer_single_file
 
+    from helpers.original_format import save_transformer_single_file
     from sd3serve.engine.job import GenerationJob
     from sd3serve.engine.pipeline import SD3Pipeline
 
@@ -143,11 +143,9 @@ def test_bench_builds_full_size_modules_with_their_buffers() -> None:
     """bench/sd35_large.py materialises full-size modules from meta parameters: the buffers (CLIP's position ids,
     the transformer's positional embedding) must equal those of a normally constructed module. CLIP-L at full size;
     the transformer at full width with one block instead of 38 (its buffers do not depend on the depth)."""
-    import sys
-
+    
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from sd35_large import configs, construct, materialize
 
     cfg = configs()

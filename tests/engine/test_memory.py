@@ -8,7 +8,6 @@ no visible change of shape, colour or position) leaves room for other kernels an
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,6 @@ from sd3serve.engine.loading import ModelLoadError, load_model
 from sd3serve.engine.memory import MODES, GiB, MemoryPlan, NoModeFits, memory_plan
 from sd3serve.engine.pipeline import build_pipeline
 from sd3serve.settings import Settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from sd35_large import write_configs
 
 

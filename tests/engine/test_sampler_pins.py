@@ -2,7 +2,8 @@
 
 test_samplers.py checks CFG++ with guidance on only as "differs from the base sampler and is finite"; here the
 four CFG++ samplers at guidance 3 are pinned to numbers computed with this code (commit fe8769a) on the exact
-Gaussian model of conftest.py, and Euler CFG++ also against a one-line reference written from the paper's update.
+Gaussian model of helpers/denoisers.py, and Euler CFG++ also against a one-line reference written from the paper's
+update.
 
 Issue 17 (ComfyUI's semantics and noise streams) changed, and re-pinned from the new code: euler_ancestral_cfg_pp
 and dpmpp_2s_ancestral_cfg_pp at guidance 3, and without guidance every stochastic sampler (step noise from a
@@ -17,7 +18,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import GaussianDenoiser
+from helpers.denoisers import GaussianDenoiser
 from sd3serve.engine.catalogue import SAMPLER_NAMES
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from conftest import GaussianDenoiser, RecordingNoise, exact_flow
+from helpers.denoisers import GaussianDenoiser, RecordingNoise, exact_flow
 from sd3serve.engine.catalogue import (
     CFG_PP_SAMPLERS,
     DETERMINISTIC_SAMPLERS,
