@@ -36,6 +36,22 @@ def pg_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def start_ray(**kwargs: Any) -> None:
+    """``ray.init(address="local", ...)`` for this checkout, tried up to 3 times: Ray gives its raylet a fixed
+    30 s to register, which a loaded machine can miss (then nothing of the cluster is left to test)."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": RAY_ENV}, **kwargs)  # fmt: skip
+            return
+        except Exception as e:
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+
+
 def reports(app_name: str, max_age_s: float) -> list[Any]:
     """The replica reports on ``app_name``'s board (``ReplicaReport``s younger than ``max_age_s``)."""
     from ray import serve
@@ -45,14 +61,16 @@ def reports(app_name: str, max_age_s: float) -> list[Any]:
     return got
 
 
-def running_replicas(app_name: str, deployment: str = "SD3Replica") -> int:
-    """How many replicas of ``deployment`` Serve counts as RUNNING."""
+def running_replicas(app_name: str, deployment: str = "SD3Replica", states: tuple[str, ...] = ("RUNNING",)) -> int:
+    """How many replicas of ``deployment`` Serve counts in ``states`` (RUNNING; STARTING too: those the
+    autoscaler decided on)."""
     from ray import serve
 
     app = serve.status().applications.get(app_name)
     if app is None or deployment not in app.deployments:
         return 0
-    return int(app.deployments[deployment].replica_states.get("RUNNING", 0))
+    counts = app.deployments[deployment].replica_states
+    return sum(int(counts.get(state, 0)) for state in states)  # type: ignore[call-overload]
 
 
 def task_row(store: CreditStore, task: str) -> tuple[str, int, str]:

@@ -28,7 +28,7 @@ import yaml
 
 import sd3serve
 from live_server import URL, free_port
-from ray_support import task_row
+from ray_support import start_ray, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -56,7 +56,7 @@ SRC = Path(sd3serve.__file__).parents[1]
 DEPLOY = Path(__file__).parents[1] / "deploy"
 SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
 LONG = {**SMALL, "width": 768, "height": 768, "steps": 70}  # tens of seconds on the demo model, with one thread
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
 
 
 @dataclass
@@ -99,10 +99,7 @@ def cluster(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     port = free_port()
     settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu",
                         heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
-    # The replicas import this checkout's sd3serve (workers of a local cluster get the driver's environment).
-    env = {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-             runtime_env={"env_vars": env}, log_to_driver=False)  # fmt: skip
+    start_ray(num_cpus=2, object_store_memory=100 * 2**20)  # the replicas import this checkout's sd3serve
     store = CreditStore(pg_url)
     store.create_schema()
     try:

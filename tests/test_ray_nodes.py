@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from live_server import URL, free_port
-from ray_support import RAY_ENV, pg_database, reports, task_row
+from ray_support import RAY_ENV, pg_database, reports, start_ray, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -42,7 +42,7 @@ from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
 pytestmark = pytest.mark.timeout(400)
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
 SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
 WORK = {**SMALL, "width": 512, "height": 512, "steps": 30}
 RAY_CLI = Path(sys.executable).with_name("ray")
@@ -92,8 +92,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     with pg_database() as pg_url:
         settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu", threads=1,
                             heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
-        ray.init(address="local", num_cpus=1, resources={"slot": 1}, include_dashboard=False,
-                 object_store_memory=100 * 2**20, runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)  # fmt: skip
+        start_ray(num_cpus=1, resources={"slot": 1}, object_store_memory=100 * 2**20)
         head = ray.get_runtime_context().get_node_id()
         gcs = ray.get_runtime_context().gcs_address
         store = CreditStore(pg_url)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from live_server import URL, free_port
-from ray_support import RAY_ENV, pg_database, reports, running_replicas, task_row
+from ray_support import pg_database, reports, running_replicas, start_ray, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -38,8 +38,9 @@ pytestmark = pytest.mark.timeout(400)
 
 TIGHT_APP = "sd3serve-tight"  # one replica, one request at a time, one queued
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
 WORK = {"prompt": "a red circle on a blue background", "width": 512, "height": 512, "steps": 30}
+FLOOD = {**WORK, "width": 768, "height": 768, "steps": 50}  # 8 of them outlast a replica's start here
 AUTOSCALING = {
     "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
     "metrics_interval_s": 0.5, "look_back_period_s": 1, "upscale_delay_s": 0, "downscale_delay_s": 2,
@@ -61,8 +62,7 @@ def scaling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaling]:
     with pg_database() as pg_url:
         settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu", threads=1,
                             heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
-                 runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)  # fmt: skip
+        start_ray(num_cpus=2, object_store_memory=100 * 2**20)
         store = CreditStore(pg_url)
         store.create_schema()
         try:
@@ -94,7 +94,9 @@ def test_load_scales_up_to_two_replicas_and_idleness_back_to_one(scaling: Scalin
     key, key_id = scaling.key(6)
     with httpx.Client(base_url=scaling.url, timeout=300) as c, ThreadPoolExecutor(6) as pool:
         load = [pool.submit(c.post, URL, json={**WORK, "seed": i}, headers={"x-api-key": key}) for i in range(6)]
-        wait_for(lambda: running_replicas(APP_NAME) == 2, timeout=180)  # 6 ongoing on one, target 1 each
+        # 6 ongoing on one replica, target 1 each: the autoscaler starts a second one (its model loads for longer
+        # than this load lasts: it may be stopped again before it runs)
+        wait_for(lambda: running_replicas(APP_NAME, states=("STARTING", "RUNNING")) == 2, timeout=120)
         answers = [f.result() for f in load]
     assert [a.status_code for a in answers] == [200] * 6
     assert scaling.store.get_key(key_id=key_id).spent == 6
@@ -106,19 +108,19 @@ def test_load_scales_up_to_two_replicas_and_idleness_back_to_one(scaling: Scalin
 
 def test_a_v2_flood_scales_up_and_the_new_replica_runs_the_later_tasks(scaling: Scaling) -> None:
     wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)
-    key, key_id = scaling.key(8)
+    key, key_id = scaling.key(10)
     h = {"x-api-key": key}
     with httpx.Client(base_url=scaling.url, timeout=60) as c:
 
-        def submit(seed: int) -> str:
-            r = c.post(SUBMIT, json={**WORK, "seed": seed}, headers=h)
+        def submit(seed: int, work: dict[str, object]) -> str:
+            r = c.post(SUBMIT, json={**work, "seed": seed}, headers=h)
             assert r.status_code == 200, r.text
             return str(r.json()["request_id"])
 
-        first = [submit(i) for i in range(6)]  # answered at once: only the runs are ongoing requests
-        wait_for(lambda: running_replicas(APP_NAME) == 2 and len(ready()) == 2, timeout=180)
+        first = [submit(i, FLOOD) for i in range(8)]  # answered at once: only the runs are ongoing requests
+        wait_for(lambda: running_replicas(APP_NAME) == 2 and len(ready()) == 2, timeout=120)
         busy = {task_row(scaling.store, t)[0] for t in first}  # the instance that took the first ones over
-        later = [submit(10 + i) for i in range(2)]  # the router sends them to the idle new replica
+        later = [submit(10 + i, WORK) for i in range(2)]  # the router sends them to the idle new replica
         tasks = first + later
 
         def done() -> bool:
@@ -126,9 +128,9 @@ def test_a_v2_flood_scales_up_and_the_new_replica_runs_the_later_tasks(scaling: 
 
         wait_for(done, timeout=300)
         statuses = Counter(task_row(scaling.store, t)[2] for t in tasks)
-        assert statuses == {"COMPLETED": 8}, statuses
+        assert statuses == {"COMPLETED": 10}, statuses
         assert {task_row(scaling.store, t)[0] for t in later} - busy  # run elsewhere than the first ones
-    assert scaling.store.get_key(key_id=key_id).spent == 8
+    assert scaling.store.get_key(key_id=key_id).spent == 10
     wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)
 
 
