@@ -52,6 +52,21 @@ def start_ray(**kwargs: Any) -> None:
             ray.shutdown()
 
 
+def start_serve(**kwargs: Any) -> None:
+    """``serve.start(...)``, tried up to 3 times: Serve gives its proxy a fixed 60 s to become ready."""
+    import ray
+    from ray import serve
+
+    for attempt in range(3):
+        try:
+            serve.start(**kwargs)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, TimeoutError):
+            if attempt == 2:
+                raise
+            serve.shutdown()
+
+
 def reports(app_name: str, max_age_s: float) -> list[Any]:
     """The replica reports on ``app_name``'s board (``ReplicaReport``s younger than ``max_age_s``)."""
     from ray import serve

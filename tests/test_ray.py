@@ -28,7 +28,7 @@ import yaml
 
 import sd3serve
 from live_server import URL, free_port
-from ray_support import start_ray, task_row
+from ray_support import start_ray, start_serve, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -103,7 +103,7 @@ def cluster(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     store = CreditStore(pg_url)
     store.create_schema()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve(http_options={"host": "127.0.0.1", "port": port})
         serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")
         options = replica_options(settings, replicas=2, num_cpus=1, num_gpus=0)
         url = f"http://127.0.0.1:{port}"

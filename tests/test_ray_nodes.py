@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from live_server import URL, free_port
-from ray_support import RAY_ENV, pg_database, reports, start_ray, task_row
+from ray_support import RAY_ENV, pg_database, reports, start_ray, start_serve, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -115,7 +115,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
             start_second()
             second = next(n for n in alive_nodes() if n != head)
             port = free_port()
-            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+            start_serve(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
             options = replica_options(settings, replicas=2, num_cpus=0.5, num_gpus=0)
             options["ray_actor_options"]["resources"] = {"slot": 1}  # one replica on each node
             serve.run(build_app(settings, options=options), name=APP_NAME, route_prefix="/")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from live_server import URL, free_port
-from ray_support import pg_database, reports, running_replicas, start_ray, task_row
+from ray_support import pg_database, reports, running_replicas, start_ray, start_serve, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -67,7 +67,7 @@ def scaling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaling]:
         store.create_schema()
         try:
             port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            start_serve(http_options={"host": "127.0.0.1", "port": port})
             serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")
             autoscaled = replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0)
             del autoscaled["num_replicas"]
