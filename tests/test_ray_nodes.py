@@ -143,11 +143,13 @@ def test_a_sqlite_ledger_is_refused_on_the_other_node(nodes: Nodes, tmp_path: Pa
     try:
         serve._run(build_app(sqlite, options=options), name="sqlite", route_prefix="/sqlite", _blocking=False)
 
-        def failed() -> str | None:
+        def failed() -> str | None:  # the replica's constructor raised, three times in a row
             app = serve.status().applications.get("sqlite")
-            return app.message if app is not None and app.status == "DEPLOY_FAILED" else None
+            if app is None or app.status != "DEPLOY_FAILED":
+                return None
+            return "\n".join([app.message, *(d.message for d in app.deployments.values())])
 
-        message = wait_for(failed, timeout=180)
+        message = wait_for(failed, timeout=300)
         assert "SQLite ledger" in message and "postgresql://" in message, message
     finally:
         serve.delete("sqlite")
@@ -163,12 +165,18 @@ def test_a_v2_task_submitted_on_one_node_is_read_from_the_other(nodes: Nodes) ->
         task = submitted.json()["request_id"]
         on = nodes.node_of(submitted.headers[REPLICA_HEADER])
 
+        seen: set[tuple[str | None, str]] = set()  # (node, status) of the reads so far, for the failure message
+
         def read_on_the_other_node() -> httpx.Response | None:
             r = c.get(f"/v2/requests/{task}", headers=h)
-            elsewhere = nodes.node_of(r.headers[REPLICA_HEADER]) not in (on, None)
-            return r if r.json()["status"] == "COMPLETED" and elsewhere else None
+            node = nodes.node_of(r.headers[REPLICA_HEADER])
+            seen.add((node, r.json()["status"]))
+            return r if r.json()["status"] == "COMPLETED" and node not in (on, None) else None
 
-        result = wait_for(read_on_the_other_node)
+        try:
+            result = wait_for(read_on_the_other_node, timeout=180)
+        except AssertionError as e:
+            raise AssertionError(f"submitted on {on}; reads: {seen}; {task_row(nodes.store, task)}") from e
         image = c.get(result.json()["output"][0], headers=h)
         assert image.status_code == 200 and image.content[:3] == b"\xff\xd8\xff"
     assert nodes.store.get_key(key_id=key_id).spent == 1
