@@ -46,6 +46,7 @@ HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here,
 SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
 WORK = {**SMALL, "width": 512, "height": 512, "steps": 30}
 RAY_CLI = Path(sys.executable).with_name("ray")
+PREFER_LOCAL = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 
 
 @dataclass
@@ -92,6 +93,10 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     with pg_database() as pg_url:
         settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu", threads=1,
                             heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
+        # Serve's proxy sends requests to replicas on its own node while they have room: the reads that must
+        # reach the second node's replica would never leave the head. Spread them (the proxy reads this at start).
+        local_first = os.environ.get(PREFER_LOCAL)
+        os.environ[PREFER_LOCAL] = "0"
         start_ray(num_cpus=1, resources={"slot": 1}, object_store_memory=100 * 2**20)
         head = ray.get_runtime_context().get_node_id()
         gcs = ray.get_runtime_context().gcs_address
@@ -100,7 +105,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
 
         def start_second() -> psutil.Process:
             before = set(alive_nodes())
-            env = {**os.environ, **RAY_ENV}
+            env = {**os.environ, **RAY_ENV, PREFER_LOCAL: "0"}
             resources = json.dumps({"slot": 1, "second": 1})
             proc = subprocess.Popen(
                 [str(RAY_CLI), "start", "--address", gcs, "--num-cpus", "1", "--resources", resources,
@@ -126,6 +131,10 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+                if local_first is None:
+                    os.environ.pop(PREFER_LOCAL, None)
+                else:
+                    os.environ[PREFER_LOCAL] = local_first
                 for proc in processes:
                     stop_tree(proc)
                 store.close()
