@@ -5,9 +5,11 @@ Three systems, all started at once, each in its own process tree, on the embedde
 `sd3serve serve --replicas 2 --threads 1` (two replicas of one thread). They take turns round by round (a round:
 c requests at once to one system), every request with its own prompt (no prompt-cache hits), 512², 4 steps.
 Prints images/s, p50 and p99 (nearest rank) per system and concurrency, and the ratios the issue sets targets
-for: Ray(1) / plain latency at c=1 (≤ 1.10) and Ray(2) / Ray(1) images/s at c=16 (≥ 1.3).
+for: Ray(1) / plain latency at c=1 (≤ 1.10) and Ray(2) / Ray(1) images/s at c=16 (≥ 1.3). Then the v2 row:
+each round submits ``--v2`` tasks to one system at once and waits until all are COMPLETED (images/s from the
+first submission to the last completion), systems in turn.
 
-    PYTHONPATH=src python bench/scaleout.py [--requests 48]
+    PYTHONPATH=src python bench/scaleout.py [--requests 48] [--v2 16] [--v2-rounds 2]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -39,6 +42,7 @@ SYSTEMS = {  # name: (extra arguments of `sd3serve serve`, torch threads per pro
     "ray-2": (["--replicas", "2"], 1),
 }
 CONCURRENCY = (1, 4, 16)
+SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -47,7 +51,8 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def system(name: str, data_dir: Path, log: Path) -> Iterator[str]:
+def system(name: str, data_dir: Path, log: Path, *, with_pid: bool = False) -> Iterator[Any]:
+    """The system's URL once ready (and its process id, ``with_pid``), until the block ends."""
     args, threads = SYSTEMS[name]
     port = free_port()
     env = {**os.environ, "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port), "SD3SERVE_DEVICE": "cpu",
@@ -68,7 +73,7 @@ def system(name: str, data_dir: Path, log: Path) -> Iterator[str]:
                 if r.status_code == 200 and r.json().get("replicas", {}).get("ready", 0) >= replicas:
                     break
             time.sleep(0.5)
-        yield url
+        yield (url, proc.pid) if with_pid else url
     finally:
         proc.terminate()  # the Ray systems stop Serve and their cluster on SIGTERM
         try:
@@ -82,6 +87,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per system and concurrency")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--v2", type=int, default=16, help="v2 tasks submitted at once per round (0: no v2 row)")
+    parser.add_argument("--v2-rounds", type=int, default=2)
+    parser.add_argument("--skip-v1", action="store_true", help="only the v2 row")
     a = parser.parse_args()
     prompts = itertools.cycle(PROMPTS)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -106,8 +114,35 @@ def main() -> None:
         for name in SYSTEMS:  # warm-up: every replica's first requests
             list(pool.map(lambda p, n=name: call(n, p), [next(prompts) for _ in range(4)]))
 
+        def v2_round(name: str) -> float:
+            """Seconds from the first of ``a.v2`` submissions to the last completion."""
+            h = {"x-api-key": keys[name]}
+            start = time.perf_counter()
+            tasks = []
+            for _ in range(a.v2):
+                body = {"prompt": next(prompts), "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
+                r = client.post(urls[name] + SUBMIT, json=body, headers=h)
+                r.raise_for_status()
+                tasks.append(r.json()["request_id"])
+            pending = set(tasks)
+            while pending:
+                for task in list(pending):
+                    status = client.get(f"{urls[name]}/v2/requests/{task}/status", headers=h).json()["status"]
+                    if status == "COMPLETED":
+                        pending.discard(task)
+                    elif status != "QUEUED" and status != "PROCESSING":
+                        sys.exit(f"{name}: task {task} ended {status}")
+                time.sleep(0.05)
+            return time.perf_counter() - start
+
         results: dict[tuple[str, int], tuple[float, list[float]]] = {}
-        for c in CONCURRENCY:
+        v2_busy = dict.fromkeys(SYSTEMS, 0.0)
+        for _ in range(a.v2_rounds if a.v2 else 0):
+            for name in SYSTEMS:
+                v2_busy[name] += v2_round(name)
+        if a.v2:
+            print("v2 done", file=sys.stderr)
+        for c in () if a.skip_v1 else CONCURRENCY:
             rounds = max(1, a.requests // c)
             busy = dict.fromkeys(SYSTEMS, 0.0)
             latencies: dict[str, list[float]] = {n: [] for n in SYSTEMS}
@@ -121,17 +156,26 @@ def main() -> None:
                 results[name, c] = (len(latencies[name]) / busy[name], latencies[name])
             print(f"c={c} done", file=sys.stderr)
 
-    print(f"\n{a.size}², {a.steps} steps, demo model, {os.cpu_count()} cores; rounds interleaved; "
-          f"{a.requests} requests per cell (fewer when c does not divide it)\n")  # fmt: skip
-    print("| concurrency | images/s: plain / ray-1 / ray-2 | p50 s: plain / ray-1 / ray-2 "
-          "| p99 s: plain / ray-1 / ray-2 | ray-1 / plain p50 | ray-2 / ray-1 images/s |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- |")
-    for c in CONCURRENCY:
-        ips = [results[n, c][0] for n in SYSTEMS]
-        p50 = [percentile(results[n, c][1], 0.5) for n in SYSTEMS]
-        p99 = [percentile(results[n, c][1], 0.99) for n in SYSTEMS]
-        print(f"| {c} | {' / '.join(f'{x:.2f}' for x in ips)} | {' / '.join(f'{x:.3f}' for x in p50)} "
-              f"| {' / '.join(f'{x:.3f}' for x in p99)} | {p50[1] / p50[0]:.2f} | {ips[2] / ips[1]:.2f} |")  # fmt: skip
+    if not a.skip_v1:
+        print(f"\n{a.size}², {a.steps} steps, demo model, {os.cpu_count()} cores; rounds interleaved; "
+              f"{a.requests} requests per cell (fewer when c does not divide it)\n")  # fmt: skip
+        print("| concurrency | images/s: plain / ray-1 / ray-2 | p50 s: plain / ray-1 / ray-2 "
+              "| p99 s: plain / ray-1 / ray-2 | ray-1 / plain p50 | ray-2 / ray-1 images/s |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- |")
+        for c in CONCURRENCY:
+            ips = [results[n, c][0] for n in SYSTEMS]
+            p50 = [percentile(results[n, c][1], 0.5) for n in SYSTEMS]
+            p99 = [percentile(results[n, c][1], 0.99) for n in SYSTEMS]
+            print(f"| {c} | {' / '.join(f'{x:.2f}' for x in ips)} | {' / '.join(f'{x:.3f}' for x in p50)} "
+                  f"| {' / '.join(f'{x:.3f}' for x in p99)} | {p50[1] / p50[0]:.2f} "
+                  f"| {ips[2] / ips[1]:.2f} |")  # fmt: skip
+
+    if a.v2:
+        ips = [a.v2 * a.v2_rounds / v2_busy[n] for n in SYSTEMS]
+        print(f"\nv2: {a.v2} tasks submitted at once, wait for all; {a.v2_rounds} round(s) per system\n")
+        print("| v2 images/s: plain / ray-1 / ray-2 | ray-2 / ray-1 |")
+        print("| --- | --- |")
+        print(f"| {' / '.join(f'{x:.2f}' for x in ips)} | {ips[2] / ips[1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ of two replicas, queues past ``max_ongoing_requests`` and answers 503 with ``Ret
 ``max_queued_requests``, autoscales on ongoing requests and restarts a dead replica; the ledger's recovery
 (store/recovery.py) returns a dead replica's holds and fails its v2 tasks, as it does for any dead process.
 
-A v2 task runs on the replica that Ray routed its submission to; every replica answers reads from the database.
+A v2 task is accepted (task row and hold) by the replica that Ray routed its submission to, and runs on the
+replica that Ray routes a deployment-handle call to (scaleout_tasks.py): the autoscaler and the router see it as
+an ongoing request there. Every replica answers reads from the database.
 A small ``ReplicaBoard`` deployment collects what each replica reports every heartbeat (readiness, queue, its
 metrics): ``/metrics`` on any replica answers for all of them with a ``replica`` label, and ``/readyz`` says how
 many are ready.
@@ -24,6 +26,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +78,7 @@ class ReplicaReport:
     node: str
     pid: int
     ready: bool
+    instance: str = ""  # the ledger's id of this process (owner of its holds and tasks)
     queued: int = 0
     running: int = 0
     package: str = ""  # the sd3serve this replica imported (tests check it is the checkout under test)
@@ -168,16 +172,45 @@ class SD3Replica:
         self.threads = {**thread_report(), "torch_imported_before": torch_first}
         self.board = board
         self.api: FastAPI | None = None
+        self._handle: DeploymentHandle | None = None  # this deployment's, for v2 tasks
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever(), name="replica-report")
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         from sd3serve.api.app import create_app
+        from sd3serve.scaleout_tasks import HandleDispatch
 
         app = create_app(self.settings, start_in_background=False)  # Ray routes here once the lifespan ran
         replace_route(app, "/metrics", self._metrics, "Prometheus metrics of every replica, labelled `replica`")
         replace_route(app, "/readyz", self._readyz, "Readiness: this replica's model is loaded; replicas ready")
+        started = app.router.lifespan_context
+
+        @contextlib.asynccontextmanager
+        async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+            async with started(a) as st:
+                state = self._state()
+                state.service.dispatch = HandleDispatch(self._deployment, state.service,
+                                                        lambda: state.recovery.instance_id)  # fmt: skip
+                yield st
+
+        app.router.lifespan_context = lifespan
         self.api = app
         return ReplicaHeader(app, self.replica)
+
+    def _deployment(self) -> DeploymentHandle:
+        if self._handle is None:
+            ctx = serve.get_replica_context()
+            self._handle = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
+        return self._handle
+
+    async def run_task(self, hold: Any, owner: str, req: Any, job: Any, task_id: str) -> None:
+        """A v2 task accepted by a replica (maybe this one), routed here by Ray: take it over and run it."""
+        from sd3serve.scaleout_tasks import run_dispatched
+
+        state = self._state()
+        if state is None:
+            raise RuntimeError("the application has not started")
+        await run_dispatched(state.service, state.store, owner=owner, new_owner=state.recovery.instance_id,
+                             hold=hold, req=req, job=job, task_id=task_id)  # fmt: skip
 
     async def check_health(self) -> None:
         """Ray's health check: a replica whose engine stopped is restarted."""
@@ -199,6 +232,7 @@ class SD3Replica:
             stats = state.engine.stats()
             state.metrics.observe_engine(stats)
             report.ready, report.queued, report.running = stats.ready, stats.queued, stats.running
+            report.instance = state.recovery.instance_id
             report.metrics = labelled(list(state.metrics.registry.collect()), self.replica)
         return report
 

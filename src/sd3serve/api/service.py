@@ -42,6 +42,7 @@ from sd3serve.store.webhooks import WebhookStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+TaskRunner = Callable[[Reservation, Txt2ImgRequest, GenerationJob, str], Awaitable[None]]
 
 PROGRESS_WRITE_INTERVAL_S = 0.25  # v2 progress reaches the database at most this often per task
 PERSIST_ATTEMPTS = 60  # about 5 minutes of retries while the database is away
@@ -118,6 +119,7 @@ class GenerationService:
         self.settings = settings
         self.metrics = metrics
         self._background: dict[str, asyncio.Task[None]] = {}  # v2 tasks running in this process, by id
+        self.dispatch: TaskRunner | None = None  # runs accepted v2 tasks elsewhere (scale-out); None: here
 
     def price(self, job: GenerationJob) -> Decimal:
         return self.settings.price_per_image * job.batch_size
@@ -185,11 +187,27 @@ class GenerationService:
         finally:
             if claim is not None:
                 await run_in_threadpool(self.idempotency.abandon, claim)
-        runner = asyncio.create_task(self._run_task(reservation, req, job, request_id), name=f"v2-{request_id}")
-        self._background[request_id] = runner
-        runner.add_done_callback(lambda _: self._background.pop(request_id, None))
+        self._track(request_id, (self.dispatch or self._run_task)(reservation, req, job, request_id))
         remaining = await run_in_threadpool(self.store.balance, key_id=key.id)
         return dataclasses.replace(submission, remaining=remaining)
+
+    def run_here(
+        self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str
+    ) -> asyncio.Task[None]:
+        """Run an accepted v2 task in this process, tracked for cancel and drain (one another process dispatched)."""
+        return self._track(task_id, self._run_task(reservation, req, job, task_id))
+
+    def _track(self, task_id: str, work: Awaitable[None]) -> asyncio.Task[None]:
+        runner = asyncio.ensure_future(work)
+        runner.set_name(f"v2-{task_id}")
+        self._background[task_id] = runner
+
+        def untrack(_: object) -> None:
+            if self._background.get(task_id) is runner:  # a task dispatched to this same process is tracked once
+                del self._background[task_id]
+
+        runner.add_done_callback(untrack)
+        return runner
 
     async def _run_task(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
         ttl = timedelta(seconds=self.settings.task_ttl_s)

@@ -1,0 +1,86 @@
+"""v2 tasks on Ray Serve: accepted on the replica that received the submission, run on the replica Ray routes
+them to.
+
+The submitting replica creates the task and its hold (as the plain server does), then calls
+``SD3Replica.run_task`` through a deployment handle: Ray's router picks the less loaded replica, the call counts
+as an ongoing request there (the autoscaler sees it), and past ``max_ongoing_requests`` it waits in the router
+like any HTTP request. Past ``max_queued_requests`` too an accepted task is never refused: it stays QUEUED on the
+submitter, which tries again every ``BACKPRESSURE_RETRY_S``.
+
+The replica that runs it first takes the task and its hold over (owner = its own instance, in one transaction,
+only if the submitter still owns them), so that if it dies, recovery fails the task uncharged as for any dead
+process. If the call itself fails (the runner died), the submitter fails the task and returns the hold at once;
+a hold already captured or returned stays as it is, so this never refunds a delivered task or charges twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+from ray.serve.exceptions import BackPressureError
+from sqlalchemy import Engine, update
+
+from sd3serve.api.schemas import Txt2ImgRequest
+from sd3serve.api.service import GenerationService
+from sd3serve.engine.job import GenerationJob
+from sd3serve.store.credits import CreditHold, CreditStore, Reservation
+from sd3serve.store.models import Hold, Task
+from sd3serve.store.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+
+BACKPRESSURE_RETRY_S = 0.5  # an accepted task the router cannot queue yet (QUEUED meanwhile) tries again this often
+LOST = "the replica running this task stopped before it finished; nothing was charged, retry"
+
+
+def take_over(engine: Engine, *, task_id: str, hold_id: int, owner: str, new_owner: str) -> bool:
+    """Make ``new_owner`` the owner of the task and its hold if ``owner`` still has both; False if the hold was
+    settled meanwhile (the submitter was presumed dead, or the task was cancelled)."""
+    with engine.begin() as conn:
+        held = conn.execute(update(Hold).where(Hold.id == hold_id, Hold.owner == owner).values(owner=new_owner))
+        if held.rowcount != 1:
+            return False
+        conn.execute(update(Task).where(Task.id == task_id, Task.owner == owner).values(owner=new_owner))
+        return True
+
+
+class HandleDispatch:
+    """``GenerationService.dispatch`` on a replica: run each accepted v2 task through the deployment handle."""
+
+    def __init__(self, handle: Callable[[], Any], service: GenerationService, owner: Callable[[], str]) -> None:
+        self.handle = handle  # the deployment's handle, made on first use (inside the replica's event loop)
+        self.service = service
+        self.owner = owner  # this process's instance id now (it changes if it was presumed dead)
+
+    async def __call__(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
+        try:
+            while True:
+                try:
+                    await self.handle().run_task.remote(reservation.hold, self.owner(), req, job, task_id)
+                    return
+                except BackPressureError:  # every replica is full and the router's queue too: the task waits
+                    await asyncio.sleep(BACKPRESSURE_RETRY_S)
+        except asyncio.CancelledError:  # this replica stops; the runner goes on (or recovery fails the task)
+            raise
+        except Exception as e:
+            log.warning("task %s: the replica running it failed: %s", task_id, e)
+            ttl = timedelta(seconds=self.service.settings.task_ttl_s)
+            await run_in_threadpool(reservation.fail, also=TaskStore.failure(task_id, error=LOST, ttl=ttl))
+
+
+async def run_dispatched(
+    service: GenerationService, store: CreditStore, *, owner: str, new_owner: str, hold: CreditHold,
+    req: Txt2ImgRequest, job: GenerationJob, task_id: str,
+) -> None:  # fmt: skip
+    """On the replica Ray routed the task to: take it over and run it (until done, failed or cancelled)."""
+    if not await run_in_threadpool(take_over, store.engine, task_id=task_id, hold_id=hold.id, owner=owner,
+                                   new_owner=new_owner):  # fmt: skip
+        log.info("task %s was settled before it could run here", task_id)
+        return
+    runner = service.run_here(Reservation(store, hold), req, job, task_id)
+    await asyncio.shield(runner)  # a cancelled call (its caller stopped) leaves the run going here

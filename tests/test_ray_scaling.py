@@ -1,0 +1,158 @@
+"""Ray Serve autoscaling and backpressure on a local Ray (2 CPUs, replicas of half a CPU, the demo model, one
+PostgreSQL ledger): v1 load scales 1 → 2 replicas and idleness back to 1; a v2 flood scales too, and the tasks
+submitted once two replicas run go to the idle one; requests past ``max_ongoing_requests`` and
+``max_queued_requests`` get 503 with Retry-After (one queued at the edge is served). Slow-ish: about two minutes
+here (a replica loads the model at each scale-up). Ray is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from live_server import URL, free_port
+from ray_support import pg_database, reports, running_replicas, start_ray, start_serve, task_row
+from sd3serve.settings import Settings
+from sd3serve.store.credits import CreditStore
+from waiting import wait_for
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
+    APP_NAME,
+    HEALTH_APP,
+    RETRY_AFTER_S,
+    build_app,
+    health_app,
+    replica_options,
+)
+
+pytestmark = pytest.mark.timeout(400)
+
+TIGHT_APP = "sd3serve-tight"  # one replica, one request at a time, one queued
+SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
+HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
+WORK = {"prompt": "a red circle on a blue background", "width": 512, "height": 512, "steps": 30}
+FLOOD = {**WORK, "width": 768, "height": 768, "steps": 50}  # 8 of them outlast a replica's start here
+AUTOSCALING = {
+    "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+    "metrics_interval_s": 0.5, "look_back_period_s": 1, "upscale_delay_s": 0, "downscale_delay_s": 2,
+}  # fmt: skip
+
+
+@dataclass
+class Scaling:
+    url: str
+    store: CreditStore
+
+    def key(self, credits: int) -> tuple[str, int]:
+        key = self.store.create_key(credits=credits, name="scaling")[1]
+        return key, self.store.authenticate(api_key=key).id
+
+
+@pytest.fixture(scope="module")
+def scaling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaling]:
+    with pg_database() as pg_url:
+        settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu", threads=1,
+                            heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
+        start_ray(num_cpus=2, object_store_memory=100 * 2**20)
+        store = CreditStore(pg_url)
+        store.create_schema()
+        try:
+            port = free_port()
+            start_serve(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")
+            autoscaled = replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0)
+            del autoscaled["num_replicas"]
+            autoscaled["autoscaling_config"] = AUTOSCALING
+            tight = {**replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0),
+                     "max_ongoing_requests": 1, "max_queued_requests": 1}  # fmt: skip
+            serve.run(build_app(settings, options=autoscaled), name=APP_NAME, route_prefix="/")
+            serve.run(build_app(settings, options=tight), name=TIGHT_APP, route_prefix="/tight")
+            yield Scaling(url=f"http://127.0.0.1:{port}", store=store)
+        finally:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                store.close()
+
+
+def ready(app: str = APP_NAME) -> list[object]:
+    return [r for r in reports(app, 3 * HEARTBEAT_S) if r.ready]
+
+
+def test_load_scales_up_to_two_replicas_and_idleness_back_to_one(scaling: Scaling) -> None:
+    wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)  # idle (after another test's load too)
+    key, key_id = scaling.key(6)
+    with httpx.Client(base_url=scaling.url, timeout=300) as c, ThreadPoolExecutor(6) as pool:
+        load = [pool.submit(c.post, URL, json={**WORK, "seed": i}, headers={"x-api-key": key}) for i in range(6)]
+        # 6 ongoing on one replica, target 1 each: the autoscaler starts a second one (its model loads for longer
+        # than this load lasts: it may be stopped again before it runs)
+        wait_for(lambda: running_replicas(APP_NAME, states=("STARTING", "RUNNING")) == 2, timeout=120)
+        answers = [f.result() for f in load]
+    assert [a.status_code for a in answers] == [200] * 6
+    assert scaling.store.get_key(key_id=key_id).spent == 6
+    wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)  # idle: back to min_replicas
+    with httpx.Client(base_url=scaling.url, timeout=60) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").status_code == 200
+
+
+def test_a_v2_flood_scales_up_and_the_new_replica_runs_the_later_tasks(scaling: Scaling) -> None:
+    wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)
+    key, key_id = scaling.key(10)
+    h = {"x-api-key": key}
+    with httpx.Client(base_url=scaling.url, timeout=60) as c:
+
+        def submit(seed: int, work: dict[str, object]) -> str:
+            r = c.post(SUBMIT, json={**work, "seed": seed}, headers=h)
+            assert r.status_code == 200, r.text
+            return str(r.json()["request_id"])
+
+        first = [submit(i, FLOOD) for i in range(8)]  # answered at once: only the runs are ongoing requests
+        wait_for(lambda: running_replicas(APP_NAME) == 2 and len(ready()) == 2, timeout=120)
+        busy = {task_row(scaling.store, t)[0] for t in first}  # the instance that took the first ones over
+        later = [submit(10 + i, WORK) for i in range(2)]  # the router sends them to the idle new replica
+        tasks = first + later
+
+        def done() -> bool:
+            return all(task_row(scaling.store, t)[2] in ("COMPLETED", "FAILED") for t in tasks)
+
+        wait_for(done, timeout=300)
+        statuses = Counter(task_row(scaling.store, t)[2] for t in tasks)
+        assert statuses == {"COMPLETED": 10}, statuses
+        assert {task_row(scaling.store, t)[0] for t in later} - busy  # run elsewhere than the first ones
+    assert scaling.store.get_key(key_id=key_id).spent == 10
+    wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)
+
+
+def test_past_the_queue_limit_503_with_retry_after(scaling: Scaling) -> None:
+    """The tight app: one request runs, one waits in Ray's queue (the edge: served), the next is refused."""
+    key, key_id = scaling.key(3)
+    h = {"x-api-key": key}
+    wait_for(lambda: len(ready(TIGHT_APP)) == 1, timeout=120)
+    with httpx.Client(base_url=scaling.url + "/tight", timeout=300) as c, ThreadPoolExecutor(3) as pool:
+        running = pool.submit(c.post, URL, json={**WORK, "seed": 1}, headers=h)
+        wait_for(lambda: any(r.running for r in ready(TIGHT_APP)))
+        go = threading.Barrier(2)
+
+        def post(seed: int) -> httpx.Response:
+            go.wait()
+            return c.post(URL, json={**WORK, "seed": seed}, headers=h)
+
+        rivals = [pool.submit(post, seed) for seed in (2, 3)]  # one of them is queued, the other refused
+        answers = sorted((f.result() for f in rivals), key=lambda r: r.status_code)
+        assert running.result().status_code == 200
+    queued, refused = answers
+    assert queued.status_code == 200, queued.text
+    assert refused.status_code == 503 and refused.headers["retry-after"] == str(RETRY_AFTER_S), refused.text
+    info = scaling.store.get_key(key_id=key_id)
+    assert info.spent == 2 and info.credits == 1  # the refused one held nothing
