@@ -65,8 +65,10 @@ def main(url: str, rounds: int) -> None:
         if cancelled != (final == "CANCELLED") or cancelled == completed or view.status != final:
             wrong += 1
     key_now = credits.get_key(key_id=key)
-    print(f"{credits.engine.dialect.name}: {rounds} races, cancel won {won}, completion won {rounds - won}, "
-          f"wrong answers {wrong}, database errors {errors}, balance {key_now.credits:g} spent {key_now.spent:g}")
+    print(
+        f"{credits.engine.dialect.name}: {rounds} races, cancel won {won}, completion won {rounds - won}, "
+        f"wrong answers {wrong}, database errors {errors}, balance {key_now.credits:g} spent {key_now.spent:g}"
+    )
     credits.close()
 
 
