@@ -128,6 +128,31 @@ def test_generate_the_seed_request_in_the_browser(browser: object, demo_server: 
     assert "seed 98552302" in res.stdout and (run_dir / "out.jpg").read_bytes()[:2] == b"\xff\xd8"
 
 
+def test_base64_results_show_in_the_browser(browser: object, demo_server: LiveServer) -> None:
+    """With "Base64" ticked the task's images come back inline: the page decodes them itself (its CSP lets it
+    fetch only from this server) and shows the picture for the credit it was charged."""
+    key = demo_server.new_key(credits=3)
+    page = open_page(browser, demo_server, viewport={"width": 1280, "height": 1000})
+    blocked: list[str] = []
+    page.on("console", lambda m: "Content Security Policy" in m.text and blocked.append(m.text))
+    page.fill("#api-key", key)
+    page.fill("#prompt", PROMPT)
+    page.fill("#width", "256")
+    page.fill("#height", "256")
+    page.check("#base64")
+    page.click("#generate")
+    page.wait_for_selector("img.result, #error:not([hidden])", timeout=300_000)
+    assert page.locator("img.result").count() == 1, page.text_content("#error")
+    page.wait_for_function("() => document.querySelector('img.result').naturalWidth > 0", timeout=30_000)
+    centre, corner, size = centre_and_corner(page)
+    assert size == [256, 256]
+    assert centre[0] > 150 and centre[1] < 110 and centre[2] < 110, f"the centre should be red, got {centre}"
+    assert corner[2] > 150 and corner[0] < 110, f"the background should be blue, got {corner}"
+    assert page.text_content("#info-credits") == "2"
+    assert blocked == [] and page.errors == []  # type: ignore[attr-defined]
+    page.context.close()
+
+
 def test_a_bad_key_shows_the_error(browser: object, demo_server: LiveServer) -> None:
     page = open_page(browser, demo_server)
     page.fill("#api-key", "sk-not-a-key")

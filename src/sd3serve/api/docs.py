@@ -102,6 +102,16 @@ def document_api(spec: dict[str, Any]) -> None:
     ).strip()
 
 
+# The documentation pages may not be shown inside another site's frame (clickjacking); their inline scripts
+# (Swagger UI's, ReDoc's) are left as they are.
+NO_FRAMING = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
+
+
+def _unframed(page: HTMLResponse) -> HTMLResponse:
+    page.headers.update(NO_FRAMING)
+    return page
+
+
 @router.get("/openapi.json")
 def openapi(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
@@ -109,30 +119,34 @@ def openapi(request: Request) -> JSONResponse:
 
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url="/openapi.json",
-        title=f"{request.app.title} - Swagger UI",
-        oauth2_redirect_url="/docs/oauth2-redirect",
-        swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-        swagger_css_url="/docs/assets/swagger-ui.css",
-        swagger_favicon_url="/docs/assets/favicon.png",
-        swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+    return _unframed(
+        get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{request.app.title} - Swagger UI",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon.png",
+            swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+        )
     )
 
 
 @router.get("/docs/oauth2-redirect")
 def swagger_ui_redirect() -> HTMLResponse:
-    return get_swagger_ui_oauth2_redirect_html()
+    return _unframed(get_swagger_ui_oauth2_redirect_html())
 
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
-    return get_redoc_html(
-        openapi_url="/openapi.json",
-        title=f"{request.app.title} - ReDoc",
-        redoc_js_url="/docs/assets/redoc.standalone.js",
-        redoc_favicon_url="/docs/assets/favicon.png",
-        with_google_fonts=False,
+    return _unframed(
+        get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{request.app.title} - ReDoc",
+            redoc_js_url="/docs/assets/redoc.standalone.js",
+            redoc_favicon_url="/docs/assets/favicon.png",
+            with_google_fonts=False,
+        )
     )
 
 

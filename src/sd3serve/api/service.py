@@ -137,6 +137,8 @@ class GenerationService:
         if answer is not None:
             return Delivery.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
         try:
+            if claim is not None:  # its answer will be stored for retries: it counts against the budget
+                await self._check_storage(key, synchronous=True)
             self._admit(job)
             reservation = await self._reserve(key, job, request_id)
             try:
@@ -164,7 +166,7 @@ class GenerationService:
         ``idempotency_key``, a retry gets the first submission's task; with a ``webhook``, its outcome is POSTed
         there (URLs in it start with ``base_url``)."""
         job = req.to_job()
-        claim, answer = await self._claim(key, idempotency_key, "v2", req)
+        claim, answer = await self._claim(key, idempotency_key, "v2", req, webhook=webhook)
         if answer is not None:  # a retry gets its task whatever the server's state now
             return Submission.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
         try:
@@ -281,13 +283,21 @@ class GenerationService:
 
     # --- shared steps ---------------------------------------------------------------------------------------
 
-    async def _check_storage(self, key: KeyInfo) -> None:
-        """Refuse a v2 submission when stored results are at their budget (the key's, or the server's)."""
+    async def _check_storage(self, key: KeyInfo, *, synchronous: bool = False) -> None:
+        """Refuse a request whose result would be stored (a v2 task's images; any route's answer to an
+        Idempotency-Key) when stored results are at their budget (the key's, or the server's). Every stored byte
+        counts, whichever route stored it."""
         per_key, total = self.settings.storage_per_key_mb * 2**20, self.settings.storage_total_mb * 2**20
+        if synchronous:
+            instead = "or send this request without an Idempotency-Key (its answer is then not stored)"
+        else:
+            instead = "or use the synchronous v1 endpoint without an Idempotency-Key, which stores nothing"
         if per_key and await run_in_threadpool(self.tasks.stored_bytes, key_id=key.id) >= per_key:
             raise StorageFull(
-                f"this key's stored results reached {self.settings.storage_per_key_mb:g} MB "
-                "(SD3SERVE_STORAGE_PER_KEY_MB): fetch them and wait for them to expire, or use the v1 API",
+                f"this key's stored results (v2 images and answers kept for Idempotency-Key retries) reached "
+                f"{self.settings.storage_per_key_mb:g} MB (SD3SERVE_STORAGE_PER_KEY_MB): fetch them and let them "
+                f"expire (v2 results {self.settings.task_ttl_s:g} s after they finish, idempotent answers after "
+                f"24 hours), {instead}",
                 server_wide=False,
             )
         if total and await run_in_threadpool(self.tasks.stored_bytes) >= total:
@@ -297,9 +307,7 @@ class GenerationService:
                 server_wide=True,
             )
 
-    async def _webhook_step(
-        self, key: KeyInfo, webhook: WebhookOptions, task_id: str, base_url: str
-    ) -> SessionStep:
+    async def _webhook_step(self, key: KeyInfo, webhook: WebhookOptions, task_id: str, base_url: str) -> SessionStep:
         """The subscription to create with the task, once the target and the key's secret are known good."""
         assert webhook.webhook_url is not None
         problem = await run_in_threadpool(
@@ -318,14 +326,20 @@ class GenerationService:
         )  # fmt: skip
 
     async def _claim(
-        self, key: KeyInfo, idempotency_key: str | None, route: str, req: Txt2ImgRequest
-    ) -> tuple[Claim | None, bytes | None]:
-        """(the claim to answer, None) for a new request; (None, the stored answer) for a retry."""
+        self, key: KeyInfo, idempotency_key: str | None, route: str, req: Txt2ImgRequest,
+        *, webhook: WebhookOptions | None = None,
+    ) -> tuple[Claim | None, bytes | None]:  # fmt: skip
+        """(the claim to answer, None) for a new request; (None, the stored answer) for a retry. The request's
+        fingerprint covers everything it asks for: the generation and, for v2, where and what to POST."""
         if idempotency_key is None:
             return None, None
+        canonical = req.model_dump_json()
+        if webhook is not None and webhook.webhook_url is not None:
+            hook = {"webhook_url": webhook.webhook_url, "webhook_events": sorted(set(webhook.webhook_events))}
+            canonical += "\n" + json.dumps(hook, sort_keys=True)
         answer = await run_in_threadpool(
             self.idempotency.begin, key_id=key.id, idem_key=idempotency_key,
-            fingerprint=fingerprint(route, req.model_dump_json()),
+            fingerprint=fingerprint(route, canonical),
         )  # fmt: skip
         return (None, answer) if answer is not None else (Claim(key.id, idempotency_key), None)
 

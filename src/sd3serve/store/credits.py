@@ -4,6 +4,11 @@ A request's cost is *held* (taken from the balance) when it is admitted, in one 
 concurrent requests can never spend the same credit; the hold is *captured* when the images are delivered
 or *released* (returned) when the request fails. A :class:`Reservation` wraps one hold and settles it exactly
 once; every generation route goes through it. Holds left by a dead process are returned by recovery.py.
+
+Lock order. Every transaction that changes more than one of these rows takes them in one order: the key rows
+first (lowest id first, ``lock_keys``), then task rows, then hold rows. Two transactions then never wait on each
+other in a cycle (on PostgreSQL a cycle is a deadlock: one of them fails). Hold creation, capture, release,
+cancel, revoke and recovery all follow it; expiry touches only finished tasks and their children.
 """
 
 from __future__ import annotations
@@ -160,24 +165,35 @@ class CreditStore:
             return KeyInfo.of(row)
 
     def add_credits(self, *, key_id: int, credits: Decimal | int) -> KeyInfo:
-        """Add to a balance, atomically bounded by MAX_BALANCE (the column stays a 64-bit integer)."""
+        """Add to a live key's balance, atomically bounded by MAX_BALANCE (the column stays a 64-bit integer).
+        A revoked key is refused (InvalidRequest): its credits could never be spent. Returns the key as the
+        UPDATE left it."""
         amount = to_micro(credits)
         with self._session.begin() as s:
-            res = s.execute(
+            row = s.execute(
                 update(ApiKey)
-                .where(ApiKey.id == key_id, ApiKey.balance_micro <= to_micro(MAX_BALANCE) - amount)
+                .where(
+                    ApiKey.id == key_id,
+                    ApiKey.revoked_at.is_(None),
+                    ApiKey.balance_micro <= to_micro(MAX_BALANCE) - amount,
+                )
                 .values(balance_micro=ApiKey.balance_micro + amount)
-            )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                if s.get(ApiKey, key_id) is None:
+                .returning(ApiKey)
+            ).scalar_one_or_none()
+            if row is None:
+                existing = s.get(ApiKey, key_id)
+                if existing is None:
                     raise NotFound(f"no key with id {key_id}")
+                if existing.revoked_at is not None:
+                    raise InvalidRequest(f"key {key_id} is revoked: credits cannot be added to it")
                 raise InvalidRequest(f"the balance would exceed the maximum of {MAX_BALANCE} credits")
-        return self.get_key(key_id=key_id)
+            return KeyInfo.of(row)
 
     def revoke(self, *, key_id: int) -> KeyInfo:
         """Revoke a key; in the same transaction its unfinished v2 tasks are CANCELLED and their holds returned
         (a revoked key can no longer read results, so nothing it cannot collect is charged)."""
         with self._session.begin() as s:
+            # The key row first (the lock order): a hold of this key waits, then finds the key revoked.
             res = s.execute(
                 update(ApiKey)
                 .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
@@ -245,13 +261,16 @@ class CreditStore:
         neither. ReservationLost if the hold is gone (another process declared this one dead and returned it).
         Returns the key's remaining balance."""
         with self._session.begin() as s:
-            if not capture_hold(s, hold):
+            # The key first; every path that settles a hold locks its key before, so the hold seen here stays.
+            lock_keys(s, [hold.key_id])
+            gone = s.scalar(select(Hold.id).where(Hold.id == hold.id)) is None
+            if not gone and deliver is not None:  # the task row (if any) before the hold row: the lock order
+                deliver(s, hold)
+            if gone or not capture_hold(s, hold):
                 raise ReservationLost(
                     "this request's credit hold was returned before delivery (it was cancelled, or this server was "
                     "presumed dead); nothing was delivered or charged"
                 )
-            if deliver is not None:
-                deliver(s, hold)
             row = s.get(ApiKey, hold.key_id)
             return from_micro(row.balance_micro) if row else 0.0
 
@@ -259,9 +278,10 @@ class CreditStore:
         """Return a hold to the balance (the request failed or was not delivered); ``also(session, hold)`` runs
         in the same transaction (a v2 task marked FAILED with its refund)."""
         with self._session.begin() as s:
-            release_hold(s, hold)
-            if also is not None:
+            lock_keys(s, [hold.key_id])
+            if also is not None:  # the task row before the hold row: the lock order
                 also(s, hold)
+            release_hold(s, hold)
 
     def release_or_defer(self, hold: CreditHold) -> None:
         """Release now, or, if the database cannot be reached, remember to (``retry_deferred``)."""
@@ -343,22 +363,33 @@ def capture_hold(s: Session, hold: CreditHold) -> bool:
 REVOKED_MESSAGE = "cancelled: the key was revoked; nothing was charged"
 
 
-def cancel_tasks(s: Session, *where: Any, error: str, ttl: timedelta) -> list[str]:
-    """In the caller's transaction: mark the running tasks matching ``where`` CANCELLED and return their holds.
-    A task that completed meanwhile is untouched (its hold was captured: nothing to return)."""
-    rows = s.execute(select(Task.id, Task.hold_id).where(*where, Task.status.in_(RUNNING))).all()
-    if not rows:
+def lock_keys(s: Session, key_ids: list[int]) -> list[int]:
+    """In the caller's transaction: lock these key rows, lowest id first (the first step of the lock order), as
+    an UPDATE of them would (PostgreSQL ``FOR NO KEY UPDATE``; SQLite has one writer and needs none). Returns
+    the ids that exist."""
+    if not key_ids:
         return []
+    wanted = select(ApiKey.id).where(ApiKey.id.in_(sorted(set(key_ids)))).order_by(ApiKey.id)
+    return list(s.scalars(wanted.with_for_update(key_share=True)))
+
+
+def cancel_tasks(s: Session, *where: Any, error: str, ttl: timedelta) -> list[str]:
+    """In the caller's transaction, which has locked the tasks' keys (``lock_keys``): mark the running tasks
+    matching ``where`` CANCELLED and return their holds. Returns the ids of the tasks this UPDATE changed, and
+    only those: a task that completed or failed meanwhile is untouched (its hold was settled with it)."""
     now = datetime.now(UTC)
-    ids = [r.id for r in rows]
-    s.execute(
+    rows = s.execute(
         update(Task)
-        .where(Task.id.in_(ids), Task.status.in_(RUNNING))
+        .where(*where, Task.status.in_(RUNNING))
         .values(status=CANCELLED, error=error, finished_at=now, expires_at=now + ttl)
-    )
-    for h in s.scalars(select(Hold).where(Hold.id.in_([r.hold_id for r in rows if r.hold_id is not None]))):
-        release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))
-    return ids
+        .returning(Task.id, Task.hold_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    hold_ids = sorted(r.hold_id for r in rows if r.hold_id is not None)
+    if hold_ids:
+        for h in s.scalars(select(Hold).where(Hold.id.in_(hold_ids)).order_by(Hold.id)):
+            release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))
+    return [r.id for r in rows]
 
 
 def release_hold(s: Session, hold: CreditHold) -> bool:

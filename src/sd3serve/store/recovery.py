@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import sessionmaker
 
-from sd3serve.store.credits import CreditHold, release_hold
+from sd3serve.store.credits import CreditHold, lock_keys, release_hold
 from sd3serve.store.models import Hold, Instance, RateWindow, Task
 from sd3serve.store.tasks import FAILED, RUNNING
 
@@ -86,12 +86,22 @@ class Recovery:
             # Re-checked inside the transaction: a heartbeat since the first look means the owner lives.
             if s.scalars(select(Instance.id).where(Instance.id == owner, Instance.heartbeat_at >= cutoff)).first():
                 return
-            tasks = s.execute(
-                update(Task)
-                .where(Task.owner == owner, Task.status.in_(RUNNING))
-                .values(status=FAILED, error=DIED_MESSAGE, finished_at=now, expires_at=now + timedelta(hours=1))
-            ).rowcount  # type: ignore[attr-defined]
-            holds = s.scalars(select(Hold).where(Hold.owner == owner)).all()
+            # The lock order: the keys concerned (lowest id first), then their tasks, then their holds. A hold or
+            # task of another key that appeared meanwhile is left to the next round (it is then an orphan).
+            keys = lock_keys(s, [
+                *s.scalars(select(Task.key_id).where(Task.owner == owner, Task.status.in_(RUNNING))),
+                *s.scalars(select(Hold.key_id).where(Hold.owner == owner)),
+            ])  # fmt: skip
+            tasks = len(
+                s.execute(
+                    update(Task)
+                    .where(Task.owner == owner, Task.status.in_(RUNNING), Task.key_id.in_(keys))
+                    .values(status=FAILED, error=DIED_MESSAGE, finished_at=now, expires_at=now + timedelta(hours=1))
+                    .returning(Task.id)
+                    .execution_options(synchronize_session=False)
+                ).all()
+            )
+            holds = s.scalars(select(Hold).where(Hold.owner == owner, Hold.key_id.in_(keys)).order_by(Hold.id)).all()
             for h in holds:
                 release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))
             s.execute(delete(Instance).where(Instance.id == owner))

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sd3serve.errors import NotFound, ReservationLost
-from sd3serve.store.credits import CreditHold, SessionStep, cancel_tasks
+from sd3serve.store.credits import CreditHold, SessionStep, cancel_tasks, lock_keys
 from sd3serve.store.models import (
     CANCELLED,
     COMPLETED,
@@ -121,11 +121,15 @@ class TaskStore:
         """Cancel the caller's task if it still runs (CANCELLED, its hold returned, in one transaction); returns
         the task and whether this call cancelled it. A finished task is left as it is."""
         with self._session.begin() as s:
-            task = s.get(Task, task_id)
-            if task is None or task.key_id != key_id:
+            lock_keys(s, [key_id])  # the key, then the task, then its hold: the lock order
+            mine = (Task.id == task_id, Task.key_id == key_id)
+            cancelled = bool(cancel_tasks(s, *mine, error=CANCELLED_MESSAGE, ttl=ttl))
+            # Read back in the same transaction, which holds the task's row: the answer is what the UPDATE left.
+            task = s.execute(select(Task).where(*mine).execution_options(populate_existing=True)).scalar_one_or_none()
+            if task is None:
                 raise NotFound(f"no task {task_id!r} for this key")
-            cancelled = bool(cancel_tasks(s, Task.id == task_id, error=CANCELLED_MESSAGE, ttl=ttl))
-        return self.get(task_id=task_id, key_id=key_id), cancelled
+            count = len(s.scalars(select(TaskImage.index).where(TaskImage.task_id == task_id)).all())
+            return TaskView.of(task, count), cancelled
 
     def cancelled_among(self, task_ids: list[str]) -> list[str]:
         """Which of these tasks (run here) were cancelled meanwhile, by any process."""

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from sd3serve.api.amounts import CREDIT_DECIMALS, MAX_CREDITS_PER_CALL
 from sd3serve.api.body import read_json
@@ -25,7 +25,10 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 ADMIN_BODY_BYTES = 4096  # the admin bodies are a few fields
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Bad input"},
+    400: {
+        "model": ErrorResponse,
+        "description": "Bad input (credits not a JSON number, out of range; top-up of a revoked key)",
+    },
     403: {"model": ErrorResponse, "description": "Missing or wrong x-admin-key"},
     404: {"model": ErrorResponse, "description": "Admin API disabled, or no such key"},
     413: {"model": ErrorResponse, "description": "Body too large"},
@@ -39,13 +42,23 @@ class NewKey(KeyInfo):
     key: str  # the API key; shown only here, stored only as a digest
 
 
+def _json_number(value: object) -> object:
+    """Credits are a JSON number (``10``, ``2.5``): a string ("10") or a boolean is refused, not converted."""
+    if isinstance(value, str | bool):
+        raise ValueError(f"credits must be a JSON number such as 10 or 2.5, not {type(value).__name__} {value!r}")
+    return value
+
+
+Credits = Annotated[Decimal, BeforeValidator(_json_number)]
+
+
 class NewKeyIn(BaseModel):
-    credits: Decimal = Field(ge=0, le=MAX_CREDITS_PER_CALL, decimal_places=CREDIT_DECIMALS, allow_inf_nan=False)
+    credits: Credits = Field(ge=0, le=MAX_CREDITS_PER_CALL, decimal_places=CREDIT_DECIMALS, allow_inf_nan=False)
     name: str = Field("", max_length=200)
 
 
 class CreditsIn(BaseModel):
-    credits: Decimal = Field(gt=0, le=MAX_CREDITS_PER_CALL, decimal_places=CREDIT_DECIMALS, allow_inf_nan=False)
+    credits: Credits = Field(gt=0, le=MAX_CREDITS_PER_CALL, decimal_places=CREDIT_DECIMALS, allow_inf_nan=False)
 
 
 Model = TypeVar("Model", bound=BaseModel)

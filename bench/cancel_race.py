@@ -1,0 +1,76 @@
+"""Cancel racing completion on one database, many times: how often each side won, how many cancel answers
+disagreed with the money, and how many database errors (deadlocks) reached a caller.
+
+    .venv/bin/python bench/cancel_race.py sqlite:///build/race.db 400
+    .venv/bin/python bench/cancel_race.py postgresql://postgres@127.0.0.1:5432/NAME 300   # an empty database
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+
+from sqlalchemy.exc import DBAPIError
+
+from sd3serve.errors import ReservationLost
+from sd3serve.store.credits import CreditStore
+from sd3serve.store.tasks import TaskStore
+
+TTL = timedelta(hours=1)
+
+
+def main(url: str, rounds: int) -> None:
+    credits = CreditStore(url)
+    credits.create_schema()
+    tasks = TaskStore(credits.engine)
+    key = credits.create_key(credits=2 * rounds)[0].id
+    wrong = errors = won = 0
+    for _ in range(rounds):
+        tid = f"race-{uuid.uuid4().hex}"
+        create = TaskStore.creation(task_id=tid, key_id=key, seed=1, base64=False, media_type="image/png",
+                                    request_json="{}", owner="bench")  # fmt: skip
+        res = credits.reserve(key_id=key, credits=Decimal(2), request_id=tid, owner="bench", with_hold=create)
+        start = threading.Barrier(2)
+        out: dict[str, object] = {}
+
+        def cancel(tid: str = tid, start: threading.Barrier = start, out: dict[str, object] = out) -> None:
+            start.wait()
+            try:
+                out["cancel"] = tasks.cancel(task_id=tid, key_id=key, ttl=TTL)
+            except DBAPIError as e:
+                out["cancel"] = e
+
+        worker = threading.Thread(target=cancel)
+        worker.start()
+        start.wait()
+        try:
+            res.capture(deliver=TaskStore.completion(tid, images=[b"x"], inference_time=0.1, steps=2, ttl=TTL))
+            completed = True
+        except ReservationLost:
+            completed = False
+        except DBAPIError:
+            completed, errors = False, errors + 1
+        worker.join()
+        answer = out["cancel"]
+        if isinstance(answer, DBAPIError):
+            errors += 1
+            continue
+        assert isinstance(answer, tuple)
+        view, cancelled = answer
+        won += cancelled
+        final = tasks.get(task_id=tid, key_id=key).status
+        if cancelled != (final == "CANCELLED") or cancelled == completed or view.status != final:
+            wrong += 1
+    key_now = credits.get_key(key_id=key)
+    print(
+        f"{credits.engine.dialect.name}: {rounds} races, cancel won {won}, completion won {rounds - won}, "
+        f"wrong answers {wrong}, database errors {errors}, balance {key_now.credits:g} spent {key_now.spent:g}"
+    )
+    credits.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
