@@ -257,14 +257,17 @@ def test_trickling_and_hanging_receivers_cost_one_deadline_and_never_hold_anothe
 
 
 def test_one_keys_slow_receivers_hold_at_most_its_own_slots(env: Env) -> None:
-    slow = [env.add(env.key_a, env.receiver.url(path, "a.test")) for path in ["/hang", "/trickle"] * 3]
-    other = env.add(env.key_b, env.receiver.url("/ok", "b.test"))
+    slow = [env.add(env.key_a, env.receiver.url(path, "a.test")) for path in ["/hang", "/trickle"]]
 
     async def main() -> None:
         settings = env.settings(webhook_timeout_s=120, webhook_per_key=4, webhook_per_host=8)
         sender = WebhookSender(env.store, owner="p1", settings=settings, resolve=local_names())
         try:
-            await sender.round()
+            assert await sender.round() == 2
+            env.clock.advance(1)  # four more of key A, and one of key B, after A's first two
+            slow.extend(env.add(env.key_a, env.receiver.url(path, "a.test")) for path in ["/hang", "/trickle"] * 2)
+            other = env.add(env.key_b, env.receiver.url("/ok", "b.test"))
+            assert await sender.round() == 3  # two more of key A fill its four slots; key B's goes on
             await until(lambda: env.state(other) == ("delivered", 1), timeout=30)
             await until(lambda: sender.in_flight == 4)  # key A's four slots, still held by its receivers
             assert await sender.round() == 0  # A's other two wait for A's own slots
@@ -336,9 +339,10 @@ def test_the_connection_goes_to_the_checked_address(env: Env, monkeypatch: pytes
     real = socket.getaddrinfo
 
     def fake_getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host in answers:
-            calls.append(host)
-            address = answers[host].pop(0) if len(answers[host]) > 1 else answers[host][0]
+        name = host.decode() if isinstance(host, bytes) else host  # HTTP clients pass the IDNA bytes
+        if name in answers:
+            calls.append(name)
+            address = answers[name].pop(0) if len(answers[name]) > 1 else answers[name][0]
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
         return real(host, port, *args, **kwargs)
 
