@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 import threading
 import uuid
 from collections import Counter
@@ -44,7 +45,7 @@ class Receiver:
     """Local webhook endpoints by path: /ok (204), /fail (500), /fail-first/N (500 N times, then 204), /hang (no
     answer until closed), /trickle (a status line, then one byte every 0.2 s until closed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.active: Counter[str] = Counter()  # requests being answered, by Host header
         self.most_active: Counter[str] = Counter()
@@ -91,6 +92,8 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -403,3 +406,72 @@ def test_any_error_is_a_failed_attempt_and_an_unsendable_url_is_given_up(env: En
     [(_, _, error)] = env.store.attempts(delivery_id=flaky)
     assert error == "RuntimeError: resolver exploded"
     assert env.state(other) == ("delivered", 1)
+
+
+def _test_ca() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(a server context with a certificate for hooks.test only, a client context that trusts its CA)."""
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def cert(name: str, key: Any, issuer: x509.Name, signer: Any, ca: bool) -> x509.Certificate:
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("test CA", ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]), ca_key, True)
+    leaf = cert("hooks.test", leaf_key, ca.subject, ca_key, False)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "c.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+        (Path(d) / "k.pem").write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+        server.load_cert_chain(Path(d) / "c.pem", Path(d) / "k.pem")
+    client = ssl.create_default_context(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    return server, client
+
+
+def test_tls_to_the_pinned_address_names_the_host_and_checks_its_certificate(env: Env) -> None:
+    server_tls, client_tls = _test_ca()
+    names: list[str | None] = []
+
+    def seen(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        names.append(name)
+
+    server_tls.sni_callback = seen
+    tls_receiver = Receiver(tls=server_tls)
+    try:
+        good = env.add(env.key_a, f"https://hooks.test:{tls_receiver.port}/ok")
+        wrong = env.add(env.key_b, f"https://other.test:{tls_receiver.port}/ok")  # the certificate is not for it
+
+        async def main() -> None:
+            sender = WebhookSender(env.store, owner="p1", settings=env.settings(), resolve=local_names(),
+                                   verify=client_tls)  # fmt: skip
+            try:
+                assert await one_round(sender) == 2
+            finally:
+                await sender.aclose()
+
+        asyncio.run(main())
+        assert env.state(good) == ("delivered", 1)
+        assert env.state(wrong) == ("pending", 1)
+        assert sorted(n or "" for n in names) == ["hooks.test", "other.test"]  # SNI: the URL's host, not the IP
+        [(_, headers, _)] = tls_receiver.requests
+        assert headers["host"] == f"hooks.test:{tls_receiver.port}"
+    finally:
+        tls_receiver.close()
