@@ -110,13 +110,12 @@ def address_problem(address: Address, *, allow_private: bool) -> str | None:
     for a in [mapped] if mapped is not None else [address, *_embedded_ipv4(address)]:
         reserved = isinstance(a, ipaddress.IPv4Address) and a.is_reserved  # 240.0.0.0/4 with the broadcast address
         if a.is_multicast or a.is_unspecified or reserved:
-            return f"{address} is not a unicast address"
+            return "not a unicast address"
         if allow_private:
             continue
         site_local = isinstance(a, ipaddress.IPv6Address) and a.is_site_local
         if not a.is_global or a.is_private or a.is_loopback or a.is_link_local or site_local:
-            return (f"{address} is not a public address "
-                    "(set SD3SERVE_WEBHOOK_ALLOW_PRIVATE=true to allow private targets)")  # fmt: skip
+            return "not a public address (set SD3SERVE_WEBHOOK_ALLOW_PRIVATE=true to allow private targets)"
     return None
 
 
@@ -129,8 +128,8 @@ def checked_addresses(target: Target, addresses: Sequence[str], *, allow_private
     for text in addresses:
         address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0) is not part of it
         if (problem := address_problem(address, allow_private=allow_private)) is not None:
-            shown = "" if target.literal is not None else f"{target.host} resolves to "
-            raise TargetRefused(f"webhook_url: {shown}{problem}")
+            shown = f"{address} is" if target.literal is not None else f"{target.host} resolves to {address}, which is"
+            raise TargetRefused(f"webhook_url: {shown} {problem}")
         out.append(str(address))
     return out
 
@@ -150,10 +149,13 @@ async def system_resolve(host: str, port: int) -> list[str]:
 
 def target_problem(url: str, *, allow_private: bool) -> str | None:
     """Why ``url`` may not receive webhooks, or None: the checks of an attempt, with the system resolver (blocking:
-    call it from a worker thread)."""
+    call it from a worker thread). When private targets are allowed a name is not resolved here (each attempt
+    resolves and checks it), so that names only reachable later are accepted."""
     try:
         target = parse_target(url)
         literal = target.literal
+        if literal is None and allow_private:
+            return None
         addresses = [str(literal)] if literal is not None else _getaddrinfo(target.host, target.port)
         checked_addresses(target, addresses, allow_private=allow_private)
     except TargetRefused as e:
