@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     # Webhooks: a target must resolve to public addresses unless this allows private, loopback and link-local ones.
     webhook_allow_private: bool = False
     webhook_timeout_s: float = Field(10.0, gt=0)  # per delivery attempt
+    # Sending (api/webhook_delivery.py): attempts in flight per process, of them at most this many per key and per
+    # target host; an attempt's whole time (name, connect, send, the answer's head) is webhook_timeout_s.
+    webhook_concurrency: int = Field(32, ge=1)
+    webhook_per_key: int = Field(4, ge=1)
+    webhook_per_host: int = Field(8, ge=1)
     public_url: str | None = None  # base for absolute URLs when behind a proxy; unset: from the request
     # Connections: slow, idle or numerous clients cannot hold the server (api/connections.py, api/middleware.py).
     header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive within this, or the connection closes

@@ -39,12 +39,12 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     settings_ = Settings(data_dir=tmp_path_factory.mktemp("sd3fuzz"), device="cpu", rate_limit_per_minute=0,
                          max_request_work=0, webhook_allow_private=True)  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(webhook_delivery, "send", _not_sent)
+        patch.setattr(webhook_delivery.WebhookSender, "attempt", _not_sent)
         yield from run_live_server(settings_, engine=StubEngine())
 
 
-async def _not_sent(*_: object) -> tuple[int | None, str | None, bool]:
-    return 204, None, False
+async def _not_sent(*_: object) -> webhook_delivery.Outcome:
+    return webhook_delivery.Outcome(204, None, False)
 
 
 @pytest.fixture(scope="module")
