@@ -88,13 +88,15 @@ def decode_image(data: bytes, *, field: str, settings: Settings) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidRequest(f"{field}: not a PNG, JPEG or WebP image within {_limit_text(settings)}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidRequest(f"{field}: the image declares too many pixels; allowed: {_limit_text(settings)}") from None
+    except Image.UnidentifiedImageError:
+        raise InvalidRequest(f"{field}: not a PNG, JPEG or WebP image") from None
     except (OSError, SyntaxError, ValueError):
         raise InvalidRequest(f"{field}: the image file is corrupt") from None
     w, h = opened.size
     if w < 1 or h < 1 or w * h > settings.max_image_pixels or max(w, h) > settings.max_image_side:
-        raise InvalidRequest(f"{field}: the image is {w}x{h}; allowed: {_limit_text(settings)}")
+        raise InvalidRequest(f"{field}: the image is {w}x{h}, too many pixels; allowed: {_limit_text(settings)}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

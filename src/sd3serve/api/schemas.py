@@ -376,4 +376,21 @@ def openapi_request_schemas() -> dict[str, Any]:
         ],
         "description": "The v1 body, plus optional webhook fields.",
     }
+    i2i = Img2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
+    components.update(i2i.pop("$defs", {}))
+    i2i["properties"].pop("image_sha256", None)
+    components["Img2ImgRequest"] = i2i
+    components["Img2ImgRequestV1"] = {
+        "allOf": [{"$ref": "#/components/schemas/Img2ImgRequest"}],
+        "description": "One response body holds one image: batch_size above 1 needs base64 true.",
+        "if": {"properties": {"batch_size": {"minimum": 2}}, "required": ["batch_size"]},
+        "then": {"properties": {"base64": {"const": True}}, "required": ["base64"]},
+    }
+    components["Img2ImgRequestV2"] = {
+        "allOf": [
+            {"$ref": "#/components/schemas/Img2ImgRequest"},
+            {"type": "object", "properties": hooks["properties"]},
+        ],
+        "description": "The v1 image-to-image body, plus optional webhook fields.",
+    }
     return components
