@@ -210,7 +210,7 @@ def test_a_url_to_a_private_address_is_fetched_when_private_targets_are_allowed(
     data = png(RED_TOP_LEFT)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("location", "/image.png")
