@@ -285,8 +285,9 @@ def test_openai_images_edit(demo_server: LiveServer) -> None:
     assert first.format == "PNG" and first.size == (256, 256)
     v = judge(first)
     assert (v.colour, v.shape, v.position, v.background) == ("blue", "circle", "top left", "green")
-    same = post(demo_server, key, {"prompt": "a blue circle at the top left on a green background", "seed": 0,
-                                   "strength": 0.8, "image": b64(png(RED_TOP_LEFT)), "image_format": "png"})  # fmt: skip
+    body = {"prompt": "a blue circle at the top left on a green background", "seed": 0, "strength": 0.8,
+            "image": b64(png(RED_TOP_LEFT)), "image_format": "png"}  # fmt: skip
+    same = post(demo_server, key, body)
     assert base64.b64decode(result.data[0].b64_json or "") == same.content  # the same generation as v1
     assert credits(demo_server, key) == 5 - 2 - 1
 
