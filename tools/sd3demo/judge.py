@@ -13,7 +13,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from sd3demo.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, unit_shape_mask
+from sd3demo.world import COLOURS, POSITIONS, SHAPES, SIZES, STRIPE_BANDS, Scene, unit_shape_mask
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float32)
@@ -104,3 +104,18 @@ def judge(image: Image.Image) -> Verdict:
         if iou > best_iou:
             best, best_iou = name, iou
     return Verdict(_PALETTE_NAMES[bg_idx], colour, best, _position_name(col, row), size, frac)
+
+
+def striped(image: Image.Image, *, min_contrast: float = 40.0) -> bool:
+    """Whether the background is striped (the demo adapter's style): along the left and right edges, where no
+    object reaches, the world.STRIPE_BANDS horizontal bands alternate in brightness, each step by ``min_contrast``
+    or more, up and down in turn."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w, _ = arr.shape
+    edge = max(1, w // 50)
+    columns = np.concatenate([arr[:, :edge], arr[:, w - edge :]], axis=1).mean(axis=(1, 2))  # (h,)
+    bands = np.array([columns[round(i * h / STRIPE_BANDS) : round((i + 1) * h / STRIPE_BANDS)].mean()
+                      for i in range(STRIPE_BANDS)])  # fmt: skip
+    steps = np.diff(bands)
+    alternating = bool(np.all(np.sign(steps[:-1]) == -np.sign(steps[1:])))
+    return alternating and float(np.abs(steps).min()) >= min_contrast

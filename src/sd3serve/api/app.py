@@ -25,7 +25,7 @@ from sd3serve.api.middleware import (
     RequestBodyMiddleware,
     RequestContextMiddleware,
 )
-from sd3serve.api.routes import admin, credits, events, generate, img2img, openai, ops, playground, v2
+from sd3serve.api.routes import admin, credits, events, generate, img2img, loras, openai, ops, playground, v2
 from sd3serve.api.routes import webhooks as webhooks_routes
 from sd3serve.api.routes.img2img import IMAGE_INPUT_PATHS
 from sd3serve.api.schemas import openapi_request_schemas
@@ -219,6 +219,7 @@ def create_app(
     app.include_router(generate.router)
     app.include_router(v2.router)
     app.include_router(img2img.router)
+    app.include_router(loras.router)
     app.include_router(events.router)
     app.include_router(webhooks_routes.router)
     app.include_router(openai.router)

@@ -29,7 +29,7 @@ from sd3serve.api.progress import ProgressChannel
 from sd3serve.api.schemas import Txt2ImgRequest, WebhookOptions
 from sd3serve.api.webhook_delivery import target_problem
 from sd3serve.engine.job import GenerationJob
-from sd3serve.engine.lora_names import check_adapters
+from sd3serve.engine.lora_names import check_adapters, lora_dir
 from sd3serve.engine.protocol import Aborted, Engine
 from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError, StorageFull
 from sd3serve.imaging import encode_image
@@ -316,7 +316,7 @@ class GenerationService:
     def _admit(self, job: GenerationJob) -> None:
         """Refuse, before any credit is held, what the server will not run: too much work for one request (400),
         or a full queue (503)."""
-        check_adapters(self.settings.lora_dir, [name for name, _ in job.loras])
+        check_adapters(lora_dir(self.settings), [name for name, _ in job.loras])
         limit = self.settings.max_request_work
         if limit and job.work > limit:
             raise InvalidRequest(

@@ -7,9 +7,19 @@ import re
 from pathlib import Path
 
 from sd3serve.errors import InvalidRequest
+from sd3serve.settings import Settings
 
 SUFFIX = ".safetensors"
+# The demo model's adapters (tools/sd3demo/lora.py), offered when the demo model serves and no --lora-dir is given.
+DEMO_LORA_DIR = Path(__file__).resolve().parent.parent / "models" / "demo_loras"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def lora_dir(settings: Settings) -> Path | None:
+    """The adapters' directory: --lora-dir, or the demo adapters when the demo model serves."""
+    if settings.lora_dir is not None:
+        return settings.lora_dir
+    return DEMO_LORA_DIR if settings.model is None else None
 
 
 def adapter_files(lora_dir: Path | None) -> dict[str, Path]:

@@ -25,6 +25,7 @@ from sd3serve.engine.img2img import encode_init, img2img_sigmas, noised
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.engine.lora import LoraLibrary, applied
+from sd3serve.engine.lora_names import lora_dir
 from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.prompt_cache import PromptCache, TextEmbedding
 from sd3serve.engine.protocol import ProgressCallback
@@ -353,5 +354,5 @@ def build_pipeline(settings: Settings, model: LoadedModel | None = None) -> SD3P
         exact_batches=settings.exact_batches,
         prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
         vae_tiling=settings.vae_tiling,
-        loras=LoraLibrary(settings.lora_dir, int(settings.lora_cache_mb * 2**20)),
+        loras=LoraLibrary(lora_dir(settings), int(settings.lora_cache_mb * 2**20)),
     )
