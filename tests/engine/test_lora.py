@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_files import RANK, peft_file, random_layers
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel
@@ -24,31 +25,6 @@ JOB = GenerationJob(
     prompt="a red circle", negative_prompt="", steps=2, guidance_scale=1.0, seed=5,
     sampler="euler", scheduler="simple", width=64, height=64, batch_size=1,
 )  # fmt: skip
-RANK = 2
-
-
-def random_layers(model: LoadedModel, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Strong random updates of every attention projection of the first block (enough to change a picture)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, m in linear_modules(model.pipe.transformer).items():
-        if name.startswith("transformer_blocks.0.attn.") and name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
-            out[name] = (
-                torch.randn(RANK, m.in_features, generator=gen),
-                torch.randn(m.out_features, RANK, generator=gen),
-            )
-    return out
-
-
-def peft_file(path: Path, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
-    state = {}
-    for name, (down, up) in layers.items():
-        state[f"transformer.{name}.lora_A.weight"] = down.clone()
-        state[f"transformer.{name}.lora_B.weight"] = up.contiguous()
-    save_file(state, str(path))
-    return path
-
-
 def kohya_file(path: Path, layers: dict[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float) -> Path:
     """Kohya's naming; the up matrix scaled so that alpha / rank cancels out."""
     state = {}

@@ -13,7 +13,7 @@ from functools import cache
 import numpy as np
 from PIL import Image
 
-from sd3demo.world import COLOURS, POSITIONS, SHAPES, SIZES, STRIPE_BANDS, Scene, unit_shape_mask
+from sd3demo.world import COLOURS, POSITIONS, SHAPES, SIZES, Scene, unit_shape_mask
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], dtype=np.float32)
@@ -106,16 +106,17 @@ def judge(image: Image.Image) -> Verdict:
     return Verdict(_PALETTE_NAMES[bg_idx], colour, best, _position_name(col, row), size, frac)
 
 
-def striped(image: Image.Image, *, min_contrast: float = 40.0) -> bool:
+def striped(image: Image.Image, *, min_contrast: float = 40.0, min_bands: int = 8) -> bool:
     """Whether the background is striped (the demo adapter's style): along the left and right edges, where no
-    object reaches, the world.STRIPE_BANDS horizontal bands alternate in brightness, each step by ``min_contrast``
-    or more, up and down in turn."""
+    object reaches, the rows' brightness swings by ``min_contrast`` or more and, cut at its midpoint, makes at least
+    ``min_bands`` horizontal bands (light and dark in turn), whatever their width."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
-    h, w, _ = arr.shape
+    w = arr.shape[1]
     edge = max(1, w // 50)
-    columns = np.concatenate([arr[:, :edge], arr[:, w - edge :]], axis=1).mean(axis=(1, 2))  # (h,)
-    bands = np.array([columns[round(i * h / STRIPE_BANDS) : round((i + 1) * h / STRIPE_BANDS)].mean()
-                      for i in range(STRIPE_BANDS)])  # fmt: skip
-    steps = np.diff(bands)
-    alternating = bool(np.all(np.sign(steps[:-1]) == -np.sign(steps[1:])))
-    return alternating and float(np.abs(steps).min()) >= min_contrast
+    profile = np.concatenate([arr[:, :edge], arr[:, w - edge :]], axis=1).mean(axis=(1, 2))  # (h,)
+    lo, hi = np.percentile(profile, [5, 95])
+    if hi - lo < min_contrast:
+        return False
+    light = profile > (lo + hi) / 2
+    bands = 1 + int(np.count_nonzero(light[1:] != light[:-1]))
+    return bands >= min_bands
