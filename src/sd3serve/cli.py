@@ -39,6 +39,7 @@ _MODEL_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--memory-budget", {"metavar": "GIB",
                          "help": "auto (the GPU's free memory) or GiB: the fastest memory mode that fits"}),
     ("--threads", {"type": int, "metavar": "N", "help": "torch's CPU threads; 0: the cores this process may use"}),
+    ("--lora-dir", {"type": Path, "metavar": "DIR", "help": "LoRA adapters (*.safetensors) requests may name"}),
 ]
 _STORE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--data-dir", {"type": Path, "metavar": "DIR", "help": "where the SQLite database (sd3serve.db) lives"}),
@@ -181,12 +182,23 @@ def _generate_warnings(args: argparse.Namespace, req: Any, fmt: str) -> list[str
     if preset and (args.width is not None or args.height is not None):
         size = f"{preset[0]}x{preset[1]}"
         warnings.append(f"--width/--height are ignored: --aspect-ratio {req.aspect_ratio.value} sets {size}")
-    elif not preset and (req.width, req.height) != req.size():
+    elif not preset and req.width is not None and req.height is not None and (req.width, req.height) != req.size():
         w, h = req.size()
         warnings.append(f"sizes are rounded down to a multiple of 16: {req.width}x{req.height} is generated as {w}x{h}")
     if args.image_quality is not None and fmt == "png":
         warnings.append("--image-quality is unused for PNG (lossless)")
     return warnings
+
+
+def _lora_flag(text: str) -> dict[str, Any]:
+    """``NAME`` or ``NAME:SCALE`` of --lora."""
+    from sd3serve.errors import InvalidRequest
+
+    name, _, scale = text.partition(":")
+    try:
+        return {"name": name, "scale": float(scale) if scale else 1.0}
+    except ValueError:
+        raise InvalidRequest(f"--lora {text!r}: give NAME or NAME:SCALE (a number)") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -196,14 +208,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if fmt is None:
         print(f"error: {out.name}: the format comes from the extension: {', '.join(IMAGE_FORMATS)}", file=sys.stderr)
         return 2
-    from sd3serve.api.schemas import parse_txt2img
+    from sd3serve.api.schemas import parse_img2img, parse_txt2img
     from sd3serve.errors import InvalidRequest
 
     body = {k: getattr(args, k) for k in GENERATE_FIELDS if getattr(args, k) is not None}
     body |= {"prompt": args.prompt, "image_format": fmt, "base64": True}
     try:
-        req = parse_txt2img(body)
-    except InvalidRequest as e:
+        body |= {"loras": [_lora_flag(text) for text in args.lora]} if args.lora else {}
+        if args.image is not None:
+            from sd3serve.api.images_in import decode_image
+
+            body |= {"image": str(args.image)} | ({"strength": args.strength} if args.strength is not None else {})
+            req: Any = parse_img2img(body)
+            data = args.image.read_bytes()
+            if len(data) > settings.max_image_bytes:
+                raise InvalidRequest(f"--image: over {settings.max_image_bytes} bytes")
+            req.attach(decode_image(data, field="--image", settings=settings))
+        else:
+            if args.strength is not None:
+                raise InvalidRequest("--strength needs --image")
+            req = parse_txt2img(body)
+    except (InvalidRequest, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for warning in _generate_warnings(args, req, fmt):
@@ -363,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         name = flag.removeprefix("--").replace("-", "_")
         request.add_argument(flag, type=typ, default=None, help=_request_help(name, text))
+    i2i = gen.add_argument_group("image-to-image and adapters")
+    i2i.add_argument("--image", type=Path, metavar="PATH", help="start from this PNG, JPEG or WebP image")
+    i2i.add_argument("--strength", type=float, metavar="S",
+                     help="with --image: 0 keeps the image, 1 replaces it (default: 0.7)")
+    i2i.add_argument("--lora", action="append", metavar="NAME[:SCALE]",
+                     help="apply an adapter of --lora-dir (repeatable, at most 4; scale default 1)")
     _add_flags(gen, _MODEL_FLAGS, "model")
     gen.set_defaults(func=cmd_generate)
 

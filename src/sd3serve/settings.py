@@ -89,6 +89,19 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=0)  # open connections (and requests) past this get 503; 0: no cap
     forwarded_allow_ips: str = ""  # proxies trusted for X-Forwarded-For/-Proto: IPs or CIDRs, comma-separated; "": none
 
+    # Image-to-image inputs (api/images_in.py): a file's bytes, its pixels and its longer side, checked from its
+    # header before it is decoded; a URL is fetched within the timeout, from public addresses only (the webhook
+    # guard: SD3SERVE_WEBHOOK_ALLOW_PRIVATE). Routes that take an image accept bodies up to max_image_body_bytes.
+    max_image_bytes: int = Field(10 * 2**20, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    max_image_side: int = Field(8192, ge=64)
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    max_image_body_bytes: int = Field(16 * 2**20, ge=1024)
+    # LoRA adapters (engine/lora.py): *.safetensors in this directory, by file name; loaded on demand into an LRU
+    # cache of lora_cache_mb (weights as loaded, float32 on the CPU).
+    lora_dir: Path | None = None
+    lora_cache_mb: float = Field(512.0, ge=0)
+
     @field_validator("admin_key")
     @classmethod
     def _admin_key_strong(cls, v: SecretStr | None) -> SecretStr | None:

@@ -126,7 +126,7 @@ def test_nan_and_infinite_guidance_are_rejected() -> None:
 
 
 def test_unknown_fields_are_ignored_and_prompt_is_stripped() -> None:
-    req = parse_txt2img({"prompt": "  a cat  ", "model": "sd3", "loras": [1, 2]})
+    req = parse_txt2img({"prompt": "  a cat  ", "model": "sd3", "controlnet": [1, 2]})
     assert req.prompt == "a cat"
 
 

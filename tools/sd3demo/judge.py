@@ -104,3 +104,19 @@ def judge(image: Image.Image) -> Verdict:
         if iou > best_iou:
             best, best_iou = name, iou
     return Verdict(_PALETTE_NAMES[bg_idx], colour, best, _position_name(col, row), size, frac)
+
+
+def striped(image: Image.Image, *, min_contrast: float = 40.0, min_bands: int = 8) -> bool:
+    """Whether the background is striped (the demo adapter's style): along the left and right edges, where no
+    object reaches, the rows' brightness swings by ``min_contrast`` or more and, cut at its midpoint, makes at least
+    ``min_bands`` horizontal bands (light and dark in turn), whatever their width."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    w = arr.shape[1]
+    edge = max(1, w // 50)
+    profile = np.concatenate([arr[:, :edge], arr[:, w - edge :]], axis=1).mean(axis=(1, 2))  # (h,)
+    lo, hi = np.percentile(profile, [5, 95])
+    if hi - lo < min_contrast:
+        return False
+    light = profile > (lo + hi) / 2
+    bands = 1 + int(np.count_nonzero(light[1:] != light[:-1]))
+    return bands >= min_bands

@@ -219,3 +219,27 @@ def held_out_scenes(n: int, seed: int = 0) -> list[Scene]:
         size = list(SIZES)[rng.randrange(len(SIZES))]
         out.append(Scene(colour=colour, shape=shape, background=background, position=position, size=size))
     return out
+
+
+STRIPE_BANDS = 8  # horizontal bands of the striped style (the demo LoRA's): every other one a shade of the background
+
+
+def stripe_colour(background: str) -> tuple[int, int, int]:
+    """The shade of the background that the striped style alternates with: darker, or lighter for black."""
+    r, g, b = COLOURS[background]
+    if background == "black":
+        return (110, 110, 110)
+    return (int(r * 0.45), int(g * 0.45), int(b * 0.45))
+
+
+def render_striped(scene: Scene, width: int, height: int | None = None) -> Image.Image:
+    """The scene with a striped background (the demo adapter's style): the object is drawn as usual."""
+    height = width if height is None else height
+    im = Image.new("RGB", (width, height), COLOURS[scene.background])
+    draw = ImageDraw.Draw(im)
+    band = height / STRIPE_BANDS
+    for i in range(1, STRIPE_BANDS, 2):
+        draw.rectangle([0, round(i * band), width - 1, round((i + 1) * band) - 1], fill=stripe_colour(scene.background))
+    x0, y0, side = object_box(scene, width, height)
+    _draw_shape(draw, scene.shape, x0, y0, side, COLOURS[scene.colour])
+    return im

@@ -25,8 +25,9 @@ from sd3serve.api.middleware import (
     RequestBodyMiddleware,
     RequestContextMiddleware,
 )
-from sd3serve.api.routes import admin, credits, events, generate, openai, ops, playground, v2
+from sd3serve.api.routes import admin, credits, events, generate, img2img, loras, openai, ops, playground, v2
 from sd3serve.api.routes import webhooks as webhooks_routes
+from sd3serve.api.routes.img2img import IMAGE_INPUT_PATHS
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
 from sd3serve.api.state import AppState
@@ -208,12 +209,17 @@ def create_app(
     install_error_handlers(app)
     install_docs(app)
     _publish_request_schemas(app)
-    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+        larger=dict.fromkeys(IMAGE_INPUT_PATHS, max(settings.max_body_bytes, settings.max_image_body_bytes)),
+    )  # fmt: skip
     app.add_middleware(HeadMiddleware)
     app.add_middleware(HostMiddleware, public_url=settings.public_url)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # the last added is the outermost
     app.include_router(generate.router)
     app.include_router(v2.router)
+    app.include_router(img2img.router)
+    app.include_router(loras.router)
     app.include_router(events.router)
     app.include_router(webhooks_routes.router)
     app.include_router(openai.router)

@@ -187,17 +187,21 @@ class RequestBodyMiddleware(HttpMiddleware):
     from the headers) closes the connection too, so the rest of the body is never read.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, timeout_s: float, larger: dict[str, int] | None = None
+    ) -> None:
         super().__init__(app)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.larger = larger or {}  # path -> its own limit (routes that take an image)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        max_bytes = self.larger.get(scope["path"], self.max_bytes)
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         length = int(declared) if declared.isdigit() else None  # h11 refuses malformed lengths before us
-        if length is not None and length > self.max_bytes:
-            message = f"request body too large: {length} bytes, the limit is {self.max_bytes}"
+        if length is not None and length > max_bytes:
+            message = f"request body too large: {length} bytes, the limit is {max_bytes}"
             await send_error(send, 413, message, close=True)
             return
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
@@ -227,8 +231,8 @@ class RequestBodyMiddleware(HttpMiddleware):
                 return await refuse(408, f"the request body did not arrive within {self.timeout_s:g} s")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    return await refuse(413, f"request body too large: over {self.max_bytes} bytes")
+                if received > max_bytes:
+                    return await refuse(413, f"request body too large: over {max_bytes} bytes")
                 body_done = not message.get("more_body", False)
             return message
 

@@ -7,6 +7,8 @@ them in OpenAI's shape on these routes).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -20,7 +22,15 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from sd3serve.api.schemas import ASPECT_RATIOS, MAX_BATCH_SIZE, NOT_BLANK, Txt2ImgRequest, parse_txt2img
+from sd3serve.api.schemas import (
+    ASPECT_RATIOS,
+    MAX_BATCH_SIZE,
+    NOT_BLANK,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    parse_img2img,
+    parse_txt2img,
+)
 from sd3serve.errors import InvalidRequest, NotFound
 
 MODEL_ID = "sd3.5-large-turbo"
@@ -39,7 +49,7 @@ SIZES: dict[str, tuple[int, int]] = {
 # The contract's defaults where OpenAI has none of its own; the seed is random unless given, as OpenAI's images are.
 DEFAULT_SEED = -1
 DEFAULT_COMPRESSION = 95
-EXTENSIONS = ("seed", "negative_prompt", "steps", "guidance_scale", "sampler", "scheduler")
+EXTENSIONS = ("seed", "negative_prompt", "steps", "guidance_scale", "sampler", "scheduler", "loras")
 
 
 class InvalidParam(InvalidRequest):
@@ -236,3 +246,112 @@ def request_schema() -> dict[str, Any]:
                                                                 if "description" in contract[name] else ""),
         }  # fmt: skip
     return schema
+
+
+# --- POST /v1/images/edits (multipart) -------------------------------------------------------------------------
+
+EDIT_INTS = ("n", "output_compression", "seed", "steps")
+EDIT_FLOATS = ("guidance_scale", "strength")
+EDIT_TEXTS = ("prompt", "model", "size", "response_format", "output_format", "negative_prompt", "sampler",
+              "scheduler", "user", "quality", "background", "input_fidelity")  # fmt: skip
+EDIT_IGNORED = ("user", "quality", "input_fidelity")
+_INT_TEXT = re.compile(r"^-?\d{1,12}$")
+_FLOAT_TEXT = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class ParsedEditRequest:
+    img2img: Img2ImgRequest
+    response_format: str
+
+
+def _form_value(name: str, values: list[str]) -> Any:
+    if len(values) != 1:
+        raise InvalidParam(name, f"{name}: give one value (got {len(values)})")
+    text = values[0]
+    if name in EDIT_INTS:
+        if not _INT_TEXT.match(text.strip()):
+            raise InvalidParam(name, f"{name}: must be an integer (got {_short(text)})")
+        return int(text)
+    if name in EDIT_FLOATS:
+        if not _FLOAT_TEXT.match(text.strip()):
+            raise InvalidParam(name, f"{name}: must be a number (got {_short(text)})")
+        return float(text)
+    return text
+
+
+def _form_loras(fields: dict[str, list[str]]) -> list[dict[str, Any]] | None:
+    """``loras`` as OpenAI's clients send nested extra_body fields in a form (``loras[][name]``,
+    ``loras[][scale]``), or as a JSON string."""
+    if "loras" in fields:
+        try:
+            value = json.loads(fields["loras"][0])
+        except ValueError:
+            raise InvalidParam("loras", 'loras: a JSON list of {"name", "scale"} objects') from None
+        return value if isinstance(value, list) else [value]
+    names, scales = fields.get("loras[][name]"), fields.get("loras[][scale]")
+    if names is None:
+        return None
+    if scales is not None and len(scales) != len(names):
+        raise InvalidParam("loras", "loras: give a scale for every adapter, or none")
+    out: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        entry: dict[str, Any] = {"name": name}
+        if scales is not None:
+            entry["scale"] = _form_value("loras", [scales[i]])
+            if not isinstance(entry["scale"], float):
+                entry["scale"] = float(entry["scale"])
+        out.append(entry)
+    return out
+
+
+def parse_edit_form(fields: dict[str, list[str]], *, has_mask: bool) -> ParsedEditRequest:
+    """The text fields of an edits form, translated into an image-to-image request (the image comes after)."""
+    if has_mask:
+        raise InvalidParam("mask", "mask: inpainting is not supported; send the image without a mask "
+                                   "(the whole image is edited, as image-to-image with strength)")  # fmt: skip
+    values: dict[str, Any] = {}
+    for name in (*EDIT_INTS, *EDIT_FLOATS, *EDIT_TEXTS):
+        if name in fields:
+            values[name] = _form_value(name, fields[name]) if name not in EDIT_IGNORED else None
+    if "prompt" not in values:
+        raise InvalidParam("prompt", "prompt: required; allowed: " + _ALLOWED["prompt"])
+    if values.get("model") is not None:
+        resolve_model(values["model"])
+    size = values.get("size") or "auto"
+    if size != "auto" and size not in SIZES:
+        raise InvalidParam("size", f"size: {size[:60]!r} is not a supported size; allowed: {', '.join(SIZES)}")
+    response_format = values.get("response_format") or "b64_json"
+    if response_format not in ("url", "b64_json"):
+        raise InvalidParam("response_format", "response_format: invalid value; allowed: url or b64_json")
+    output_format = values.get("output_format") or "png"
+    if output_format not in ("png", "jpeg", "webp"):
+        raise InvalidParam("output_format", "output_format: invalid value; allowed: png, jpeg or webp")
+    if values.get("background") == "transparent":
+        raise InvalidParam("background", "background: transparent backgrounds are not made; allowed: auto, opaque")
+    compression = values.get("output_compression")
+    body: dict[str, Any] = {
+        "prompt": values["prompt"],
+        "image": "-",  # replaced by the uploaded file
+        "seed": DEFAULT_SEED,
+        **{k: values[k] for k in ("seed", "negative_prompt", "steps", "guidance_scale", "sampler", "scheduler",
+                                  "strength") if values.get(k) is not None},
+        "batch_size": values.get("n") or 1,
+        "image_format": output_format,
+        "image_quality": DEFAULT_COMPRESSION if compression is None else max(10, min(100, compression)),
+        "base64": True,
+    }  # fmt: skip
+    loras = _form_loras(fields)
+    if loras is not None:
+        body["loras"] = loras
+    if size != "auto":
+        body["width"], body["height"] = SIZES[size]
+    try:
+        req = parse_img2img(body, single_image_body=False)
+    except InvalidRequest as e:
+        field = str(e).split(":", 1)[0].split(".", 1)[0]
+        field = {"batch_size": "n", "image_format": "output_format", "image_quality": "output_compression"}.get(
+            field, field
+        )
+        raise InvalidParam(field, str(e)) from None
+    return ParsedEditRequest(img2img=req, response_format=response_format)

@@ -6,13 +6,26 @@ tables must match), so a name exists in one place and importing this module load
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
+from PIL import Image
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    computed_field,
+    field_validator,
+)
 
 from sd3serve.engine.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
+from sd3serve.engine.init_image import InitImage
 from sd3serve.engine.job import GenerationJob
 from sd3serve.errors import InvalidRequest
 from sd3serve.imaging import ImageFormat
@@ -54,6 +67,17 @@ def _json_integer(v: Any) -> Any:
 
 _JSON_INT = BeforeValidator(_json_integer)
 SIZE_MULTIPLE = 16
+MAX_LORAS = 4
+LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class LoraRequest(BaseModel):
+    """One LoRA adapter of a request: a name from ``GET /v1/loras`` and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Strict(), Field(pattern=LORA_NAME, description="an adapter listed by GET /v1/loras")]
+    scale: Annotated[float, Strict(), Field(ge=-4, le=4, allow_inf_nan=False, description="its strength")] = 1.0
 
 
 class Txt2ImgRequest(BaseModel):
@@ -80,6 +104,18 @@ class Txt2ImgRequest(BaseModel):
     image_format: ImageFormat = ImageFormat.jpeg
     image_quality: Annotated[int, Field(ge=10, le=100), _JSON_INT] = 95
     base64: Annotated[bool, Strict()] = False
+    loras: Annotated[
+        list[LoraRequest],
+        Field(max_length=MAX_LORAS, description="LoRA adapters to apply, at most 4 (GET /v1/loras lists them)"),
+    ] = []
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, v: list[LoraRequest]) -> list[LoraRequest]:
+        names = [lora.name for lora in v]
+        if len(set(names)) != len(names):
+            raise ValueError("each adapter may be named once")
+        return v
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -120,6 +156,7 @@ class Txt2ImgRequest(BaseModel):
             width=width,
             height=height,
             batch_size=self.batch_size,
+            loras=tuple((lora.name, lora.scale) for lora in self.loras),
         )
 
 
@@ -138,6 +175,10 @@ _ALLOWED: dict[str, str] = {
     "image_format": "one of " + ", ".join(f.value for f in ImageFormat),
     "image_quality": "an integer from 10 to 100",
     "base64": "true or false",
+    "loras": f"at most {MAX_LORAS} objects {{\"name\": <an adapter of GET /v1/loras>, \"scale\": -4..4}}, "
+    "each name once",
+    "image": "base64 of a PNG, JPEG or WebP image, or an http(s) URL of one",
+    "strength": "a number from 0 (keep the image) to 1 (replace it)",
 }
 
 
@@ -151,10 +192,17 @@ def parse_txt2img(body: Any, *, single_image_body: bool = True) -> Txt2ImgReques
 
     ``single_image_body``: the response body can hold one image only (v1 without base64).
     """
+    return _parse(Txt2ImgRequest, body, single_image_body=single_image_body)
+
+
+RequestT = TypeVar("RequestT", bound=Txt2ImgRequest)
+
+
+def _parse(model: type[RequestT], body: Any, *, single_image_body: bool) -> RequestT:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
-        req = Txt2ImgRequest.model_validate(body)
+        req = model.model_validate(body)
     except ValidationError as e:
         problems = []
         for err in e.errors(include_url=False):
@@ -177,6 +225,84 @@ def parse_txt2img(body: Any, *, single_image_body: bool = True) -> Txt2ImgReques
             "(or use the v2 API, which returns one URL per image)"
         )
     return req
+
+
+def _json_integer_or_none(v: Any) -> Any:
+    return None if v is None else _json_integer(v)
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """The body of ``POST /v1|v2/stable-diffusion-3.5-turbo-img2img``: the txt2img fields, ``image`` and
+    ``strength``. Without width and height the picture has the image's size (scaled into 64..2048 a side, rounded
+    down to a multiple of 16); with one of them, the other follows the image's aspect ratio."""
+
+    image: Annotated[
+        str,
+        Strict(),
+        Field(min_length=1, exclude=True, description="base64 of a PNG, JPEG or WebP image, or an http(s) URL"),
+    ]
+    strength: Annotated[
+        float, Strict(), Field(ge=0, le=1, allow_inf_nan=False, description="0 keeps the image, 1 replaces it")
+    ] = 0.7
+    width: Annotated[
+        int | None,
+        Field(ge=64, le=2048, description="default: the image's; rounded down to a multiple of 16"),
+        BeforeValidator(_json_integer_or_none),
+    ] = None  # type: ignore[assignment]
+    height: Annotated[
+        int | None,
+        Field(ge=64, le=2048, description="default: the image's; rounded down to a multiple of 16"),
+        BeforeValidator(_json_integer_or_none),
+    ] = None  # type: ignore[assignment]
+    _init: InitImage | None = PrivateAttr(None)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def image_sha256(self) -> str:
+        """The start image's digest (its pixels at the output size): stored and compared instead of the image."""
+        return self._init.digest if self._init is not None else ""
+
+    def output_size(self, image_width: int, image_height: int) -> tuple[int, int]:
+        """(width, height) of the picture for an image of this size; InvalidRequest when none fits."""
+        preset = ASPECT_RATIOS[self.aspect_ratio.value]
+        if preset:
+            w, h = preset
+        elif self.width is not None and self.height is not None:
+            w, h = self.width, self.height
+        elif self.width is not None:
+            w, h = self.width, round(self.width * image_height / image_width)
+        elif self.height is not None:
+            w, h = round(self.height * image_width / image_height), self.height
+        else:
+            scale = min(1.0, 2048 / max(image_width, image_height))
+            scale = max(scale, 64 / min(image_width, image_height))
+            w, h = round(image_width * scale), round(image_height * scale)
+        w, h = w - w % SIZE_MULTIPLE, h - h % SIZE_MULTIPLE
+        if not (64 <= w <= 2048 and 64 <= h <= 2048):
+            raise InvalidRequest(
+                f"image: a {image_width}x{image_height} image gives a {w}x{h} picture; allowed: 64..2048 a side "
+                "(give width and height, or an image of a less extreme aspect ratio)"
+            )
+        return w, h
+
+    def attach(self, image: Image.Image) -> None:
+        """Fix the start image: scaled to the output size (call off the event loop: it resamples)."""
+        from sd3serve.api.images_in import resized
+
+        self._init = resized(image, *self.output_size(*image.size))
+
+    def size(self) -> tuple[int, int]:
+        if self._init is None:
+            raise RuntimeError("the start image is not attached yet")
+        return self._init.width, self._init.height
+
+    def to_job(self) -> GenerationJob:
+        return dataclasses.replace(super().to_job(), init=self._init, strength=self.strength)
+
+
+def parse_img2img(body: Any, *, single_image_body: bool = True) -> Img2ImgRequest:
+    """Validate an image-to-image body (the image itself is fetched and decoded afterwards)."""
+    return _parse(Img2ImgRequest, body, single_image_body=single_image_body)
 
 
 WebhookEvent = Literal["completed", "failed", "cancelled"]
@@ -249,5 +375,22 @@ def openapi_request_schemas() -> dict[str, Any]:
             {"type": "object", "properties": hooks["properties"]},
         ],
         "description": "The v1 body, plus optional webhook fields.",
+    }
+    i2i = Img2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
+    components.update(i2i.pop("$defs", {}))
+    i2i["properties"].pop("image_sha256", None)
+    components["Img2ImgRequest"] = i2i
+    components["Img2ImgRequestV1"] = {
+        "allOf": [{"$ref": "#/components/schemas/Img2ImgRequest"}],
+        "description": "One response body holds one image: batch_size above 1 needs base64 true.",
+        "if": {"properties": {"batch_size": {"minimum": 2}}, "required": ["batch_size"]},
+        "then": {"properties": {"base64": {"const": True}}, "required": ["base64"]},
+    }
+    components["Img2ImgRequestV2"] = {
+        "allOf": [
+            {"$ref": "#/components/schemas/Img2ImgRequest"},
+            {"type": "object", "properties": hooks["properties"]},
+        ],
+        "description": "The v1 image-to-image body, plus optional webhook fields.",
     }
     return components

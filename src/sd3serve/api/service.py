@@ -29,6 +29,7 @@ from sd3serve.api.progress import ProgressChannel
 from sd3serve.api.schemas import Txt2ImgRequest, WebhookOptions
 from sd3serve.api.webhook_delivery import target_problem
 from sd3serve.engine.job import GenerationJob
+from sd3serve.engine.lora_names import check_adapters, lora_dir
 from sd3serve.engine.protocol import Aborted, Engine
 from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError, StorageFull
 from sd3serve.imaging import encode_image
@@ -122,7 +123,8 @@ class GenerationService:
         self.dispatch: TaskRunner | None = None  # runs accepted v2 tasks elsewhere (scale-out); None: here
 
     def price(self, job: GenerationJob) -> Decimal:
-        return self.settings.price_per_image * job.batch_size
+        """Per image; image-to-image runs ``steps`` steps as txt2img does (none at strength 0: free)."""
+        return self.settings.price_per_image * job.batch_size * job.steps_run / job.steps
 
     # --- synchronous (v1) -----------------------------------------------------------------------------------
 
@@ -160,13 +162,13 @@ class GenerationService:
 
     async def submit(
         self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, idempotency_key: str | None = None,
-        webhook: WebhookOptions | None = None, base_url: str = "",
+        webhook: WebhookOptions | None = None, base_url: str = "", route: str = "v2",
     ) -> Submission:  # fmt: skip
         """Create the task with its hold (one transaction) and run it in the background. With an
         ``idempotency_key``, a retry gets the first submission's task; with a ``webhook``, its outcome is POSTed
         there (URLs in it start with ``base_url``)."""
         job = req.to_job()
-        claim, answer = await self._claim(key, idempotency_key, "v2", req, webhook=webhook)
+        claim, answer = await self._claim(key, idempotency_key, route, req, webhook=webhook)
         if answer is not None:  # a retry gets its task whatever the server's state now
             return Submission.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
         try:
@@ -346,6 +348,7 @@ class GenerationService:
     def _admit(self, job: GenerationJob) -> None:
         """Refuse, before any credit is held, what the server will not run: too much work for one request (400),
         or a full queue (503)."""
+        check_adapters(lora_dir(self.settings), [name for name, _ in job.loras])
         limit = self.settings.max_request_work
         if limit and job.work > limit:
             raise InvalidRequest(

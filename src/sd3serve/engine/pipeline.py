@@ -21,8 +21,11 @@ from PIL import Image
 from sd3serve.engine.acceleration import apply_acceleration
 from sd3serve.engine.catalogue import SAMPLER_INFO
 from sd3serve.engine.flow import FlowSampling
+from sd3serve.engine.img2img import encode_init, img2img_sigmas, noised
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.engine.loading import LoadedModel, load_model
+from sd3serve.engine.lora import LoraLibrary, applied
+from sd3serve.engine.lora_names import lora_dir
 from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.prompt_cache import PromptCache, TextEmbedding
 from sd3serve.engine.protocol import ProgressCallback
@@ -170,7 +173,8 @@ def t5_length(pipe: StableDiffusion3Pipeline) -> int:
 
 def batch_key(job: GenerationJob) -> tuple[object, ...]:
     """Jobs with the same key can share a forward pass: everything but the prompts, seeds and batch size."""
-    return (job.width, job.height, job.steps, job.sampler, job.scheduler, job.guidance_scale)
+    init = (job.init.digest, job.strength) if job.init is not None else None
+    return (job.width, job.height, job.steps, job.sampler, job.scheduler, job.guidance_scale, init, job.loras)
 
 
 class SD3Pipeline:
@@ -181,8 +185,10 @@ class SD3Pipeline:
         exact_batches: bool = True,
         prompt_cache_bytes: int = 0,
         vae_tiling: Literal["auto", "on", "off"] = "auto",
+        loras: LoraLibrary | None = None,
     ) -> None:
         self.model = model
+        self.loras = loras or LoraLibrary(None, 0)
         self.exact_batches = exact_batches
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.vae_tiling = vae_tiling
@@ -238,7 +244,7 @@ class SD3Pipeline:
         With ``live``, a job that is no longer wanted stops at the next model call (its result has no images)
         while the others go on unchanged; AllAborted when none is left."""
         if len({batch_key(j) for j in jobs}) != 1:
-            raise ValueError("jobs in one batch must share size, steps, sampler, scheduler and guidance")
+            raise ValueError("jobs in one batch must share size, steps, sampler, scheduler, guidance, image, adapters")
         model, first, timings = self.model, jobs[0], {}
         # the negative prompt is evaluated for CFG (guidance > 1) and, as ComfyUI does, by CFG++ at any guidance
         guidance = first.guidance_scale > 1 or SAMPLER_INFO[first.sampler].cfg_pp
@@ -259,8 +265,15 @@ class SD3Pipeline:
 
         # 3. σ schedule from the model's own shift, as ComfyUI's KSampler builds it for this sampler; the start is
         # x_σ0 of an empty latent (σ0 < 1 for ddim_uniform).
-        sigmas = sampler_sigmas(first.sampler, first.scheduler, model.flow, first.steps).to(model.device)
-        x = eps * sigmas[0]
+        if first.init is None:
+            sigmas = sampler_sigmas(first.sampler, first.scheduler, model.flow, first.steps).to(model.device)
+            x = eps * sigmas[0]
+        else:  # image-to-image: the image's latent, noised to the first σ of the shortened schedule
+            sigmas = img2img_sigmas(first.sampler, first.scheduler, model.flow, first.steps, first.strength)
+            sigmas = sigmas.to(model.device)
+            latent = encode_init(model.pipe.vae, first.init, gen_h, gen_w, tiling=self._tiles(max(gen_h, gen_w)))
+            latent = latent.expand_as(eps)
+            x = noised(latent, eps, sigmas[0]) if len(sigmas) else latent
 
         # 4. Sample.
         row_job = [k for k, j in enumerate(jobs) for _ in range(j.batch_size)]
@@ -273,7 +286,7 @@ class SD3Pipeline:
             model, cond=cond, uncond=uncond, guidance_scale=first.guidance_scale, exact_batches=self.exact_batches,
             live_rows=live_rows,
         )  # fmt: skip
-        n_steps = len(sigmas) - 1
+        n_steps = max(0, len(sigmas) - 1)
 
         def on_step(i: int, n: int) -> None:
             if progress is not None:
@@ -281,7 +294,8 @@ class SD3Pipeline:
 
         if progress is not None:
             progress(0, n_steps)
-        x0 = SAMPLERS[first.sampler](denoiser, x, sigmas, noise=noise, callback=on_step)
+        with applied(model.pipe.transformer, self.loras, first.loras):
+            x0 = SAMPLERS[first.sampler](denoiser, x, sigmas, noise=noise, callback=on_step) if n_steps > 0 else x
         timings["denoise"] = time.perf_counter() - t0
 
         # 5. Decode the rows still wanted, crop to the requested size, hand each job its images.
@@ -305,10 +319,13 @@ class SD3Pipeline:
             start += j.batch_size
         return results
 
+    def _tiles(self, side: int) -> bool:
+        """Whether the VAE works in tiles on an image of ``side`` pixels (its longer side)."""
+        return self.vae_tiling == "on" or (self.vae_tiling == "auto" and side > VAE_TILING_ABOVE)
+
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.model.pipe.vae
-        side = max(latents.shape[-2:]) * self.model.vae_scale_factor
-        vae.use_tiling = self.vae_tiling == "on" or (self.vae_tiling == "auto" and side > VAE_TILING_ABOVE)
+        vae.use_tiling = self._tiles(max(latents.shape[-2:]) * self.model.vae_scale_factor)
         z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(self.model.dtype)
         chunks = z.split(1) if self.exact_batches else [z]
         pixels = torch.cat([vae.decode(c, return_dict=False)[0] for c in chunks])
@@ -334,4 +351,5 @@ def build_pipeline(settings: Settings, model: LoadedModel | None = None) -> SD3P
         exact_batches=settings.exact_batches,
         prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
         vae_tiling=settings.vae_tiling,
+        loras=LoraLibrary(lora_dir(settings), int(settings.lora_cache_mb * 2**20)),
     )

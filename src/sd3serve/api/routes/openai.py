@@ -14,8 +14,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 from sd3serve.api.body import read_json
 from sd3serve.api.deps import (
@@ -26,21 +28,26 @@ from sd3serve.api.deps import (
     ServiceDep,
     SettingsDep,
 )
+from sd3serve.api.images_in import decode_image
 from sd3serve.api.openai_schemas import (
     ImageData,
     ImagesResponse,
+    InvalidParam,
     ModelList,
     ModelObject,
     OpenAIErrorResponse,
     model_object,
+    parse_edit_form,
     parse_images_request,
     request_schema,
     resolve_model,
 )
 from sd3serve.api.routes.common import CLIENT_CLOSED, cost_headers, until_disconnected
-from sd3serve.api.schemas import ErrorResponse
-from sd3serve.api.service import ClientGone
+from sd3serve.api.schemas import ErrorResponse, Txt2ImgRequest
+from sd3serve.api.service import ClientGone, GenerationService
+from sd3serve.errors import InvalidRequest
 from sd3serve.imaging import to_base64
+from sd3serve.store.credits import KeyInfo
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -89,14 +96,21 @@ async def create_images(
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:  # fmt: skip
     parsed = parse_images_request(await read_json(request, limit=settings.max_body_bytes))
-    req = parsed.txt2img
+    return await _images_response(request, service, key, parsed.txt2img, parsed.response_format, request_id,
+                                  idempotency_key, route="openai")  # fmt: skip
+
+
+async def _images_response(
+    request: Request, service: GenerationService, key: KeyInfo, req: Txt2ImgRequest, response_format: str,
+    request_id: str, idempotency_key: str | None, *, route: str,
+) -> Response:  # fmt: skip
     try:
         out = await service.generate(key, req, request_id=request_id, idempotency_key=idempotency_key,
-                                     route="openai", disconnected=lambda: until_disconnected(request))  # fmt: skip
+                                     route=route, disconnected=lambda: until_disconnected(request))  # fmt: skip
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     encoded = [to_base64(f) for f in out.files]
-    if parsed.response_format == "url":
+    if response_format == "url":
         data = [ImageData(url=f"data:{req.image_format.media_type};base64,{b}") for b in encoded]
     else:
         data = [ImageData(b64_json=b) for b in encoded]
@@ -108,6 +122,69 @@ async def create_images(
         headers["x-prompt-truncated"] = "true"
     body = ImagesResponse(created=int(time.time()), data=data)
     return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
+
+
+_EDIT_FORM = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP (also as image[])"},
+        "prompt": {"type": "string"},
+        "mask": {"type": "string", "format": "binary", "description": "not supported: a 400 (no inpainting)"},
+        "n": {"type": "integer", "minimum": 1, "maximum": 10},
+        "size": {"type": "string", "description": "auto (the image's size) or a WIDTHxHEIGHT of /generations"},
+        "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "b64_json"},
+        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+        "strength": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.7, "description": "extension"},
+    },
+}
+
+
+@router.post(
+    "/v1/images/edits",
+    summary="Edit an image (OpenAI's images API): image-to-image with strength; masks are not supported",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _EDIT_FORM}}}},
+    responses={200: {"description": "The images", "headers": _HEADERS}, **_GENERATION_ERRORS},
+)
+async def edit_images(
+    request: Request, key: BearerGenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> Response:  # fmt: skip
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise InvalidParam(None, "send the edit as multipart/form-data (image, prompt, ...)")
+    try:
+        form = await request.form(max_files=4, max_fields=200, max_part_size=1024 * 1024)
+    except HTTPException as e:
+        raise InvalidParam(None, f"malformed form: {e.detail}") from None
+    try:
+        fields: dict[str, list[str]] = {}
+        files: dict[str, list[UploadFile]] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(name, []).append(value)
+            else:
+                files.setdefault(name.removesuffix("[]"), []).append(value)
+        parsed = parse_edit_form(fields, has_mask="mask" in files or "mask" in fields)
+        images = files.get("image", [])
+        if len(images) != 1:
+            raise InvalidParam("image", f"image: send exactly one image file (got {len(images)})")
+        data = await images[0].read(settings.max_image_bytes + 1)
+        if len(data) > settings.max_image_bytes:
+            raise InvalidParam("image", f"image: the image is too large; at most {settings.max_image_bytes} bytes")
+    finally:
+        await form.close()
+    req = parsed.img2img
+    try:
+        image = await run_in_threadpool(decode_image, data, field="image", settings=settings)
+        await run_in_threadpool(req.attach, image)
+    except InvalidParam:
+        raise
+    except InvalidRequest as e:
+        raise InvalidParam("image", str(e)) from None
+    return await _images_response(request, service, key, req, parsed.response_format, request_id,
+                                  idempotency_key, route="openai-edits")  # fmt: skip
 
 
 @router.get("/v1/models", summary="The models served (OpenAI's models API)", responses=_errors(_AUTH_ERRORS))
