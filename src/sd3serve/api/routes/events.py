@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from sd3serve.api.deps import ApiKeyDep, EngineDep, SettingsDep, StreamHubDep, TaskStoreDep
 from sd3serve.api.routes.v2 import STREAM_ERRORS, TASK_ERRORS, TaskId, base64_result, base_url, result_body
@@ -51,7 +52,7 @@ def resume_after(last_event_id: str | None) -> int:
 @router.get(
     "/v2/requests/{task_id}/events",
     summary="Live progress of an asynchronous request (Server-Sent Events)",
-    response_class=HeldStreamingResponse,
+    response_class=StreamingResponse,  # for the documentation: a HeldStreamingResponse is one
     responses={200: {"content": {"text/event-stream": {}}, "description": "queued, progress, then completed, "
                      "failed or cancelled; ids grow with progress (resume with Last-Event-ID)"},
                **TASK_ERRORS, **STREAM_ERRORS},
