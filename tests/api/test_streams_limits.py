@@ -280,3 +280,28 @@ def test_the_connection_cap_answers_the_documented_json_error(tmp_path: Path) ->
         assert "SD3SERVE_MAX_CONNECTIONS" in r.json()["error"]
         with httpx.Client(base_url=server.url, timeout=5) as c:
             wait_for(lambda: c.get("/healthz").status_code == 200, 10)
+
+
+def test_a_stream_follows_a_task_run_by_another_process(tmp_path: Path) -> None:
+    """Two servers on one database: the stream is opened on the one that does not run the task."""
+    runner, other = HoldingEngine(), HoldingEngine()
+    try:
+        with (
+            serve(settings(tmp_path), runner) as first,
+            serve(settings(tmp_path), other) as second,
+            httpx.Client(base_url=first.url, timeout=30) as c1,
+            httpx.Client(base_url=second.url, timeout=30) as c2,
+        ):
+            key = first.new_key(5)
+            task_id = submit(c1, key, FLAT)
+            with c2.stream("GET", f"/v2/requests/{task_id}/events", headers={"x-api-key": key}) as r:
+                assert r.status_code == 200
+                names: list[str] = []
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        names.append(line.removeprefix("event: "))
+                        runner.release.set()  # the run ends while the other process's stream listens
+            assert names[-1] == "completed" and set(names[:-1]) <= {"queued", "progress"}
+    finally:
+        runner.release.set()
+        other.release.set()
