@@ -282,13 +282,13 @@ def test_the_connection_cap_answers_the_documented_json_error(tmp_path: Path) ->
             wait_for(lambda: c.get("/healthz").status_code == 200, 10)
 
 
-def test_a_stream_follows_a_task_run_by_another_process(tmp_path: Path) -> None:
+def test_a_stream_follows_a_task_run_by_another_process(any_database: Settings) -> None:
     """Two servers on one database: the stream is opened on the one that does not run the task."""
     runner, other = HoldingEngine(), HoldingEngine()
     try:
         with (
-            serve(settings(tmp_path), runner) as first,
-            serve(settings(tmp_path), other) as second,
+            serve(any_database, runner) as first,
+            serve(any_database, other) as second,
             httpx.Client(base_url=first.url, timeout=30) as c1,
             httpx.Client(base_url=second.url, timeout=30) as c2,
         ):

@@ -49,7 +49,9 @@ def _task_id(value: str) -> str:
 
 
 TaskId = Annotated[
-    str, Path(description="the request_id returned at submission"), AfterValidator(_task_id)
+    str,
+    Path(description="the request_id returned at submission", json_schema_extra={"pattern": f"^{TASK_ID.pattern}$"}),
+    AfterValidator(_task_id),
 ]
 ImageIndex = Annotated[int, Path(ge=0, lt=MAX_BATCH_SIZE, description="0-based index of the image in the batch")]
 
