@@ -36,6 +36,13 @@ def _event(event_id: int, name: str, data: dict[str, Any]) -> str:
     return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
 
 
+LastEventId = Annotated[
+    str,
+    Header(alias="Last-Event-ID", max_length=20, json_schema_extra={"pattern": "^[0-9]*$"},
+           description="the id of the last event received, to resume after it"),
+]  # fmt: skip
+
+
 def resume_after(last_event_id: str | None) -> int:
     """The id after which a reconnecting client resumes (-1: from the start). The ids are this stream's own:
     decimal digits."""
@@ -59,7 +66,7 @@ def resume_after(last_event_id: str | None) -> int:
 )  # fmt: skip
 async def task_events(
     task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, engine: EngineDep, settings: SettingsDep,
-    hub: StreamHubDep, last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    hub: StreamHubDep, last_event_id: LastEventId = "",
 ) -> HeldStreamingResponse:  # fmt: skip
     seen = resume_after(last_event_id)
     first = await run_in_threadpool(tasks.get, task_id=task_id, key_id=key.id)  # 404 before the stream starts
