@@ -84,5 +84,13 @@ class StorageFull(SD3ServeError):
         self.server_wide = server_wide
 
 
+class TooManyStreams(SD3ServeError):
+    """The key holds as many open streams (event streams, base64 result downloads) as it may (429, Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class GenerationFailed(SD3ServeError):
     """The engine raised while generating (500); nothing is charged."""

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(5, ge=1)  # an idle keep-alive connection closes after this
     max_connections: int = Field(1000, ge=0)  # open connections (and requests) past this get 503; 0: no cap
     forwarded_allow_ips: str = ""  # proxies trusted for X-Forwarded-For/-Proto: IPs or CIDRs, comma-separated; "": none
+    # Streams (api/streams.py): open event streams and base64 result downloads, per key (429 past it) and per process
+    # (503 past it; never more than half of max_connections, so streams leave room for every other request).
+    max_streams_per_key: int = Field(8, ge=1)
+    max_streams: int = Field(256, ge=1)
+    # A response whose client takes no data for this long (the server's send buffer stays full) is cut off.
+    write_timeout_s: float = Field(60.0, gt=0)
 
     # Image-to-image inputs (api/images_in.py): a file's bytes, its pixels and its longer side, checked from its
     # header before it is decoded; a URL is fetched within the timeout, from public addresses only (the webhook

@@ -31,13 +31,14 @@ from sd3serve.api.routes.img2img import IMAGE_INPUT_PATHS
 from sd3serve.api.schemas import openapi_request_schemas
 from sd3serve.api.service import GenerationService
 from sd3serve.api.state import AppState
+from sd3serve.api.streams import StreamHub, stream_limit
 from sd3serve.api.webhook_delivery import webhook_loop
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.idempotency import IdempotencyStore
 from sd3serve.store.ratelimit import RateLimiter
-from sd3serve.store.recovery import Recovery
+from sd3serve.store.recovery import Heartbeat, Recovery, dedicated_engine
 from sd3serve.store.tasks import TaskStore
 from sd3serve.store.webhooks import WebhookStore
 
@@ -46,17 +47,30 @@ log = logging.getLogger(__name__)
 PRESUMED_DEAD = "this server was presumed dead by another process; the request's hold was returned, retry"
 
 
+def _start_heartbeat(state: AppState, recovery: Recovery) -> Heartbeat:
+    """This process's heartbeat, on a thread and a database connection of its own (store/recovery.py); when a beat
+    learns that the process was presumed dead, what it still runs is stopped on the event loop."""
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        stopped = state.engine.abort_all(PRESUMED_DEAD)
+        log.error("presumed dead by another process: stopped %d request(s); their holds were returned", stopped)
+
+    def presumed_dead() -> None:  # called on the heartbeat's thread
+        loop.call_soon_threadsafe(stop_all)
+
+    heartbeat = Heartbeat(recovery, state.settings.heartbeat_s, on_presumed_dead=presumed_dead)
+    heartbeat.start()
+    return heartbeat
+
+
 async def _housekeeping(state: AppState) -> None:
-    """Every heartbeat: prove this process alive (or learn that it was presumed dead, and stop what it runs),
-    settle dead ones, retry deferred refunds, expire results."""
+    """Every heartbeat period: settle dead processes, stop tasks cancelled elsewhere, retry deferred refunds, expire
+    results. (The heartbeat itself runs on its own thread: ``_start_heartbeat``.)"""
     settings, recovery = state.settings, state.recovery
     dead_after = timedelta(seconds=3 * settings.heartbeat_s)
     while True:
         try:
-            if not await run_in_threadpool(recovery.heartbeat):
-                stopped = state.engine.abort_all(PRESUMED_DEAD)
-                log.error("presumed dead by another process: stopped %d request(s); their holds were returned",
-                          stopped)  # fmt: skip
             await run_in_threadpool(recovery.settle_dead, dead_after=dead_after)
             await state.service.stop_cancelled()
             await run_in_threadpool(state.store.retry_deferred)
@@ -157,7 +171,8 @@ def create_app(
         tasks = TaskStore(credit_store.engine)
         idempotency = IdempotencyStore(credit_store.engine)
         webhooks = WebhookStore(credit_store.engine)
-        recovery = Recovery(credit_store.engine)
+        beat_engine = dedicated_engine(credit_store.engine)
+        recovery = Recovery(credit_store.engine, heartbeat_engine=beat_engine)
         await run_in_threadpool(credit_store.create_schema)
         await run_in_threadpool(recovery.register)
         the_engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
@@ -166,9 +181,12 @@ def create_app(
             webhooks=webhooks, rate_limiter=RateLimiter(credit_store.engine), recovery=recovery, engine=the_engine,
             service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, idempotency=idempotency,
                                       webhooks=webhooks, recovery=recovery, settings=settings, metrics=metrics),
+            streams=StreamHub(tasks, per_key=settings.max_streams_per_key, total=stream_limit(settings)),
         )  # fmt: skip
         app.state.sd3 = state
+        heartbeat = _start_heartbeat(state, recovery)
         housekeeping = asyncio.create_task(_housekeeping(state), name="housekeeping")
+        stream_poller = asyncio.create_task(state.streams.run(), name="stream-hub")
         deliveries = asyncio.create_task(
             webhook_loop(webhooks, owner=recovery.instance_id, settings=settings), name="webhooks"
         )
@@ -186,14 +204,17 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await starting
             await state.service.drain(settings.shutdown_grace_s)
-            for loop_task in (housekeeping, deliveries):
+            for loop_task in (housekeeping, deliveries, stream_poller):
                 loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
             await the_engine.close()
+            await run_in_threadpool(heartbeat.stop)  # no beat may re-register after the unregister below
             with contextlib.suppress(Exception):
                 await run_in_threadpool(credit_store.retry_deferred)
                 await run_in_threadpool(recovery.unregister)
+            if beat_engine is not credit_store.engine:
+                beat_engine.dispose()
             if store is None:
                 credit_store.close()
 

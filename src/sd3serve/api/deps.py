@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.service import GenerationService
 from sd3serve.api.state import AppState, app_state
+from sd3serve.api.streams import StreamHub
 from sd3serve.engine.protocol import Engine
 from sd3serve.errors import Forbidden, InvalidApiKey, NotFound, RateLimited
 from sd3serve.settings import Settings
@@ -40,6 +41,7 @@ EngineDep = Annotated[Engine, _part("engine")]
 TaskStoreDep = Annotated[TaskStore, _part("tasks")]
 MetricsDep = Annotated[Metrics, _part("metrics")]
 ServiceDep = Annotated[GenerationService, _part("service")]
+StreamHubDep = Annotated[StreamHub, _part("streams")]
 
 
 def get_api_key(

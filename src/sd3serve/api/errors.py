@@ -34,6 +34,7 @@ from sd3serve.errors import (
     ReservationLost,
     SD3ServeError,
     StorageFull,
+    TooManyStreams,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ STATUS: dict[type[SD3ServeError], int] = {
     IdempotencyConflict: 422,
     PayloadTooLarge: 413,
     RateLimited: 429,
+    TooManyStreams: 429,
     GenerationFailed: 500,
     Overloaded: 503,
     DatabaseUnavailable: 503,
@@ -114,7 +116,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, StorageFull):
         status, headers = (503, {"Retry-After": "60"}) if exc.server_wide else (429, {"Retry-After": "60"})
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, Overloaded | TooManyStreams):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, IdempotencyInProgress):
         headers = {"Retry-After": "1"}

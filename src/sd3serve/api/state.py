@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from sd3serve.api.metrics import Metrics
 from sd3serve.api.service import GenerationService
+from sd3serve.api.streams import StreamHub
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
@@ -30,6 +31,7 @@ class AppState:
     recovery: Recovery
     engine: Engine
     service: GenerationService
+    streams: StreamHub
 
 
 def app_state(app: FastAPI) -> AppState:

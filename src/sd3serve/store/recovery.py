@@ -13,13 +13,15 @@ delivered unpaid; its next heartbeat tells it, and it aborts what it still runs.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, create_engine, delete, select, update
 from sqlalchemy.orm import sessionmaker
 
-from sd3serve.store.credits import CreditHold, lock_keys, release_hold
+from sd3serve.store.credits import CreditHold, lock_keys, make_engine, release_hold
 from sd3serve.store.models import Hold, Instance, RateWindow, Task
 from sd3serve.store.tasks import FAILED, RUNNING
 
@@ -29,19 +31,23 @@ DIED_MESSAGE = "the server process running this task stopped; nothing was charge
 
 
 class Recovery:
-    def __init__(self, engine: Engine, instance_id: str | None = None) -> None:
+    def __init__(
+        self, engine: Engine, instance_id: str | None = None, *, heartbeat_engine: Engine | None = None
+    ) -> None:
         self._session = sessionmaker(engine, expire_on_commit=False)
+        self._beat_session = sessionmaker(heartbeat_engine or engine, expire_on_commit=False)
         self.instance_id = instance_id or uuid.uuid4().hex
 
     def register(self) -> None:
-        with self._session.begin() as s:
+        with self._beat_session.begin() as s:
             s.merge(Instance(id=self.instance_id, heartbeat_at=datetime.now(UTC)))
 
     def heartbeat(self) -> bool:
         """Prove this process alive. False if another process declared it dead meanwhile (its tasks failed and
         its holds returned): the caller must abort what it still runs, whose holds are gone; this process then
-        goes on under a new id, so work it admits from now on is its own again."""
-        with self._session.begin() as s:
+        goes on under a new id, so work it admits from now on is its own again. Uses the heartbeat's own
+        connection when one was given."""
+        with self._beat_session.begin() as s:
             res = s.execute(
                 update(Instance).where(Instance.id == self.instance_id).values(heartbeat_at=datetime.now(UTC))
             )
@@ -110,3 +116,51 @@ class Recovery:
     def prune_rate_windows(self, *, before_window: int) -> None:
         with self._session.begin() as s:
             s.execute(delete(RateWindow).where(RateWindow.window < before_window))
+
+
+def dedicated_engine(engine: Engine) -> Engine:
+    """An engine of its own on the same database, for the heartbeat: its connection is never one that requests are
+    queued for. An in-memory SQLite database cannot be shared by two engines: it keeps ``engine``."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            return engine
+        return make_engine(url.render_as_string(hide_password=False))  # WAL and the busy timeout, as the store's
+    return create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+
+
+class Heartbeat:
+    """Proves this process alive every ``interval_s`` from a thread of its own, with its own database connection, so
+    that a busy or blocked event loop (a flood of streams or downloads) never makes peers presume it dead.
+    ``on_presumed_dead`` is called (on this thread) when a beat learns that a peer settled this process's work."""
+
+    def __init__(self, recovery: Recovery, interval_s: float, on_presumed_dead: Callable[[], None]) -> None:
+        self.recovery = recovery
+        self.interval_s = interval_s
+        self.on_presumed_dead = on_presumed_dead
+        self.beats = 0  # successful beats (tests and metrics)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and wait for a beat in progress (call before ``Recovery.unregister``)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                alive = self.recovery.heartbeat()
+            except Exception as e:  # the database may be away; try again next beat
+                log.warning("heartbeat failed: %s", e)
+                continue
+            self.beats += 1
+            if not alive:
+                try:
+                    self.on_presumed_dead()
+                except Exception:
+                    log.exception("stopping the work of a process presumed dead failed")

@@ -26,7 +26,9 @@ from sd3serve.store.models import (
     TaskWebhook,
 )
 
-__all__ = ["CANCELLED", "COMPLETED", "FAILED", "PROCESSING", "QUEUED", "RUNNING", "TaskStore", "TaskView"]
+__all__ = [
+    "CANCELLED", "COMPLETED", "FAILED", "PROCESSING", "QUEUED", "RUNNING", "TaskProgress", "TaskStore", "TaskView",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,15 @@ class TaskView:
             progress_step=t.progress_step, progress_total=t.progress_total, error=t.error,
             inference_time=t.inference_time, image_count=image_count,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """Where a task is: its status and (step, steps)."""
+
+    status: str
+    step: int
+    steps: int
 
 
 CANCELLED_MESSAGE = "cancelled; nothing was charged"
@@ -183,3 +194,12 @@ class TaskStore:
                 s.execute(delete(TaskWebhook).where(TaskWebhook.task_id.in_(ids)))
                 s.execute(delete(Task).where(Task.id.in_(ids)))
             return len(ids)
+
+    def progress_of(self, task_ids: list[str]) -> dict[str, TaskProgress]:
+        """The status and progress of these tasks, in one query (the event streams' poll); missing ones are left out."""
+        if not task_ids:
+            return {}
+        columns = (Task.id, Task.status, Task.progress_step, Task.progress_total)
+        with self._session() as s:
+            rows = s.execute(select(*columns).where(Task.id.in_(task_ids))).all()
+        return {r.id: TaskProgress(status=r.status, step=r.progress_step, steps=r.progress_total) for r in rows}

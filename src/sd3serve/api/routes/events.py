@@ -4,13 +4,12 @@ Events: ``queued`` (``{"position"}`` when this process runs the task, else ``{}`
 "steps", "eta_s"}``), then one of ``completed`` (the body of ``GET /v2/requests/{id}``), ``failed`` or
 ``cancelled`` (``{"error"}``), after which the stream ends. Event ids grow with the task's progress (queued 0, step
 k → k + 1, the end 1000), so a client that reconnects with ``Last-Event-ID`` gets only what it has not seen. The
-stream follows the task's row in the database (progress reaches it a few times a second), so it works whichever
-process runs the task.
+stream follows the task's row in the database through the process's stream hub (``api/streams.py``: one poll for
+all streams), so it works whichever process runs the task. Each stream holds one of its key's stream slots.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,13 +19,14 @@ from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from sd3serve.api.deps import ApiKeyDep, EngineDep, SettingsDep, TaskStoreDep
-from sd3serve.api.routes.v2 import TASK_ERRORS, TaskId, base_url, result_body
-from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, TaskView
+from sd3serve.api.deps import ApiKeyDep, EngineDep, SettingsDep, StreamHubDep, TaskStoreDep
+from sd3serve.api.routes.v2 import STREAM_ERRORS, TASK_ERRORS, TaskId, base64_result, base_url, result_body
+from sd3serve.api.streams import HeldStreamingResponse
+from sd3serve.errors import InvalidRequest
+from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, TaskProgress
 
 router = APIRouter(tags=["async (v2)"])
 
-POLL_S = 0.2  # how often the stream looks at the task's row
 KEEPALIVE_S = 15.0  # a comment line this often, so that proxies keep an idle stream open
 END_ID = 1000
 _FINAL = {COMPLETED: "completed", FAILED: "failed", CANCELLED: "cancelled"}
@@ -36,52 +36,84 @@ def _event(event_id: int, name: str, data: dict[str, Any]) -> str:
     return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
 
 
+LastEventId = Annotated[
+    str,
+    Header(alias="Last-Event-ID", max_length=20, json_schema_extra={"pattern": "^[0-9]*$"},
+           description="the id of the last event received, to resume after it"),
+]  # fmt: skip
+
+
+def resume_after(last_event_id: str | None) -> int:
+    """The id after which a reconnecting client resumes (-1: from the start). The ids are this stream's own:
+    decimal digits."""
+    if not last_event_id:
+        return -1
+    if not (last_event_id.isascii() and last_event_id.isdigit()):
+        raise InvalidRequest(
+            f"header.Last-Event-ID: {last_event_id!a} is not an id of this stream (digits 0-9, 0 to {END_ID}); "
+            "send the id of the last event received, or no Last-Event-ID to start from the beginning"
+        )
+    return int(last_event_id)
+
+
 @router.get(
     "/v2/requests/{task_id}/events",
     summary="Live progress of an asynchronous request (Server-Sent Events)",
-    response_class=StreamingResponse,
+    response_class=StreamingResponse,  # for the documentation: a HeldStreamingResponse is one
     responses={200: {"content": {"text/event-stream": {}}, "description": "queued, progress, then completed, "
-                     "failed or cancelled; ids grow with progress (resume with Last-Event-ID)"}, **TASK_ERRORS},
+                     "failed or cancelled; ids grow with progress (resume with Last-Event-ID)"},
+               **TASK_ERRORS, **STREAM_ERRORS},
 )  # fmt: skip
 async def task_events(
     task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, engine: EngineDep, settings: SettingsDep,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
-) -> StreamingResponse:  # fmt: skip
+    hub: StreamHubDep, last_event_id: LastEventId = "",
+) -> HeldStreamingResponse:  # fmt: skip
+    seen = resume_after(last_event_id)
     first = await run_in_threadpool(tasks.get, task_id=task_id, key_id=key.id)  # 404 before the stream starts
     base = base_url(request, settings)
+    slot = hub.open(key.id)  # 429 / 503 before the stream starts
 
-    async def stream() -> AsyncIterator[str]:
-        # Ids this server sent are integers; anything else is not one of ours: start from the beginning.
-        seen = int(last_event_id) if last_event_id and last_event_id.isdigit() else -1
-        task: TaskView = first
-        started: tuple[float, int] | None = None  # (time, step) of the first progress seen, for the ETA
-        quiet_since = time.monotonic()
-        while True:
-            if task.status in _FINAL:
-                if seen < END_ID:
-                    body = (result_body(task, tasks, base).model_dump(exclude_none=True) if task.status == COMPLETED
-                            else {"error": task.error})  # fmt: skip
-                    yield _event(END_ID, _FINAL[task.status], body)
-                return
-            if task.status == QUEUED and seen < 0:
-                position = engine.position(task.id)
-                yield _event(0, "queued", {} if position is None else {"position": position})
-                seen, quiet_since = 0, time.monotonic()
-            elif task.progress_total and task.progress_step + 1 > seen:
-                now = time.monotonic()
-                if started is None:
-                    started = (now, task.progress_step)
-                rate = (task.progress_step - started[1]) / (now - started[0]) if now > started[0] else 0.0
-                eta = round((task.progress_total - task.progress_step) / rate, 1) if rate > 0 else None
-                data = {"step": task.progress_step, "steps": task.progress_total, "eta_s": eta}
-                yield _event(task.progress_step + 1, "progress", data)
-                seen, quiet_since = task.progress_step + 1, now
-            elif time.monotonic() - quiet_since > KEEPALIVE_S:
-                yield ": keep-alive\n\n"
-                quiet_since = time.monotonic()
-            await asyncio.sleep(POLL_S)
-            task = await run_in_threadpool(tasks.get, task_id=task.id, key_id=key.id)
+    async def final_event(status: str) -> AsyncIterator[str | bytes]:
+        task = await run_in_threadpool(tasks.get, task_id=task_id, key_id=key.id)
+        head = f"id: {END_ID}\nevent: {_FINAL[status]}\ndata: "
+        if status == COMPLETED and task.base64:  # the images, read and written piece by piece
+            yield head
+            async for piece in base64_result(task, tasks, key.id, hub.reads):
+                yield piece
+            yield "\n\n"
+        elif status == COMPLETED:
+            yield _event(END_ID, "completed", result_body(task, tasks, base).model_dump(exclude_none=True))
+        else:
+            yield _event(END_ID, _FINAL[status], {"error": task.error})
+
+    async def stream() -> AsyncIterator[str | bytes]:
+        nonlocal seen
+        watch = hub.watch(task_id, TaskProgress(status=first.status, step=first.progress_step,
+                                                steps=first.progress_total))  # fmt: skip
+        try:
+            started: tuple[float, int] | None = None  # (time, step) of the first progress seen, for the ETA
+            while (task := watch.latest) is not None:  # None: the task's row expired meanwhile
+                if task.status in _FINAL:
+                    if seen < END_ID:
+                        async for part in final_event(task.status):
+                            yield part
+                    return
+                if task.status == QUEUED and seen < 0:
+                    position = engine.position(task_id)
+                    yield _event(0, "queued", {} if position is None else {"position": position})
+                    seen = 0
+                elif task.steps and task.step + 1 > seen:
+                    now = time.monotonic()
+                    if started is None:
+                        started = (now, task.step)
+                    rate = (task.step - started[1]) / (now - started[0]) if now > started[0] else 0.0
+                    eta = round((task.steps - task.step) / rate, 1) if rate > 0 else None
+                    yield _event(task.step + 1, "progress", {"step": task.step, "steps": task.steps, "eta_s": eta})
+                    seen = task.step + 1
+                if not await watch.changed(KEEPALIVE_S):
+                    yield ": keep-alive\n\n"
+        finally:
+            watch.close()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no buffering in nginx
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
-
+    return HeldStreamingResponse(stream(), slot, media_type="text/event-stream", headers=headers)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, Field
 
 from sd3serve.api.body import read_json
 from sd3serve.api.deps import (
@@ -27,16 +28,31 @@ from sd3serve.api.deps import (
     RequestIdDep,
     ServiceDep,
     SettingsDep,
+    StreamHubDep,
     TaskStoreDep,
 )
 from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
 from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img, parse_webhook
+from sd3serve.api.streams import HeldStreamingResponse
 from sd3serve.settings import Settings
 from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, TaskStore, TaskView
 
 router = APIRouter(tags=["async (v2)"])
 
-TaskId = Annotated[str, Path(max_length=64, description="the request_id returned at submission")]
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what submission returns (32 hex digits); never a control character
+
+
+def _task_id(value: str) -> str:
+    if not TASK_ID.fullmatch(value):
+        raise ValueError("not a request_id: 1-64 letters, digits, '-' or '_' (as returned at submission)")
+    return value
+
+
+TaskId = Annotated[
+    str,
+    Path(description="the request_id returned at submission", json_schema_extra={"pattern": f"^{TASK_ID.pattern}$"}),
+    AfterValidator(_task_id),
+]
 ImageIndex = Annotated[int, Path(ge=0, lt=MAX_BATCH_SIZE, description="0-based index of the image in the batch")]
 
 
@@ -103,6 +119,12 @@ TASK_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"},
     404: {"model": ErrorResponse, "description": "No such task for this key"},
 }
+STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorResponse, "description": "This key holds as many open streams (event streams, base64 result "
+          "downloads) as it may (SD3SERVE_MAX_STREAMS_PER_KEY); retry after Retry-After seconds"},
+    503: {"model": ErrorResponse, "description": "The server holds as many open streams as it allows "
+          "(SD3SERVE_MAX_STREAMS); retry after Retry-After seconds"},
+}
 
 
 class CancelResponse(BaseModel):
@@ -132,10 +154,11 @@ def _task_answer(body: BaseModel, task: TaskView) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=422 if task.status == FAILED else 200)
 
 
-def _task_route(path: str, summary: str, model: type[BaseModel]) -> Any:
+def _task_route(path: str, summary: str, model: type[BaseModel], streams: bool = False) -> Any:
     return router.get(
         path, summary=summary, response_model=model, response_model_exclude_none=True,
-        responses={422: {"model": model, "description": "The task FAILED"}, **TASK_ERRORS},
+        responses={422: {"model": model, "description": "The task FAILED"}, **TASK_ERRORS,
+                   **(STREAM_ERRORS if streams else {})},
     )  # fmt: skip
 
 
@@ -145,34 +168,41 @@ def task_status(task_id: TaskId, key: ApiKeyDep, tasks: TaskStoreDep) -> JSONRes
     return _task_answer(_status_body(task), task)
 
 
-@_task_route("/v2/requests/{task_id}", "Result of an asynchronous request", ResultResponse)
+@_task_route("/v2/requests/{task_id}", "Result of an asynchronous request", ResultResponse, streams=True)
 def task_result(
-    task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, settings: SettingsDep
+    task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, settings: SettingsDep, hub: StreamHubDep
 ) -> Response:
     task = tasks.get(task_id=task_id, key_id=key.id)
     if task.status == COMPLETED and task.base64:
-        return StreamingResponse(_stream_base64_result(task, tasks, key.id), media_type="application/json")
+        slot = hub.open(key.id)  # a download of this size is a stream: counted against the key's streams
+        return HeldStreamingResponse(base64_result(task, tasks, key.id, hub.reads), slot, media_type="application/json")
     body = result_body(task, tasks, base_url(request, settings))
     return _task_answer(body, task)
 
 
-# Base64 results can be large (10 × 2048² PNGs ≈ 120 MB stored): they are streamed one image at a time, and only
-# this many are streamed at once per process (the others wait), so concurrent fetches cannot multiply memory.
-LARGE_READS = 4
-_large_reads = asyncio.Semaphore(LARGE_READS)
+# Base64 results can be large (10 × 2048² PNGs ≈ 120 MB stored): they are read one image at a time (``reads`` bounds
+# how many images are being read at once in the process) and written in pieces of BASE64_PIECE bytes. No shared slot
+# is held while a piece waits for a slow reader, so one key's stalled downloads cannot delay another key's.
+BASE64_PIECE = 3 * 2**18  # raw bytes per piece: 1 MiB of base64, whole base64 quanta (pieces concatenate)
 
 
-async def _stream_base64_result(task: TaskView, tasks: TaskStore, key_id: int) -> AsyncIterator[bytes]:
+async def base64_result(
+    task: TaskView, tasks: TaskStore, key_id: int, reads: asyncio.Semaphore
+) -> AsyncIterator[bytes]:
     """The same JSON as ``result_body``, written as it is read: one image in memory at a time."""
     head = {"request_id": task.id, "status": task.status}
     tail = {"metrics": {"inference_time": round(task.inference_time or 0.0, 4)}, "seed": task.seed}
-    async with _large_reads:
-        yield json.dumps(head)[:-1].encode() + b', "output": ['
-        for i in range(task.image_count):
+    yield json.dumps(head)[:-1].encode() + b', "output": ['
+    for i in range(task.image_count):
+        async with reads:
             data, _ = await run_in_threadpool(tasks.image, task_id=task.id, key_id=key_id, index=i)
-            yield (b", " if i else b"") + b'"' + base64.b64encode(data) + b'"'
-            del data
-        yield b"], " + json.dumps(tail)[1:].encode()
+        view = memoryview(data)
+        yield (b", " if i else b"") + b'"'
+        for start in range(0, len(view), BASE64_PIECE):
+            yield base64.b64encode(view[start : start + BASE64_PIECE])
+        yield b'"'
+        del view, data
+    yield b"], " + json.dumps(tail)[1:].encode()
 
 
 @router.get(
