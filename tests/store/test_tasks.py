@@ -179,8 +179,8 @@ def test_settling_a_dead_process_touches_only_its_unfinished_work(stores: tuple[
     b.register()
     key_id, finished = _task(credits, "b-done", owner=b.instance_id)
     finished.capture(deliver=_complete("b-done", [b"img"]))  # type: ignore[arg-type]
-    _, running = _task(credits, "b-running", owner=b.instance_id, key_id=key_id)
-    _, alive = _task(credits, "a-running", owner=a.instance_id, key_id=key_id, amount=1)
+    _task(credits, "b-running", owner=b.instance_id, key_id=key_id)
+    _task(credits, "a-running", owner=a.instance_id, key_id=key_id, amount=1)
     _age(credits, b.instance_id, 60)
     assert a.settle_dead(dead_after=timedelta(seconds=30)) == 1
     assert tasks.get(task_id="b-done", key_id=key_id).status == "COMPLETED"  # finished work stays finished
