@@ -14,14 +14,13 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 MISSED = {"survived", "no tests", "suspicious"}
 
 
 def verdicts() -> dict[str, str]:
     mutmut = Path(sys.executable).with_name("mutmut")
-    out = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=Path.cwd(), capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     found = {}
     for line in out.splitlines():

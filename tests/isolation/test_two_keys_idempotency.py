@@ -74,3 +74,20 @@ def test_a_running_claim_of_one_key_does_not_get_another_keys_answer(tiny_model:
             assert replay_b.status_code == 200 and replay_b.content == first_b.content
             assert c.post(V2, json={**SMALL, "steps": 2}, headers=h(a, **idem)).json()["request_id"] == task_a
             assert credits(c, a) == 2 and credits(c, b) == 2
+
+
+def test_giving_a_claim_back_leaves_other_claims_alone(tmp_path: Path) -> None:
+    store = CreditStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_schema()
+    try:
+        idem = IdempotencyStore(store.engine)
+        (a, _), (b, _) = store.create_key(credits=1), store.create_key(credits=1)
+        for key_id, name in ((a.id, "same"), (b.id, "same"), (a.id, "other")):
+            assert idem.begin(key_id=key_id, idem_key=name, fingerprint="f") is None
+        idem.abandon(Claim(a.id, "same"))  # A's request failed
+        assert idem.begin(key_id=a.id, idem_key="same", fingerprint="f") is None  # A may retry at once
+        for key_id, name in ((b.id, "same"), (a.id, "other")):  # B's claim and A's other claim still run
+            with pytest.raises(IdempotencyInProgress):
+                idem.begin(key_id=key_id, idem_key=name, fingerprint="f")
+    finally:
+        store.close()

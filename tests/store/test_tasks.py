@@ -168,3 +168,26 @@ def test_cancel_refunds_at_once_and_a_late_completion_delivers_nothing(stores: t
     view, cancelled = tasks.cancel(task_id="c1", key_id=key_id, ttl=TTL)
     assert (view.status, view.image_count, cancelled) == ("CANCELLED", 0, False)
     assert (credits.get_key(key_id=key_id).credits, credits.get_key(key_id=key_id).spent) == (5, 0)
+
+
+def test_settling_a_dead_process_touches_only_its_unfinished_work(stores: tuple[CreditStore, TaskStore]) -> None:
+    """B dies with a finished task and a running one; A lives. Only B's running task fails and is refunded, and
+    A's work is untouched although A's heartbeat is fresh (the re-check inside the transaction is B's)."""
+    credits, tasks = stores
+    a, b = Recovery(credits.engine), Recovery(credits.engine)
+    a.register()
+    b.register()
+    key_id, finished = _task(credits, "b-done", owner=b.instance_id)
+    finished.capture(deliver=_complete("b-done", [b"img"]))  # type: ignore[arg-type]
+    _task(credits, "b-running", owner=b.instance_id, key_id=key_id)
+    _task(credits, "a-running", owner=a.instance_id, key_id=key_id, amount=1)
+    _age(credits, b.instance_id, 60)
+    assert a.settle_dead(dead_after=timedelta(seconds=30)) == 1
+    assert tasks.get(task_id="b-done", key_id=key_id).status == "COMPLETED"  # finished work stays finished
+    assert tasks.get(task_id="b-done", key_id=key_id).image_count == 1
+    failed = tasks.get(task_id="b-running", key_id=key_id)
+    assert (failed.status, failed.error) == ("FAILED", DIED_MESSAGE)
+    assert tasks.get(task_id="a-running", key_id=key_id).status == "QUEUED"
+    key = credits.get_key(key_id=key_id)
+    assert (key.credits, key.spent) == (5 - 2 - 1, 2)  # B's running hold returned; A's still held
+    assert b.heartbeat() is False and a.heartbeat() is True
