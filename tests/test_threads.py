@@ -62,10 +62,10 @@ def test_wait_policy_is_passive_only_when_unset(given: str | None, expected: str
 @pytest.mark.parametrize(
     ("options", "device", "width", "expected"),
     [
-        ({"threads": 2}, "cpu", 192, (1, 0, 2)),  # small transformer: one thread each, a worker per core
-        ({"threads": 16}, "cpu", 192, (1, 0, 4)),  # at most 4 auto workers
-        ({"threads": 8}, "cpu", 1536, (8, 0, 1)),  # SD3.5-sized: one worker on every core
-        ({"threads": 8, "model_workers": 2}, "cpu", 1536, (4, 0, 2)),
+        ({"threads": 2}, "cpu", 192, (1, 2, 1)),  # small transformer: denoise on one thread, decode on all
+        ({"threads": 16, "model_workers": 4}, "cpu", 192, (1, 16, 4)),
+        ({"threads": 8}, "cpu", 1536, (8, 8, 1)),  # SD3.5-sized: one worker on every core
+        ({"threads": 8, "model_workers": 2}, "cpu", 1536, (4, 8, 2)),
         ({"threads": 2, "denoise_threads": 2, "decode_threads": 1, "model_workers": 1}, "cpu", 192, (2, 1, 1)),
         ({"threads": 8}, "cuda", 1536, (None, None, 1)),  # CUDA: torch's setting left as it is
         ({"threads": 8, "model_workers": 2}, "cuda", 1536, (None, None, 2)),
@@ -75,7 +75,7 @@ def test_phase_thread_plan(options: dict[str, int], device: str, width: int, exp
     from sd3serve.threads import phase_threads
 
     plan = phase_threads(Settings(**options), device_type=device, transformer_width=width)  # type: ignore[arg-type]
-    assert (plan.denoise, plan.decode or (None if device == "cuda" else 0), plan.workers) == expected
+    assert (plan.denoise, plan.decode, plan.workers) == expected
 
 
 def test_torch_threads_is_restored() -> None:

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     denoise_threads: int = Field(0, ge=0)
     decode_threads: int = Field(0, ge=0)
     # Model workers per process: requests run on this many threads at once, sharing the weights (each needs its
-    # own activations). 0: auto (CPU with one denoise thread: one per core up to 4; otherwise 1).
+    # own activations). 0: one.
     model_workers: int = Field(0, ge=0)
     # The VAE decoder's nearest-2x-then-3x3 upsamplers as one 2x2 convolution per output phase (engine/subpixel.py).
     vae_subpixel: Literal["auto", "on", "off"] = "auto"  # auto: on the CPU

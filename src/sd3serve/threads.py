@@ -8,7 +8,8 @@ the environment before the first ``import torch`` of the process: call `configur
 PASSIVE has a price when the CPU is quiet: every parallel region wakes sleeping threads, which costs more than a
 small op saves by sharing it. A small transformer's many small ops run faster on one thread, while the VAE's large
 convolutions scale with threads. So the pipeline sets torch's threads per phase (`phase_threads`, applied with
-`torch_threads` around each phase on the model's thread and restored after it). torch's thread count is a setting
+`torch_threads` around each phase on the model's thread and restored after it), and model workers take turns to
+decode on every core while the others denoise on one thread each. torch's thread count is a setting
 of the calling thread (OpenMP's), so each model worker thread sets its own.
 """
 
@@ -18,7 +19,6 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +28,6 @@ from sd3serve.settings import Settings
 log = logging.getLogger(__name__)
 
 WAIT_POLICY = "PASSIVE"
-MAX_AUTO_WORKERS = 4
 # A transformer narrower than this (hidden size) gets one thread for denoising by default: its matrices are too
 # small for OpenMP threads to pay for waking (the demo's is 192 wide; SD3.5's 1536 and 2432).
 SMALL_TRANSFORMER_WIDTH = 512
@@ -81,50 +80,35 @@ def describe(report: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class PhaseThreads:
-    """torch threads per worker for each phase (None: leave torch's setting as it is; for the decode, 0: the cores
-    shared among the workers busy at that moment) and the number of model workers."""
+    """torch threads per worker for each phase (None: leave torch's setting as it is), the number of model workers,
+    and the cores they share."""
 
     denoise: int | None
     decode: int | None
     workers: int
     cores: int
 
+    @property
+    def decode_slots(self) -> int:
+        """Workers that may decode at once: as many as the cores hold at ``decode`` threads each."""
+        return max(1, self.cores // self.decode) if self.decode else self.workers
+
 
 def phase_threads(settings: Settings, *, device_type: str, transformer_width: int) -> PhaseThreads:
     """The thread plan. CUDA: torch's setting as it is and the workers asked for (default 1). CPU, of the cores
-    (or ``threads``): denoising on one thread for a small transformer, else on a worker's share; auto workers are as
-    many as one-thread denoising fills (up to 4), else 1; the decode shares the cores among the busy workers (a lone
-    request decodes on all of them). Pixels do not depend on the decode's thread count (tested)."""
+    (or ``threads``): denoising on one thread for a small transformer, else on a worker's share; one worker unless
+    ``model_workers`` says more; the decode on every core, one worker at a time.
+
+    The decode's thread count is fixed, never chosen by the load: a channels-last convolution's float sums depend
+    on its thread count, and a request's pixels must not depend on which requests ran beside it."""
     budget = settings.threads or available_cores()
     if device_type != "cpu":
         return PhaseThreads(settings.denoise_threads or None, settings.decode_threads or None,
                             settings.model_workers or 1, budget)  # fmt: skip
     small = transformer_width < SMALL_TRANSFORMER_WIDTH
-    workers = settings.model_workers or (min(budget, MAX_AUTO_WORKERS) if small else 1)
+    workers = settings.model_workers or 1
     denoise = settings.denoise_threads or (1 if small else max(1, budget // workers))
-    return PhaseThreads(denoise, settings.decode_threads, workers, budget)
-
-
-class CoreShare:
-    """How many model workers are busy, and so each one's share of the cores."""
-
-    def __init__(self, cores: int) -> None:
-        self.cores = cores
-        self._busy = 0
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        with self._lock:
-            self._busy += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._busy -= 1
-
-    def share(self) -> int:
-        return max(1, self.cores // max(1, self._busy))
+    return PhaseThreads(denoise, settings.decode_threads or budget, workers, budget)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import SD3Pipeline, build_pipeline
 from sd3serve.imaging import ImageFormat, encode_image
 from sd3serve.settings import Settings
-from sd3serve.threads import CoreShare, PhaseThreads
+from sd3serve.threads import PhaseThreads
 
 JOB = GenerationJob(
     prompt="a red circle", negative_prompt="", steps=2, guidance_scale=1.0, seed=5,
@@ -65,7 +65,7 @@ def test_worker_pipelines_share_weights_and_cache_but_not_the_tiling_switch(tiny
     first = build_pipeline(Settings(device="cpu", malloc_tuning="off"), tiny_model)
     second = first.worker()
     assert second.model is first.model and second.prompt_cache is first.prompt_cache
-    assert second.core_share is first.core_share
+    assert second.decode_slots is first.decode_slots
     assert second.vae.decoder is first.vae.decoder
     second.vae.use_tiling = not first.vae.use_tiling
     assert second.vae.use_tiling != first.vae.use_tiling
@@ -100,15 +100,17 @@ def test_phase_threads_apply_per_phase_and_are_restored(tiny_model: LoadedModel)
         torch.set_num_threads(before)
 
 
-def test_decode_shares_the_cores_among_busy_workers(tiny_model: LoadedModel) -> None:
-    pipe = SD3Pipeline(tiny_model, threads=PhaseThreads(denoise=1, decode=None, workers=2, cores=4))
-    share = pipe.core_share
-    assert share is not None
-    with share.busy():
-        assert pipe.decode_threads() == 4  # a lone request decodes on every core
-        with share.busy():
-            assert pipe.decode_threads() == 2
-    fixed = SD3Pipeline(tiny_model, threads=PhaseThreads(denoise=1, decode=3, workers=2, cores=4))
-    assert fixed.decode_threads() == 3
+def test_workers_take_turns_to_decode_on_every_core(tiny_model: LoadedModel) -> None:
+    """The decode's thread count never depends on the load (channels-last sums depend on it): a fixed count, and
+    as many decodes at once as the cores hold."""
+    first = build_pipeline(Settings(device="cpu", threads=2, model_workers=2, malloc_tuning="off"), tiny_model)
+    second = first.worker()
+    assert first.decode_threads() == second.decode_threads() == 2
+    assert first.decode_slots is second.decode_slots and first.decode_slots is not None
+    assert first.decode_slots.acquire(blocking=False)
+    try:
+        assert not second.decode_slots.acquire(blocking=False)  # one decode at a time on 2 cores
+    finally:
+        first.decode_slots.release()
+    assert PhaseThreads(denoise=1, decode=2, workers=4, cores=8).decode_slots == 4
     assert SD3Pipeline(tiny_model).decode_threads() is None  # no plan: torch's setting as it is
-    assert CoreShare(3).share() == 3

@@ -9,7 +9,7 @@ request's images are what it gets alone (its own seeds; bit-identical with ``exa
 caller is gone (cancelled, disconnected) stops at the next step; a request still queued at its deadline fails
 then, even while a long batch runs.
 
-With ``model_workers`` N > 1 (the CPU default for a small model, threads.py) N workers take batches from the one
+With ``model_workers`` N > 1 N workers take batches from the one
 queue, each running its own pipeline on its own thread; they share the model's weights and the prompt cache. A
 request's images do not depend on which worker made them.
 """
@@ -131,9 +131,10 @@ class BatchingEngine:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load_and_warm)
-        pipelines = [self.pipeline]
+        pipelines: list[SD3Pipeline | None] = [None]  # the first worker runs self.pipeline
         for i in range(1, self.workers):
-            pipelines.append(self.pipeline.worker())
+            assert self._pipeline is not None
+            pipelines.append(self._pipeline.worker())
             self._executors.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sd3-engine-{i}"))
             await loop.run_in_executor(self._executors[-1], pipelines[-1], WARM_UP)  # this thread's pools
         self._workers = [
@@ -259,7 +260,7 @@ class BatchingEngine:
                 room -= batch[-1][1].batch_size
         return batch
 
-    async def _run_worker(self, pipeline: SD3Pipeline, executor: ThreadPoolExecutor) -> None:
+    async def _run_worker(self, pipeline: SD3Pipeline | None, executor: ThreadPoolExecutor) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -280,7 +281,7 @@ class BatchingEngine:
                         self._settle(p, error=e)
 
     async def _run_batch(
-        self, batch: list[tuple[_Pending, GenerationJob]], pipeline: SD3Pipeline, executor: ThreadPoolExecutor
+        self, batch: list[tuple[_Pending, GenerationJob]], pipeline: SD3Pipeline | None, executor: ThreadPoolExecutor
     ) -> None:
         mine = [p for p, _ in batch]
         self._running.extend(mine)
@@ -305,7 +306,7 @@ class BatchingEngine:
         start = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                executor, lambda: pipeline.generate_many(jobs, progress=progress, live=live)
+                executor, lambda: (pipeline or self.pipeline).generate_many(jobs, progress=progress, live=live)
             )
             if len(results) != len(batch):
                 raise RuntimeError(f"the pipeline returned {len(results)} results for {len(batch)} requests")

@@ -33,7 +33,7 @@ from sd3serve.engine.protocol import ProgressCallback
 from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import sampler_sigmas
 from sd3serve.settings import Settings
-from sd3serve.threads import CoreShare, PhaseThreads, phase_threads, torch_threads
+from sd3serve.threads import PhaseThreads, phase_threads, torch_threads
 
 # Which jobs of a batch are still wanted, asked before every model call (True: keep computing it). A job whose
 # requesters are all gone stops at the next step: its rows are no longer computed, and when no job is left the
@@ -197,7 +197,8 @@ class SD3Pipeline:
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.vae_tiling = vae_tiling
         self.threads = threads  # None: torch's thread setting as it is
-        self.core_share = CoreShare(threads.cores) if threads is not None else None
+        # decodes that may run at once across the workers of this model (each on all its decode threads)
+        self.decode_slots = threading.BoundedSemaphore(threads.decode_slots) if threads is not None else None
         # Tokenizers and text encoders are shared by the workers of one model; fast tokenizers are not re-entrant.
         self._text_lock = threading.Lock()
         self._truncated: OrderedDict[str, bool] = OrderedDict()
@@ -209,7 +210,7 @@ class SD3Pipeline:
         self.vae = copy.copy(vae)
 
     def worker(self) -> SD3Pipeline:
-        """Another pipeline on the same model (weights, prompt cache, text lock, core share), for a second thread."""
+        """Another pipeline on the same model (weights, prompt cache, text lock, decode slots), for another thread."""
         other = copy.copy(self)
         other.vae = copy.copy(self.vae)
         return other
@@ -274,9 +275,8 @@ class SD3Pipeline:
         while the others go on unchanged; AllAborted when none is left."""
         if len({batch_key(j) for j in jobs}) != 1:
             raise ValueError("jobs in one batch must share size, steps, sampler, scheduler and guidance")
-        share = self.core_share.busy() if self.core_share is not None else contextlib.nullcontext()
-        # encoding and denoising on the denoise threads; decode() sets its own inside
-        with share, torch_threads(self.threads.denoise if self.threads is not None else None):
+        # encoding and denoising on the denoise threads; the decode sets its own inside
+        with torch_threads(self.threads.denoise if self.threads is not None else None):
             return self._generate_many(jobs, progress, live)
 
     def _generate_many(
@@ -333,7 +333,7 @@ class SD3Pipeline:
         if rows == []:
             raise AllAborted
         kept = list(range(len(row_job))) if rows is None else rows
-        with torch_threads(self.decode_threads()):
+        with self.decode_slots or contextlib.nullcontext(), torch_threads(self.decode_threads()):
             decoded = self.decode(x0[kept] if rows is not None else x0)
         if (gen_h, gen_w) != (first.height, first.width):
             top, left = (gen_h - first.height) // 2, (gen_w - first.width) // 2
@@ -350,11 +350,7 @@ class SD3Pipeline:
         return results
 
     def decode_threads(self) -> int | None:
-        if self.threads is None:
-            return None
-        if self.threads.decode or self.core_share is None:
-            return self.threads.decode
-        return self.core_share.share()
+        return self.threads.decode if self.threads is not None else None
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.vae
