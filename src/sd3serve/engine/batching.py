@@ -134,9 +134,10 @@ class BatchingEngine:
         pipelines: list[SD3Pipeline | None] = [None]  # the first worker runs self.pipeline
         for i in range(1, self.workers):
             assert self._pipeline is not None
-            pipelines.append(self._pipeline.worker())
+            worker = self._pipeline.worker()
+            pipelines.append(worker)
             self._executors.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sd3-engine-{i}"))
-            await loop.run_in_executor(self._executors[-1], pipelines[-1], WARM_UP)  # this thread's pools
+            await loop.run_in_executor(self._executors[-1], worker, WARM_UP)  # this thread's pools
         self._workers = [
             asyncio.create_task(self._run_worker(pipe, executor), name=f"sd3-batcher-{i}")
             for i, (pipe, executor) in enumerate(zip(pipelines, self._executors, strict=True))
