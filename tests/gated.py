@@ -41,6 +41,10 @@ class GatedEngine(BatchingEngine):
         return super().pipeline.generate_many(jobs, progress=pausing, live=live)  # type: ignore[arg-type]
 
     @property
+    def workers(self) -> int:
+        return 1  # one model worker: batches wait for the gate in turn
+
+    @property
     def pipeline(self) -> SD3Pipeline:
         real = super().pipeline
         gated = dataclasses.make_dataclass("Gated", [])()

@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from sd3serve.settings import Settings
+
 
 def run_python(code: str, **env: str | None) -> str:
     """stdout of `python -c code` with the environment changed by `env` (None: unset)."""
@@ -55,3 +57,79 @@ def test_threads_default_to_the_cores_available() -> None:
 def test_wait_policy_is_passive_only_when_unset(given: str | None, expected: str) -> None:
     out = json.loads(run_python(CONFIGURE, OMP_WAIT_POLICY=given))
     assert out["policy"] == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "device", "width", "expected"),
+    [
+        ({"threads": 2}, "cpu", 192, (1, 2, 1)),  # small transformer: denoise on one thread, decode on all
+        ({"threads": 16, "model_workers": 4}, "cpu", 192, (1, 16, 4)),
+        ({"threads": 8}, "cpu", 1536, (8, 8, 1)),  # SD3.5-sized: one worker on every core
+        ({"threads": 8, "model_workers": 2}, "cpu", 1536, (4, 8, 2)),
+        ({"threads": 2, "denoise_threads": 2, "decode_threads": 1, "model_workers": 1}, "cpu", 192, (2, 1, 1)),
+        ({"threads": 8}, "cuda", 1536, (None, None, 1)),  # CUDA: torch's setting left as it is
+        ({"threads": 8, "model_workers": 2}, "cuda", 1536, (None, None, 2)),
+    ],
+)
+def test_phase_thread_plan(options: dict[str, int], device: str, width: int, expected: tuple) -> None:
+    from sd3serve.threads import phase_threads
+
+    plan = phase_threads(Settings(**options), device_type=device, transformer_width=width)  # type: ignore[arg-type]
+    assert (plan.denoise, plan.decode, plan.workers) == expected
+
+
+def test_torch_threads_is_restored() -> None:
+    import torch
+
+    from sd3serve.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(KeyError), torch_threads(before + 1):
+        raise KeyError
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+ALLOCATOR = """
+    import ctypes, json, resource
+    from sd3serve import allocator
+    from sd3serve.engine.pipeline import build_pipeline
+    from sd3serve.settings import Settings
+    pipe = build_pipeline(Settings(device="cpu"))
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size = 64 * 2**20  # a 1024² activation's size: above glibc's largest mmap threshold
+    def faults_of_a_fresh_block():
+        p = libc.malloc(size)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(p, 1, size)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        libc.free(p)
+        return faults
+    faults_of_a_fresh_block()
+    print(json.dumps({"tuned": allocator.is_tuned(), "faults": faults_of_a_fresh_block()}))
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "off", "on"])
+def test_allocator_tuning_keeps_freed_memory(setting: str | None) -> None:
+    """Tuned (the CPU default), a freed 64 MiB block is reused without faulting its pages in again."""
+    out = json.loads(run_python(ALLOCATOR, SD3SERVE_MALLOC_TUNING=setting))
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    if setting == "off":
+        assert not out["tuned"] and out["faults"] > pages // 2, out
+    else:
+        assert out["tuned"] and out["faults"] < pages // 10, out
+
+
+def test_allocator_is_left_alone_on_cuda() -> None:
+    from sd3serve import allocator
+
+    assert not allocator.wanted("auto", "cuda") and allocator.wanted("on", "cuda")
+    assert allocator.wanted("auto", "cpu") and not allocator.wanted("off", "cpu")

@@ -23,7 +23,7 @@ def encode_image(image: Image.Image, fmt: ImageFormat, quality: int) -> bytes:
     """The image's file bytes. Deterministic: the same pixels give the same bytes."""
     buf = io.BytesIO()
     if fmt is ImageFormat.jpeg:
-        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+        (image if image.mode == "RGB" else image.convert("RGB")).save(buf, format="JPEG", quality=quality)
     elif fmt is ImageFormat.webp:
         image.save(buf, format="WEBP", quality=quality, method=4)
     else:  # png ignores quality; compress_level trades size for speed on large images

@@ -108,6 +108,20 @@ class Settings(BaseSettings):
     lora_dir: Path | None = None
     lora_cache_mb: float = Field(512.0, ge=0)
 
+    # CPU performance (docs/performance.md). glibc malloc keeps freed memory instead of giving it back after every
+    # image (the process stays at its peak RSS); "auto": on a CPU device, off on CUDA.
+    malloc_tuning: Literal["auto", "on", "off"] = "auto"
+    # torch threads while encoding and denoising / while decoding, per model worker; 0: auto (CPU: one thread for
+    # a small transformer, whose ops are too small to share; the decode gets the worker's share of the cores).
+    # CUDA: torch's setting is left as it is.
+    denoise_threads: int = Field(0, ge=0)
+    decode_threads: int = Field(0, ge=0)
+    # Model workers per process: requests run on this many threads at once, sharing the weights (each needs its
+    # own activations). 0: one.
+    model_workers: int = Field(0, ge=0)
+    # The VAE decoder's nearest-2x-then-3x3 upsamplers as one 2x2 convolution per output phase (engine/subpixel.py).
+    vae_subpixel: Literal["auto", "on", "off"] = "auto"  # auto: on the CPU
+
     @field_validator("admin_key")
     @classmethod
     def _admin_key_strong(cls, v: SecretStr | None) -> SecretStr | None:

@@ -36,7 +36,7 @@ def image(model_dir: Path, job: GenerationJob = JOB, **options: object) -> np.nd
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir: Path) -> np.ndarray:
-    return image(tiny_model_dir)
+    return image(tiny_model_dir, channels_last_vae="off", vae_subpixel="off")
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_decode_tiles_by_size(
     import torch
 
     pipe = SD3Pipeline(tiny_model, vae_tiling=mode)  # type: ignore[arg-type]
-    vae, f = pipe.model.pipe.vae, pipe.model.vae_scale_factor
+    vae, f = pipe.vae, pipe.model.vae_scale_factor
     seen: list[bool] = []
 
     def fake_decode(z: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:

@@ -8,6 +8,10 @@ and goes back to the end of the queue in between, so small requests are not stuc
 request's images are what it gets alone (its own seeds; bit-identical with ``exact_batches``). A request whose
 caller is gone (cancelled, disconnected) stops at the next step; a request still queued at its deadline fails
 then, even while a long batch runs.
+
+With ``model_workers`` N > 1 N workers take batches from the one
+queue, each running its own pipeline on its own thread; they share the model's weights and the prompt cache. A
+request's images do not depend on which worker made them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from sd3serve.settings import Settings
 log = logging.getLogger(__name__)
 
 BatchObserver = Callable[[int, float], None]  # (images in the batch, seconds it took)
+WARM_UP = GenerationJob(
+    prompt="", negative_prompt="", steps=1, guidance_scale=1.0, seed=0, sampler="euler", scheduler="simple",
+    width=256, height=256, batch_size=1,
+)
 
 
 @dataclass(eq=False)
@@ -67,12 +75,14 @@ class BatchingEngine:
         self.settings = settings
         self._model = model
         self._pipeline: SD3Pipeline | None = None
-        # One thread runs the model: it is not re-entrant, and a second thread would only contend for the cores.
+        # One thread per model worker runs its pipeline (a pipeline is not re-entrant); the first also loads.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd3-engine")
+        self._executors = [self._executor]
         self._queue: list[_Pending] = []
         self._running: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._ready = False
         self._on_batch = on_batch
         self._batch_avg_s = 1.0  # a running estimate, for Retry-After
@@ -121,17 +131,30 @@ class BatchingEngine:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load_and_warm)
-        self._worker = asyncio.create_task(self._run_worker(), name="sd3-batcher")
+        pipelines: list[SD3Pipeline | None] = [None]  # the first worker runs self.pipeline
+        for i in range(1, self.workers):
+            assert self._pipeline is not None
+            worker = self._pipeline.worker()
+            pipelines.append(worker)
+            self._executors.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sd3-engine-{i}"))
+            await loop.run_in_executor(self._executors[-1], worker, WARM_UP)  # this thread's pools
+        self._workers = [
+            asyncio.create_task(self._run_worker(pipe, executor), name=f"sd3-batcher-{i}")
+            for i, (pipe, executor) in enumerate(zip(pipelines, self._executors, strict=True))
+        ]
+        self._worker = self._workers[0]
         self._ready = True
+
+    @property
+    def workers(self) -> int:
+        """Model workers: batches that run at once."""
+        threads = self._pipeline.threads if self._pipeline is not None else None
+        return threads.workers if threads is not None else 1
 
     def _load_and_warm(self) -> None:
         self._pipeline = build_pipeline(self.settings, self._model)
         self._model = self._pipeline.model
-        warm = GenerationJob(
-            prompt="", negative_prompt="", steps=1, guidance_scale=1.0, seed=0, sampler="euler",
-            scheduler="simple", width=256, height=256, batch_size=1,
-        )  # fmt: skip
-        self._pipeline(warm)
+        self._pipeline(WARM_UP)
         log.info("engine ready: %s", self._model.source)
 
     def admit(self) -> None:
@@ -173,18 +196,19 @@ class BatchingEngine:
     async def check_health(self) -> None:
         if not self._ready:
             raise RuntimeError("model not loaded yet")
-        if self._worker is None or self._worker.done():
-            raise RuntimeError("the batching worker has stopped")
+        if not self._workers or any(w.done() for w in self._workers):
+            raise RuntimeError("a batching worker has stopped")
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for worker in self._workers:
+            worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await worker
         for p in self._queue:
             self._settle(p, error=Overloaded("the server is shutting down", retry_after_s=5))
         self._queue.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     # --- the worker ---------------------------------------------------------------------------------------
 
@@ -211,7 +235,7 @@ class BatchingEngine:
         self._settle(p, error=error or Aborted(p.request_id))
 
     def _retry_after(self) -> int:
-        waiting_batches = len(self._queue) / max(1, self.max_batch_images) + 1
+        waiting_batches = (len(self._queue) / max(1, self.max_batch_images) + 1) / self.workers
         return max(1, round(waiting_batches * self._batch_avg_s))
 
     def _expire(self, p: _Pending) -> None:
@@ -237,7 +261,7 @@ class BatchingEngine:
                 room -= batch[-1][1].batch_size
         return batch
 
-    async def _run_worker(self) -> None:
+    async def _run_worker(self, pipeline: SD3Pipeline | None, executor: ThreadPoolExecutor) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -249,7 +273,7 @@ class BatchingEngine:
                     continue
                 batch = self._take_batch()
                 try:
-                    await self._run_batch(batch)
+                    await self._run_batch(batch, pipeline, executor)
                 except asyncio.CancelledError:
                     raise
                 except BaseException as e:  # a bug in the bookkeeping: fail this batch, keep serving
@@ -257,9 +281,12 @@ class BatchingEngine:
                     for p, _ in batch:
                         self._settle(p, error=e)
 
-    async def _run_batch(self, batch: list[tuple[_Pending, GenerationJob]]) -> None:
-        self._running = [p for p, _ in batch]
-        for p in self._running:
+    async def _run_batch(
+        self, batch: list[tuple[_Pending, GenerationJob]], pipeline: SD3Pipeline | None, executor: ThreadPoolExecutor
+    ) -> None:
+        mine = [p for p, _ in batch]
+        self._running.extend(mine)
+        for p in mine:
             if p.deadline is not None:
                 p.deadline.cancel()
 
@@ -280,7 +307,7 @@ class BatchingEngine:
         start = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: self.pipeline.generate_many(jobs, progress=progress, live=live)
+                executor, lambda: (pipeline or self.pipeline).generate_many(jobs, progress=progress, live=live)
             )
             if len(results) != len(batch):
                 raise RuntimeError(f"the pipeline returned {len(results)} results for {len(batch)} requests")
@@ -304,7 +331,7 @@ class BatchingEngine:
                 else:
                     self._settle(p, result=p.done)
         finally:
-            self._running = []
+            self._running = [p for p in self._running if p not in mine]
         elapsed = time.perf_counter() - start
         self._batches += 1
         self._batch_avg_s = 0.8 * self._batch_avg_s + 0.2 * elapsed

@@ -176,7 +176,9 @@ class LoraLibrary:
 
 @contextlib.contextmanager
 def applied(transformer: torch.nn.Module, library: LoraLibrary, loras: tuple[tuple[str, float], ...]) -> Iterator[None]:
-    """The transformer computing with these adapters while the context lasts (forward hooks, removed after)."""
+    """The transformer computing with these adapters while the context lasts (forward hooks, removed after). The
+    hooks act only on the calling thread: model workers that share the weights (SD3SERVE_MODEL_WORKERS) run other
+    batches through the same modules meanwhile, without these adapters."""
     if not loras:
         yield
         return
@@ -194,15 +196,17 @@ def applied(transformer: torch.nn.Module, library: LoraLibrary, loras: tuple[tup
     handles = []
     try:
         for path, terms in updates.items():
-            handles.append(linears[path].register_forward_hook(_hook(terms)))
+            handles.append(linears[path].register_forward_hook(_hook(terms, threading.get_ident())))
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _hook(terms: list[tuple[torch.Tensor, torch.Tensor, float]]) -> Callable[..., torch.Tensor]:
+def _hook(terms: list[tuple[torch.Tensor, torch.Tensor, float]], thread: int) -> Callable[..., torch.Tensor]:
     def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        if threading.get_ident() != thread:  # another worker's batch through the shared module
+            return out
         x = args[0]
         for down, up, factor in terms:
             out = out + factor * torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)

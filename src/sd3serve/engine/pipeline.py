@@ -7,10 +7,13 @@ with seed + i (and, with ``exact_batches``, bit for bit).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -18,12 +21,13 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
+from sd3serve import allocator
 from sd3serve.engine.acceleration import apply_acceleration
 from sd3serve.engine.catalogue import SAMPLER_INFO
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.img2img import encode_init, img2img_sigmas, noised
 from sd3serve.engine.job import GenerationJob, GenerationResult
-from sd3serve.engine.loading import LoadedModel, load_model
+from sd3serve.engine.loading import LoadedModel, load_model, resolve_device
 from sd3serve.engine.lora import LoraLibrary, applied
 from sd3serve.engine.lora_names import lora_dir
 from sd3serve.engine.noise import BatchNoise
@@ -33,11 +37,13 @@ from sd3serve.engine.samplers import SAMPLERS
 from sd3serve.engine.schedules import sampler_sigmas
 from sd3serve.engine.windows import MIN_VAE_TILE, VAE_TILING_ABOVE, t5_window
 from sd3serve.settings import Settings
+from sd3serve.threads import PhaseThreads, phase_threads, torch_threads
 
 # Which jobs of a batch are still wanted, asked before every model call (True: keep computing it). A job whose
 # requesters are all gone stops at the next step: its rows are no longer computed, and when no job is left the
 # batch ends with AllAborted.
 LiveJobs = Callable[[], Sequence[bool]]
+TRUNCATION_CACHE = 4096  # texts whose "is it truncated" answer is kept
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
@@ -186,16 +192,31 @@ class SD3Pipeline:
         prompt_cache_bytes: int = 0,
         vae_tiling: Literal["auto", "on", "off"] = "auto",
         loras: LoraLibrary | None = None,
+        threads: PhaseThreads | None = None,
     ) -> None:
         self.model = model
         self.loras = loras or LoraLibrary(None, 0)
         self.exact_batches = exact_batches
         self.prompt_cache = PromptCache(prompt_cache_bytes)
         self.vae_tiling = vae_tiling
+        self.threads = threads  # None: torch's thread setting as it is
+        # decodes that may run at once across the workers of this model (each on all its decode threads)
+        self.decode_slots = threading.BoundedSemaphore(threads.decode_slots) if threads is not None else None
+        # Tokenizers and text encoders are shared by the workers of one model; fast tokenizers are not re-entrant.
+        self._text_lock = threading.Lock()
+        self._truncated: OrderedDict[str, bool] = OrderedDict()
         vae = model.pipe.vae
         if getattr(vae, "tile_sample_min_size", 0) < MIN_VAE_TILE:  # small demo configs: tiles of real size
             vae.tile_sample_min_size = MIN_VAE_TILE
             vae.tile_latent_min_size = MIN_VAE_TILE // model.vae_scale_factor
+        # This pipeline's view of the VAE: its own tiling switch, the shared layers and weights.
+        self.vae = copy.copy(vae)
+
+    def worker(self) -> SD3Pipeline:
+        """Another pipeline on the same model (weights, prompt cache, text lock, decode slots), for another thread."""
+        other = copy.copy(self)
+        other.vae = copy.copy(self.vae)
+        return other
 
     @torch.no_grad()
     def encode_text(self, text: str) -> TextEmbedding:
@@ -208,6 +229,10 @@ class SD3Pipeline:
         cached = self.prompt_cache.get(text)
         if cached is not None:
             return cached
+        with self._text_lock:
+            return self._encode_text(text)
+
+    def _encode_text(self, text: str) -> TextEmbedding:
         embeds, _, pooled, _ = self.model.pipe.encode_prompt(
             prompt=text,
             prompt_2=None,
@@ -227,10 +252,18 @@ class SD3Pipeline:
         pipe = self.model.pipe
         if self.model.normalise_prompts:
             text = normalise_demo_prompt(text)
-        limits = [(pipe.tokenizer, pipe.tokenizer_max_length), (pipe.tokenizer_2, pipe.tokenizer_max_length)]
-        if pipe.tokenizer_3 is not None and pipe.text_encoder_3 is not None:
-            limits.append((pipe.tokenizer_3, t5_length(pipe)))
-        return any(len(tok(text, truncation=False).input_ids) > limit for tok, limit in limits)
+        with self._text_lock:
+            if (known := self._truncated.get(text)) is not None:
+                self._truncated.move_to_end(text)
+                return known
+            limits = [(pipe.tokenizer, pipe.tokenizer_max_length), (pipe.tokenizer_2, pipe.tokenizer_max_length)]
+            if pipe.tokenizer_3 is not None and pipe.text_encoder_3 is not None:
+                limits.append((pipe.tokenizer_3, t5_length(pipe)))
+            truncated = any(len(tok(text, truncation=False).input_ids) > limit for tok, limit in limits)
+            self._truncated[text] = truncated
+            if len(self._truncated) > TRUNCATION_CACHE:
+                self._truncated.popitem(last=False)
+            return truncated
 
     def __call__(self, job: GenerationJob, *, progress: ProgressCallback | None = None) -> GenerationResult:
         return self.generate_many([job], progress=progress)[0]
@@ -245,6 +278,13 @@ class SD3Pipeline:
         while the others go on unchanged; AllAborted when none is left."""
         if len({batch_key(j) for j in jobs}) != 1:
             raise ValueError("jobs in one batch must share size, steps, sampler, scheduler, guidance, image, adapters")
+        # encoding and denoising on the denoise threads; the decode sets its own inside
+        with torch_threads(self.threads.denoise if self.threads is not None else None):
+            return self._generate_many(jobs, progress, live)
+
+    def _generate_many(
+        self, jobs: list[GenerationJob], progress: ProgressCallback | None, live: LiveJobs | None
+    ) -> list[GenerationResult]:
         model, first, timings = self.model, jobs[0], {}
         # the negative prompt is evaluated for CFG (guidance > 1) and, as ComfyUI does, by CFG++ at any guidance
         guidance = first.guidance_scale > 1 or SAMPLER_INFO[first.sampler].cfg_pp
@@ -271,7 +311,7 @@ class SD3Pipeline:
         else:  # image-to-image: the image's latent, noised to the first σ of the shortened schedule
             sigmas = img2img_sigmas(first.sampler, first.scheduler, model.flow, first.steps, first.strength)
             sigmas = sigmas.to(model.device)
-            latent = encode_init(model.pipe.vae, first.init, gen_h, gen_w, tiling=self._tiles(max(gen_h, gen_w)))
+            latent = encode_init(self.vae, first.init, gen_h, gen_w, tiling=self._tiles(max(gen_h, gen_w)))
             latent = latent.expand_as(eps)
             x = noised(latent, eps, sigmas[0]) if len(sigmas) else latent
 
@@ -304,7 +344,8 @@ class SD3Pipeline:
         if rows == []:
             raise AllAborted
         kept = list(range(len(row_job))) if rows is None else rows
-        decoded = self.decode(x0[kept] if rows is not None else x0)
+        with self.decode_slots or contextlib.nullcontext(), torch_threads(self.decode_threads()):
+            decoded = self.decode(x0[kept] if rows is not None else x0)
         if (gen_h, gen_w) != (first.height, first.width):
             top, left = (gen_h - first.height) // 2, (gen_w - first.width) // 2
             decoded = [im.crop((left, top, left + first.width, top + first.height)) for im in decoded]
@@ -319,12 +360,15 @@ class SD3Pipeline:
             start += j.batch_size
         return results
 
+    def decode_threads(self) -> int | None:
+        return self.threads.decode if self.threads is not None else None
+
     def _tiles(self, side: int) -> bool:
         """Whether the VAE works in tiles on an image of ``side`` pixels (its longer side)."""
         return self.vae_tiling == "on" or (self.vae_tiling == "auto" and side > VAE_TILING_ABOVE)
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.model.pipe.vae
+        vae = self.vae
         vae.use_tiling = self._tiles(max(latents.shape[-2:]) * self.model.vae_scale_factor)
         z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(self.model.dtype)
         chunks = z.split(1) if self.exact_batches else [z]
@@ -344,12 +388,20 @@ def _stack(texts: list[TextEmbedding], jobs: list[GenerationJob]) -> TextEmbeddi
 def build_pipeline(settings: Settings, model: LoadedModel | None = None) -> SD3Pipeline:
     """The pipeline exactly as the server runs it (``serve`` and ``generate`` both build it here): the model
     loaded and accelerated as the settings say, with the prompt cache and VAE tiling settings."""
-    model = model or load_model(settings)
+    if model is None:
+        device = resolve_device(settings.device)
+        if allocator.wanted(settings.malloc_tuning, device.type):
+            allocator.tune_allocator()  # before the weights and the first activations are allocated
+        model = load_model(settings)
+    elif allocator.wanted(settings.malloc_tuning, model.device.type):
+        allocator.tune_allocator()
     apply_acceleration(model, settings)
+    width = model.pipe.transformer.config.num_attention_heads * model.pipe.transformer.config.attention_head_dim
     return SD3Pipeline(
         model,
         exact_batches=settings.exact_batches,
         prompt_cache_bytes=int(settings.prompt_cache_mb * 2**20),
         vae_tiling=settings.vae_tiling,
         loras=LoraLibrary(lora_dir(settings), int(settings.lora_cache_mb * 2**20)),
+        threads=phase_threads(settings, device_type=model.device.type, transformer_width=width),
     )
