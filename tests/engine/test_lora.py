@@ -66,6 +66,24 @@ def pipeline(model: LoadedModel, lora_dir: Path, budget: int = 2**30) -> SD3Pipe
     return SD3Pipeline(model, loras=LoraLibrary(lora_dir, budget))
 
 
+def test_an_adapter_acts_only_on_its_own_thread(tiny_model: LoadedModel, lora_dir: Path) -> None:
+    """Model workers share the weights: a batch on another thread, run while an adapter is applied here, computes
+    without it."""
+    import threading
+
+    from sd3serve.engine.lora import applied
+
+    pipe = pipeline(tiny_model, lora_dir)
+    base = pixels(pipe, JOB)
+    seen: list[np.ndarray] = []
+    with applied(tiny_model.pipe.transformer, pipe.loras, (("alpha", 1.0),)):
+        other = threading.Thread(target=lambda: seen.append(pixels(pipe, JOB)))
+        other.start()
+        other.join()
+    assert len(seen) == 1 and np.array_equal(seen[0], base)
+    assert not np.array_equal(pixels(pipe, dataclasses.replace(JOB, loras=(("alpha", 1.0),))), base)
+
+
 def test_an_adapter_changes_the_picture_and_leaves_no_trace(tiny_model: LoadedModel, lora_dir: Path) -> None:
     pipe = pipeline(tiny_model, lora_dir)
     base = pixels(pipe, JOB)
