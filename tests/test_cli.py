@@ -142,5 +142,5 @@ def test_keys_warn_when_an_action_does_nothing_useful(tmp_path: Path, capsys: py
     assert capsys.readouterr().out == "key 1 revoked\n"
     assert main([*args, "revoke", "1"]) == 0
     assert "already revoked" in capsys.readouterr().err
-    assert main([*args, "add-credits", "1", "3"]) == 0
-    assert "is revoked: it cannot spend these credits" in capsys.readouterr().err
+    assert main([*args, "add-credits", "1", "3"]) == 2  # a revoked key gets no credits
+    assert "key 1 is revoked: credits cannot be added to it" in capsys.readouterr().err

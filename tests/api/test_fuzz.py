@@ -12,6 +12,8 @@ lazy way, but it reads ``Function._nodeid``, which pytest 9.2 no longer has.)
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from collections.abc import Iterator
 
@@ -19,6 +21,8 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from PIL import Image
+from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from live_server import LiveServer, run_live_server
 from sd3serve.api import webhook_delivery
@@ -43,6 +47,32 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         yield from run_live_server(settings_, engine=StubEngine())
 
 
+def _png(side: int) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+SMALL_PNG = _png(64)
+
+
+def _only_what_the_schema_can_say(case: schemathesis.Case) -> None:
+    """Valid bodies without the two rules no JSON schema states: an adapter must exist on this server and be named
+    once (tests/api/test_loras.py), edits take no mask, and an image must be a picture (tests/api/test_img2img.py
+    tries the bad ones). Invalid bodies stay as they are."""
+    meta = getattr(case, "_meta", None)
+    if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
+        return
+    body = dict(case.body)
+    if "loras" in body:
+        body["loras"] = []
+    body.pop("mask", None)
+    if "image" in body:  # any string is schema-valid; a picture is what the route reads
+        multipart = (case.media_type or "").startswith("multipart/")
+        body["image"] = base64.b64decode(SMALL_PNG) if multipart else SMALL_PNG
+    case.body = body
+
+
 async def _not_sent(*_: object) -> webhook_delivery.Outcome:
     return webhook_delivery.Outcome(204, None, False)
 
@@ -62,4 +92,10 @@ def test_the_fuzzed_schema_is_the_served_one(fuzz_server: LiveServer) -> None:
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_and_never_5xx(case: schemathesis.Case, fuzz_server: LiveServer, fuzz_key: str) -> None:
     # schemathesis.toml adds 413 to the statuses that reject invalid data (an invalid body can also be too large).
-    case.call_and_validate(base_url=fuzz_server.url, headers={"x-api-key": fuzz_key}, timeout=120)
+    _only_what_the_schema_can_say(case)
+    # The edits form is read field by field as OpenAI's is (unknown fields ignored, numbers from text): schemathesis's
+    # notion of an invalid multipart body does not apply there; its positive cases and 5xx are still checked.
+    excluded = [negative_data_rejection] if case.path == "/v1/images/edits" else None
+    case.call_and_validate(
+        base_url=fuzz_server.url, headers={"x-api-key": fuzz_key}, timeout=120, excluded_checks=excluded
+    )

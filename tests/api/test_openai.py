@@ -200,7 +200,7 @@ def test_malformed_json_is_400_in_openai_shape(live_server: LiveServer, http: ht
 def test_error_shape_is_chosen_by_path(live_server: LiveServer, http: httpx.Client) -> None:
     assert http.get(GENERATIONS).status_code == 405
     assert http.get(GENERATIONS).json()["error"]["type"] == "invalid_request_error"
-    assert http.post("/v1/images/edits").json()["error"]["message"].startswith("not found")
+    assert http.post("/v1/images/variations").json()["error"]["message"].startswith("not found")
     # Every other route keeps the contract's {"error": "..."}.
     bad_key = http.post(URL, json=SMALL, headers={"x-api-key": "sk-nope"})
     assert bad_key.json() == {"error": "invalid or revoked API key"}

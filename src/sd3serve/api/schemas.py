@@ -321,7 +321,7 @@ class WebhookOptions(BaseModel):
             max_length=2000,
             # scheme, a host name or IPv4 address, a port that exists, a path: what the server can check and reach
             pattern=r"^https?://[A-Za-z0-9._~-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|"
-            r"[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][^\s]*)?$",
+            r"[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][^\x00-\x20\x7f]*)?$",
             description="http(s) URL that receives the outcome (POST, JSON, signed); it must resolve to public "
             "addresses, and the key needs a webhook secret (POST /v1/webhook-secret)",
         ),

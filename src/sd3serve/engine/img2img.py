@@ -53,7 +53,8 @@ def encode_init(vae: AutoencoderKL, init: InitImage, height: int, width: int, *,
     VAE encode), in the model's latent space."""
     pixels = pad_to(init_tensor(init).unsqueeze(0), height, width).to(device=vae.device, dtype=vae.dtype)
     vae.use_tiling = tiling
-    z = vae.encode(pixels).latent_dist.mode().float()
+    # a channels-last VAE gives a channels-last latent: the sampler must see the contiguous layout txt2img's noise has
+    z = vae.encode(pixels).latent_dist.mode().float().contiguous()
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
 

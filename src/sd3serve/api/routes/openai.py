@@ -129,7 +129,7 @@ _EDIT_FORM = {
     "required": ["image", "prompt"],
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP (also as image[])"},
-        "prompt": {"type": "string"},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 10000, "pattern": "\\S"},
         "mask": {"type": "string", "format": "binary", "description": "not supported: a 400 (no inpainting)"},
         "n": {"type": "integer", "minimum": 1, "maximum": 10},
         "size": {"type": "string", "description": "auto (the image's size) or a WIDTHxHEIGHT of /generations"},
