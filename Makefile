@@ -9,11 +9,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
-<<<<<<< HEAD
-.PHONY: serve test lint docs bench mutate clean
-=======
-.PHONY: serve test test-stress lint bench mutate mutate-hand clean
->>>>>>> tests
+.PHONY: serve test test-stress lint docs bench mutate mutate-hand clean
 
 # What serving needs, and nothing else.
 $(SERVE_STAMP): pyproject.toml constraints.txt
