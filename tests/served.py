@@ -70,6 +70,11 @@ def serve(settings: Settings, engine: Engine) -> Iterator[LiveServer]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
+    url = f"http://127.0.0.1:{options['port']}"
+    ready_by = time.monotonic() + 600  # the model loads in the background: wait until it answers (liveness guard)
+    while httpx.get(f"{url}/readyz", timeout=30).status_code != 200:
+        assert thread.is_alive() and time.monotonic() < ready_by, "the server did not become ready"
+        time.sleep(0.05)
     try:
         yield LiveServer(url=f"http://127.0.0.1:{options['port']}", app=app, store=store, settings=settings)
     finally:

@@ -149,8 +149,8 @@ def test_the_admin_credit_edges(tmp_path: Path) -> None:
     try:
         with server.client() as c:
             hdr = {"x-admin-key": admin}
-            assert c.post("/admin/keys", json={"credits": MAX_CREDITS_PER_CALL}, headers=hdr).status_code == 200
-            past = MAX_CREDITS_PER_CALL + 1
+            assert c.post("/admin/keys", json={"credits": int(MAX_CREDITS_PER_CALL)}, headers=hdr).status_code == 200
+            past = int(MAX_CREDITS_PER_CALL) + 1
             assert c.post("/admin/keys", json={"credits": past}, headers=hdr).status_code == 400
             assert c.post("/admin/keys", json={"credits": 0}, headers=hdr).status_code == 200
             assert c.post("/admin/keys", json={"credits": 1, "name": "n" * 200}, headers=hdr).status_code == 200
