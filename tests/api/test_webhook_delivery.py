@@ -9,13 +9,10 @@ import asyncio
 import itertools
 import socket
 import ssl
-import threading
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from helpers.webhook_receiver import Receiver
 from sd3serve.api.webhook_delivery import WebhookSender
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
@@ -39,75 +37,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
-
-
-class Receiver:
-    """Local webhook endpoints by path: /ok (204), /fail (500), /fail-first/N (500 N times, then 204), /hang (no
-    answer until closed), /trickle (a status line, then one byte every 0.2 s until closed)."""
-
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        self.active: Counter[str] = Counter()  # requests being answered, by Host header
-        self.most_active: Counter[str] = Counter()
-        self.released = threading.Event()
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                host = self.headers.get("host", "")
-                with receiver.lock:
-                    receiver.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                    seen = sum(1 for p, _, _ in receiver.requests if p == self.path)
-                    receiver.active[host] += 1
-                    receiver.most_active[host] = max(receiver.most_active[host], receiver.active[host])
-                try:
-                    self._answer(seen)
-                except OSError:
-                    pass  # the sender gave up on us
-                finally:
-                    with receiver.lock:
-                        receiver.active[host] -= 1
-
-            def _answer(self, seen: int) -> None:
-                if self.path == "/hang":
-                    receiver.released.wait()
-                if self.path == "/trickle":
-                    self.wfile.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
-                    while not receiver.released.wait(0.2):
-                        self.wfile.write(b"a")
-                        self.wfile.flush()
-                    return
-                status = 204
-                if self.path == "/fail" or (self.path.startswith("/fail-first/") and seen <= int(self.path[12:])):
-                    status = 500
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None: ...
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def hits(self, path: str) -> int:
-        with self.lock:
-            return sum(1 for p, _, _ in self.requests if p == path)
-
-    def close(self) -> None:
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass

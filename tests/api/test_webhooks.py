@@ -4,15 +4,14 @@ back-off, a restart between attempts, event filters, and targets refused on priv
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from helpers.webhook_receiver import Receiver
 from live_server import SMALL, run_live_server
 from sd3serve.settings import Settings
 from sd3serve.store.webhooks import WebhookStore
@@ -22,36 +21,9 @@ from waiting import wait_for
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 
 
-class Receiver:
-    """A local webhook endpoint that fails its first ``fail_first`` requests with 500."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.fail_first = fail_first
-        self.received: list[tuple[dict[str, str], bytes, int]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                status = 500 if len(receiver.received) < receiver.fail_first else 204
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None: ...
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    r = Receiver(fail_first=2)
+    r = Receiver()
     yield r
     r.close()
 
@@ -67,7 +39,8 @@ def test_signed_delivery_survives_failures_and_a_restart(tmp_path: Path, receive
     with server.client() as c:
         secret = c.post("/v1/webhook-secret", headers=h).json()["secret"]
         assert secret.startswith("whsec_")
-        task_id = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url}, headers=h).json()["request_id"]
+        body = {**SMALL, "webhook_url": receiver.url("/fail-first/2")}
+        task_id = c.post(SUBMIT, json=body, headers=h).json()["request_id"]
         store = WebhookStore(_engine(tmp_path))
         wait_for(lambda: _state(store, task_id) == ("pending", 1))  # the first attempt got 500
     first.close()  # the server goes away between attempts; the delivery lives in the database
@@ -78,11 +51,11 @@ def test_signed_delivery_survives_failures_and_a_restart(tmp_path: Path, receive
         store.retry_now(task_id=task_id)
         wait_for(lambda: _state(store, task_id) == ("pending", 2))
         store.retry_now(task_id=task_id)
-        wait_for(lambda: any(status == 204 for _, _, status in receiver.received))
-        assert [status for _, _, status in receiver.received] == [500, 500, 204]
-        ids = {headers["webhook-id"] for headers, _, _ in receiver.received}
+        wait_for(lambda: 204 in receiver.statuses)
+        assert receiver.statuses == [500, 500, 204]
+        ids = {hit.headers["webhook-id"] for hit in receiver.requests}
         assert len(ids) == 1  # one message, retried
-        headers, body, _ = receiver.received[-1]
+        _, headers, body = receiver.requests[-1]
         payload = Webhook(secret).verify(body, headers)  # raises unless the signature is right
         assert payload["type"] == "task.completed"
         assert payload["data"]["request_id"] == task_id and payload["data"]["output"][0].endswith("/images/0")
@@ -126,11 +99,11 @@ def test_events_filter_and_refused_targets(tmp_path: Path) -> None:
             no_secret = c.post(SUBMIT, json={**SMALL, "webhook_url": "https://93.184.215.14/x"}, headers=h)
             assert no_secret.status_code == 400 and "/v1/webhook-secret" in no_secret.json()["error"]
             c.post("/v1/webhook-secret", headers=h)
-            for url, words in [(receiver.url, "not a public address"), ("ftp://93.184.215.14/x", "http"),
+            for url, words in [(receiver.url("/ok"), "not a public address"), ("ftp://93.184.215.14/x", "http"),
                                ("http://169.254.169.254/latest", "not a public address")]:  # fmt: skip
                 r = c.post(SUBMIT, json={**SMALL, "webhook_url": url}, headers=h)
                 assert r.status_code == 400 and words in r.json()["error"], r.text
-            bad_event = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url, "webhook_events": ["done"]},
+            bad_event = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url("/ok"), "webhook_events": ["done"]},
                                headers=h)  # fmt: skip
             assert bad_event.status_code == 400 and "webhook_events" in bad_event.json()["error"]
             assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 5}  # nothing held for refusals
@@ -148,16 +121,16 @@ def test_only_the_chosen_events_are_sent(tmp_path: Path) -> None:
         h = {"x-api-key": key}
         with server.client() as c:
             c.post("/v1/webhook-secret", headers=h)
-            quiet = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url, "webhook_events": ["failed"]},
+            quiet = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url("/ok"), "webhook_events": ["failed"]},
                            headers=h).json()["request_id"]  # fmt: skip
-            loud = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url}, headers=h).json()["request_id"]
-            wait_for(lambda: len(receiver.received) == 1)
+            loud = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url("/ok")}, headers=h).json()["request_id"]
+            wait_for(lambda: len(receiver.requests) == 1)
             engine = _engine(tmp_path)
             store = WebhookStore(engine)
             wait_for(lambda: _enqueued(engine, quiet))  # its outcome was looked at: completed, not wanted
             assert store.deliveries(task_id=quiet) == []
-            assert len(receiver.received) == 1
-            assert json.loads(receiver.received[0][1])["data"]["request_id"] == loud
+            assert len(receiver.requests) == 1
+            assert json.loads(receiver.requests[0].body)["data"]["request_id"] == loud
     finally:
         gen.close()
         receiver.close()
