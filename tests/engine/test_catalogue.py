@@ -41,7 +41,7 @@ def test_every_sampler_is_a_solver_family_with_options_it_takes() -> None:
     for info in SAMPLER_INFO.values():
         if info.base is not None:
             assert info.solver == SAMPLER_INFO[info.base].solver, info.name
-    assert len(SOLVERS) == 20  # 29 samplers, 9 of them options of another's family
+    assert len(SOLVERS) == 17  # 29 samplers, 12 of them options of another's family
 
 
 @pytest.mark.parametrize(

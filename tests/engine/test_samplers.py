@@ -19,7 +19,7 @@ from sd3serve.engine.catalogue import (
 )
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
-from sd3serve.engine.samplers import SAMPLERS, sample_dpm_adaptive, sample_euler_ancestral
+from sd3serve.engine.samplers import SAMPLERS, sample_dpm_adaptive, sample_euler
 from sd3serve.engine.schedules import get_sigmas
 
 MU, S = 0.5, 0.3
@@ -234,7 +234,7 @@ def test_cfg_pp_uses_the_negative_prompt_even_at_guidance_1(name: str) -> None:
     pp = SAMPLERS[name](plain, x.clone(), sigmas, noise=BatchNoise([9, 10]))
     base = SAMPLERS[base_name](plain, x.clone(), sigmas, noise=BatchNoise([9, 10]))
     if name == "euler_ancestral_cfg_pp":
-        pp = sample_euler_ancestral(plain, x.clone(), sigmas, noise=BatchNoise([9, 10]), eta=0.0, cfg_pp=True)
+        pp = sample_euler(plain, x.clone(), sigmas, noise=BatchNoise([9, 10]), eta=0.0, cfg_pp=True)
         base = SAMPLERS["euler"](plain, x.clone(), sigmas, noise=BatchNoise([9, 10]))
     torch.testing.assert_close(pp, base, rtol=0, atol=1e-5)
     for w in (1.0, 3.0):

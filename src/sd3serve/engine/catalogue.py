@@ -66,7 +66,13 @@ def _gpu(base: SamplerInfo) -> SamplerInfo:
 
 
 _EULER = SamplerInfo("euler", "Euler's method (Karras et al. 2022).", order=1)
-_EULER_ANCESTRAL = SamplerInfo("euler_ancestral", "Ancestral Euler with rectified-flow re-noising.", stochastic=True)
+_EULER_ANCESTRAL = SamplerInfo(
+    "euler_ancestral",
+    "Ancestral Euler with rectified-flow re-noising.",
+    stochastic=True,
+    solver="euler",
+    options=(("eta", 1.0),),
+)
 _DPMPP_2S_ANCESTRAL = SamplerInfo(
     "dpmpp_2s_ancestral", "Ancestral DPM-Solver++(2S) (Lu et al. 2022).", stochastic=True, calls_per_step=2
 )
@@ -110,6 +116,8 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
             stochastic=True,
             calls_per_step=2,
             discard_penultimate_sigma=True,
+            solver="dpm_2",
+            options=(("eta", 1.0),),
         ),
         SamplerInfo("lms", "Linear multistep, Adams–Bashforth in σ of order 4.", order=4),
         # Orders 3, …, 3, 2, 1 on a uniform log-σ grid: the final first-order step makes the whole second order.
@@ -132,7 +140,13 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("ddpm", "DDPM ancestral sampling (Ho et al. 2020) on the flow's posterior.", stochastic=True),
         SamplerInfo("lcm", "Latent Consistency Model sampling (Luo et al. 2023).", stochastic=True),
         SamplerInfo("ipndm", "Improved PNDM (Zhang & Chen 2023), fixed coefficients, order ≤ 4.", order=4),
-        SamplerInfo("ipndm_v", "Improved PNDM with variable step sizes (Zhang & Chen 2023).", order=4),
+        SamplerInfo(
+            "ipndm_v",
+            "Improved PNDM with variable step sizes (Zhang & Chen 2023).",
+            order=4,
+            solver="ipndm",
+            options=(("variable_step", True),),
+        ),
         SamplerInfo("deis", "DEIS tAB (Zhang & Chen 2022), exponential integrator of order 3.", order=3),
         SamplerInfo("ddim", "DDIM (Song et al. 2021), η = 0: Euler for a rectified flow.", order=1),
         SamplerInfo("uni_pc", "UniPC (Zhao et al. 2023), B(h) = h, order 3.", order=3, discard_penultimate_sigma=True),

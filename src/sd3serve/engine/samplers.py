@@ -25,22 +25,23 @@ solver family that runs it and its options (as k-diffusion's ``solver_type=``): 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from sd3serve.engine.catalogue import SAMPLER_INFO
 from sd3serve.engine.noise import BatchNoise, BrownianNoise
 
 
 class Denoiser(Protocol):
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """The guided denoised prediction x0 at noise level ``sigma`` (a 0-dim tensor)."""
         ...
 
-    def with_uncond(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_uncond(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(guided x0, unconditional x0), for CFG++: the negative prompt's x0 even at guidance 1 (ComfyUI's
         ``disable_cfg1_optimization``); the same tensor twice only when the request has no negative side."""
         ...
@@ -51,18 +52,19 @@ class Denoiser(Protocol):
 
 
 StepCallback = Callable[[int, int], None]  # (step index, number of steps)
+OnStep = StepCallback | None
 
 
 class Sampler(Protocol):
     def __call__(
         self,
         model: Denoiser,
-        x: torch.Tensor,
-        sigmas: torch.Tensor,
+        x: Tensor,
+        sigmas: Tensor,
         *,
         noise: BatchNoise,
         callback: StepCallback | None = None,
-    ) -> torch.Tensor: ...
+    ) -> Tensor: ...
 
 
 # First σ for a finite log-SNR: ComfyUI's percent_to_sigma(1e-4) at SD3's shift 3, rounded to float32 as it lands
@@ -70,7 +72,7 @@ class Sampler(Protocol):
 SNR_SIGMA_MAX = float(torch.tensor(3 * (1 - 1e-4) / (1 + 2 * (1 - 1e-4)), dtype=torch.float32))
 
 
-def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     """The ODE derivative dx/dσ from the denoised prediction (for flow: the velocity)."""
     return (x - denoised) / sigma
 
@@ -78,20 +80,20 @@ def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _floats(sigmas: torch.Tensor) -> list[float]:
+def _floats(sigmas: Tensor) -> list[float]:
     return [float(s) for s in sigmas.detach().to("cpu", torch.float64).tolist()]
 
 
 class _Sig:
     """0-dim σ tensors for the model, on the schedule's device and dtype; schedule points are views."""
 
-    def __init__(self, sigmas: torch.Tensor) -> None:
+    def __init__(self, sigmas: Tensor) -> None:
         self.sigmas = sigmas
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> Tensor:
         return self.sigmas[i]
 
-    def at(self, value: float) -> torch.Tensor:
+    def at(self, value: float) -> Tensor:
         return torch.tensor(value, dtype=self.sigmas.dtype, device=self.sigmas.device)
 
 
@@ -108,7 +110,7 @@ def _sigma_of_lam(lam: float) -> float:
     return 1.0 / (1.0 + math.exp(lam))  # sigmoid(-λ)
 
 
-def _f32(value: torch.Tensor) -> float:
+def _f32(value: Tensor) -> float:
     return float(value.to(torch.float32))
 
 
@@ -151,7 +153,7 @@ def _ve_ancestral(r: float, r_next: float, eta: float) -> tuple[float, float]:
     return math.sqrt(r_next**2 - up**2), up
 
 
-def _comb(*terms: tuple[float, torch.Tensor]) -> torch.Tensor:
+def _comb(*terms: tuple[float, Tensor]) -> Tensor:
     """Σ c·t in one new tensor (one kernel per term: no temporaries per coefficient)."""
     (c0, t0), *rest = terms
     out = t0.mul(c0)
@@ -160,223 +162,132 @@ def _comb(*terms: tuple[float, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _deriv(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+def _deriv(x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
     return _comb((1 / sigma, x), (-1 / sigma, denoised))  # to_d
 
 
-def _progress(callback: StepCallback | None, i: int, n: int) -> None:
+def _progress(callback: OnStep, i: int, n: int) -> None:
     if callback is not None:
         callback(i, n)
+
+
+def _steps(sig: list[float], callback: OnStep) -> Iterator[tuple[int, float, float]]:
+    """(i, σ_i, σ_i+1) for every step of the schedule; ``callback`` hears of step i once its body has run."""
+    n = len(sig) - 1
+    for i in range(n):
+        yield i, sig[i], sig[i + 1]
+        _progress(callback, i, n)
+
+
+def _add_noise(x: Tensor, noise: BatchNoise, scale: float, std: float) -> Tensor:
+    """scale·x + std·ε, the ancestral re-noising of the flow (``std`` already times s_noise)."""
+    return _comb((scale, x), (std, noise.step(x)))
 
 
 # ------------------------------------------------------------------------------------------ Euler family
 
 
 @torch.no_grad()
-def sample_euler(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    cfg_pp: bool = False,
-) -> torch.Tensor:
-    """Euler's method (Karras et al. 2022, Algorithm 2 without churn). ``cfg_pp``: Euler with CFG++ (Chung et al.
-    2024), x' = α'·D_g + σ'·ε̂_u with ε̂_u = (x - α·D_u)/σ (DDIM-CFG++: the ancestral CFG++ step at η = 0)."""
+def sample_euler(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                 eta: float = 0.0, s_noise: float = 1.0, cfg_pp: bool = False) -> Tensor:  # fmt: skip
+    """Euler's method (Karras et al. 2022, Algorithm 2 without churn) at η = 0; at η > 0 ancestral Euler with
+    rectified-flow re-noising (ComfyUI's sample_euler_ancestral_RF): a deterministic step to σ_down, then noise back
+    to the flow marginal at σ'. ``cfg_pp``: with CFG++ (Chung et al. 2024)."""
     if cfg_pp:
-        return _euler_ancestral_cfg_pp(model, x, sigmas, noise, callback, 0.0, 0.0)
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
+        return _euler_cfg_pp(model, x, sigmas, noise, callback, eta, s_noise)
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
-        r = sig[i + 1] / sig[i]
-        x = torch.lerp(denoised, x, r)  # x + (σ'-σ)·(x-D)/σ
-        _progress(callback, i, n)
-    return x
-
-
-@torch.no_grad()
-def sample_euler_ancestral(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    cfg_pp: bool = False,
-) -> torch.Tensor:
-    """Ancestral Euler, rectified-flow re-noising (ComfyUI's sample_euler_ancestral_RF); ``cfg_pp``: with CFG++
-    (Chung et al. 2024), the ancestral split taken in σ/α as ComfyUI."""
-    step = _euler_ancestral_cfg_pp if cfg_pp else _euler_ancestral
-    return step(model, x, sigmas, noise, callback, eta, s_noise)
-
-
-def _euler_ancestral(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: BatchNoise,
-    callback: StepCallback | None,
-    eta: float,
-    s_noise: float,
-) -> torch.Tensor:
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
-        denoised = model(x, st[i])
-        s, s1 = sig[i], sig[i + 1]
         if s1 == 0:
             x = denoised
-        else:
-            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
-            x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down
-            if eta > 0:
-                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
-        _progress(callback, i, n)
+            continue
+        s_down, scale, renoise = _rf_ancestral(s, s1, eta)  # η = 0: σ_down = σ', nothing re-noised
+        x = torch.lerp(denoised, x, s_down / s)  # x + (σ_down-σ)·(x-D)/σ
+        if eta > 0:
+            x = _add_noise(x, noise, scale, renoise * s_noise)
     return x
 
 
-def _euler_ancestral_cfg_pp(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: BatchNoise,
-    callback: StepCallback | None,
-    eta: float,
-    s_noise: float,
-) -> torch.Tensor:
-    """CFG++ Euler as ComfyUI: x' = α'·D_g + σ_down·ε̂_u + α'·r_up·z with the ancestral split taken on the
-    noise-to-signal ratios r = σ/α (the paper's VE variable x/α); η = 0 is DDIM-CFG++ (euler_cfg_pp)."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
+def _euler_cfg_pp(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise, callback: OnStep, eta: float,
+                  s_noise: float) -> Tensor:  # fmt: skip
+    """CFG++ Euler as ComfyUI: x' = α'·D_g + σ_down·ε̂_u + α'·r_up·z with ε̂_u = (x - α·D_u)/σ and the ancestral split
+    taken on the noise-to-signal ratios r = σ/α (the paper's VE variable x/α); η = 0 is DDIM-CFG++ (euler_cfg_pp)."""
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         guided, uncond = model.with_uncond(x, st[i])
-        s, s1 = sig[i], sig[i + 1]
         if s1 == 0:
             x = guided
+            continue
+        a_s, a_t = 1 - s, 1 - s1
+        if a_s <= 0:  # σ = 1: r = ∞, all of σ' is fresh noise (ComfyUI's get_ancestral_step gives up = r')
+            r_down, r_up = (0.0, s1 / a_t) if eta else (s1 / a_t, 0.0)
         else:
-            a_s, a_t = 1 - s, 1 - s1
-            if a_s <= 0:  # σ = 1: r = ∞, all of σ' is fresh noise (ComfyUI's get_ancestral_step gives up = r')
-                r_down, r_up = (0.0, s1 / a_t) if eta else (s1 / a_t, 0.0)
-            else:
-                r_down, r_up = _ve_ancestral(s / a_s, s1 / a_t, eta)
-            c = a_t * r_down / s  # σ_down·ε̂_u, ε̂_u = (x - α·D_u)/σ
-            x = _comb((c, x), (-c * a_s, uncond), (a_t, guided))
-            if eta > 0 and s_noise > 0:
-                x.add_(noise.step(x), alpha=a_t * r_up * s_noise)
-        _progress(callback, i, n)
+            r_down, r_up = _ve_ancestral(s / a_s, s1 / a_t, eta)
+        c = a_t * r_down / s  # σ_down·ε̂_u
+        x = _comb((c, x), (-c * a_s, uncond), (a_t, guided))
+        if eta > 0 and s_noise > 0:
+            x.add_(noise.step(x), alpha=a_t * r_up * s_noise)
     return x
 
 
 @torch.no_grad()
-def sample_heun(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
+def sample_heun(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1); Euler on the last step to σ = 0."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
         if s1 == 0:
             x = denoised
-        else:
-            d = _comb((1 / s, x), (-1 / s, denoised))
-            x_2 = torch.add(x, d, alpha=s1 - s)
-            d_2 = _comb((1 / s1, x_2), (-1 / s1, model(x_2, st[i + 1])))
-            x = _comb((1.0, x), (0.5 * (s1 - s), d), (0.5 * (s1 - s), d_2))
-        _progress(callback, i, n)
+            continue
+        d = _deriv(x, denoised, s)
+        x_2 = torch.add(x, d, alpha=s1 - s)
+        d_2 = _deriv(x_2, model(x_2, st[i + 1]), s1)
+        x = _comb((1.0, x), (0.5 * (s1 - s), d), (0.5 * (s1 - s), d_2))
     return x
 
 
 @torch.no_grad()
-def sample_heunpp2(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
+def sample_heunpp2(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Heun++ (Carzit's sd-webui-samplers-scheduler, as ComfyUI): 3-stage σ-weighted Heun."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
+    sig, st = _floats(sigmas), _Sig(sigmas)
     s_end = sig[-1]
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+    for i, s, s1 in _steps(sig, callback):
         d = _deriv(x, model(x, st[i]), s)
         dt = s1 - s
         if s1 == s_end:
             x = torch.add(x, d, alpha=dt)
+            continue
+        x_2 = torch.add(x, d, alpha=dt)
+        d_2 = _deriv(x_2, model(x_2, st[i + 1]), s1)
+        if sig[i + 2] == s_end:
+            w2 = s1 / (2 * sig[0])
+            x = _comb((1.0, x), (dt * (1 - w2), d), (dt * w2, d_2))
         else:
-            x_2 = torch.add(x, d, alpha=dt)
-            d_2 = _deriv(x_2, model(x_2, st[i + 1]), s1)
-            if sig[i + 2] == s_end:
-                w2 = s1 / (2 * sig[0])
-                x = _comb((1.0, x), (dt * (1 - w2), d), (dt * w2, d_2))
-            else:
-                s2 = sig[i + 2]
-                x_3 = torch.add(x_2, d_2, alpha=s2 - s1)
-                d_3 = _deriv(x_3, model(x_3, st[i + 2]), s2)
-                w2, w3 = s1 / (3 * sig[0]), s2 / (3 * sig[0])
-                x = _comb((1.0, x), (dt * (1 - w2 - w3), d), (dt * w2, d_2), (dt * w3, d_3))
-        _progress(callback, i, n)
+            s2 = sig[i + 2]
+            x_3 = torch.add(x_2, d_2, alpha=s2 - s1)
+            d_3 = _deriv(x_3, model(x_3, st[i + 2]), s2)
+            w2, w3 = s1 / (3 * sig[0]), s2 / (3 * sig[0])
+            x = _comb((1.0, x), (dt * (1 - w2 - w3), d), (dt * w2, d_2), (dt * w3, d_3))
     return x
 
 
 @torch.no_grad()
-def sample_dpm_2(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """DPM-Solver-2-style midpoint in log σ (Karras et al. 2022 / k-diffusion); Euler on the last step."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+def sample_dpm_2(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                 eta: float = 0.0, s_noise: float = 1.0) -> Tensor:  # fmt: skip
+    """DPM-Solver-2-style midpoint in log σ (Karras et al. 2022 / k-diffusion), Euler on the last step; at η > 0
+    ancestral, with rectified-flow re-noising (ComfyUI's sample_dpm_2_ancestral_RF)."""
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
         if s1 == 0:
             x = denoised
-        else:
-            s_mid = math.sqrt(s * s1)
-            x_2 = torch.lerp(denoised, x, s_mid / s)
-            x = _comb((1.0, x), ((s1 - s) / s_mid, x_2), ((s - s1) / s_mid, model(x_2, st.at(s_mid))))
-        _progress(callback, i, n)
-    return x
-
-
-@torch.no_grad()
-def sample_dpm_2_ancestral(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
-    """Ancestral DPM-2 with rectified-flow re-noising (ComfyUI's sample_dpm_2_ancestral_RF)."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
-        denoised = model(x, st[i])
-        if s1 == 0:
-            x = denoised
-        else:
-            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
-            s_mid = math.sqrt(s * s_down)
-            x_2 = torch.lerp(denoised, x, s_mid / s)
-            x = _comb((1.0, x), ((s_down - s) / s_mid, x_2), ((s - s_down) / s_mid, model(x_2, st.at(s_mid))))
-            if eta > 0:
-                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
-        _progress(callback, i, n)
+            continue
+        s_down, scale, renoise = _rf_ancestral(s, s1, eta)  # η = 0: σ_down = σ'
+        s_mid = math.sqrt(s * s_down)
+        x_2 = torch.lerp(denoised, x, s_mid / s)
+        x = _comb((1.0, x), ((s_down - s) / s_mid, x_2), ((s - s_down) / s_mid, model(x_2, st.at(s_mid))))
+        if eta > 0:
+            x = _add_noise(x, noise, scale, renoise * s_noise)
     return x
 
 
@@ -417,59 +328,50 @@ def _solve(mat: list[list[float]], rhs: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def sample_lms(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    order: int = 4,
-) -> torch.Tensor:
+def sample_lms(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+               order: int = 4) -> Tensor:  # fmt: skip
     """Linear multistep (Adams–Bashforth in σ, order 4; k-diffusion's sample_lms, exact coefficients)."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    ds: list[torch.Tensor] = []
-    for i in range(n):
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    ds: list[Tensor] = []
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
-        ds.append(_deriv(x, denoised, sig[i]))
-        if len(ds) > order:
-            ds.pop(0)
-        if sig[i + 1] == 0:
+        ds = [*ds, _deriv(x, denoised, s)][-order:]
+        if s1 == 0:
             x = denoised
-        else:
-            cur = min(i + 1, order)
-            nodes = [sig[i - k] for k in range(cur)]
-            x = _comb((1.0, x), *((_lagrange_integral(nodes, j, sig[i], sig[i + 1]), ds[-1 - j]) for j in range(cur)))
-        _progress(callback, i, n)
+            continue
+        nodes = [sig[i - k] for k in range(min(i + 1, order))]
+        x = _comb((1.0, x), *((_lagrange_integral(nodes, j, s, s1), ds[-1 - j]) for j in range(len(nodes))))
     return x
 
 
 @torch.no_grad()
-def sample_ipndm(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    max_order: int = 4,
-) -> torch.Tensor:
-    """Improved PNDM (Zhang & Chen 2023, DEIS paper): fixed-coefficient Adams–Bashforth in σ, order ≤ 4."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    coeffs = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-    buf: list[torch.Tensor] = []
-    for i in range(n):
+def sample_ipndm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                 max_order: int = 4, variable_step: bool = False) -> Tensor:  # fmt: skip
+    """Improved PNDM (Zhang & Chen 2023, DEIS paper): Adams–Bashforth in σ of order ≤ 4 with the fixed coefficients
+    of equal steps, or with ``variable_step`` those of the actual step sizes (ComfyUI's ipndm_v)."""
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    buf: list[Tensor] = []
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
-        d = _deriv(x, denoised, sig[i])
-        if sig[i + 1] == 0:
+        d = _deriv(x, denoised, s)
+        if s1 == 0:
             x = denoised
         else:
+            order = min(max_order, i + 1)
+            cs = _ipndm_v_coeffs(sig, i, order) if variable_step else _IPNDM_COEFFS[order]
             hist = [d, *reversed(buf)]
-            dt = sig[i + 1] - sig[i]
-            x = _comb((1.0, x), *((dt * c, dd) for c, dd in zip(coeffs[min(max_order, i + 1)], hist, strict=False)))
+            x = _comb((1.0, x), *(((s1 - s) * c, dd) for c, dd in zip(cs, hist, strict=False)))
         buf = [*buf, d][-(max_order - 1) :]
-        _progress(callback, i, n)
     return x
+
+
+# iPNDM's Adams–Bashforth coefficients for equal steps, by order (newest derivative first)
+_IPNDM_COEFFS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
 
 
 def _ipndm_v_coeffs(t: list[float], i: int, order: int) -> tuple[float, ...]:
@@ -500,52 +402,16 @@ def _ipndm_v_coeffs(t: list[float], i: int, order: int) -> tuple[float, ...]:
 
 
 @torch.no_grad()
-def sample_ipndm_v(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    max_order: int = 4,
-) -> torch.Tensor:
-    """Improved PNDM with variable step sizes (Zhang & Chen 2023), order ≤ 4 in σ."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    buf: list[torch.Tensor] = []
-    for i in range(n):
-        denoised = model(x, st[i])
-        d = _deriv(x, denoised, sig[i])
-        if sig[i + 1] == 0:
-            x = denoised
-        else:
-            cs = _ipndm_v_coeffs(sig, i, min(max_order, i + 1))
-            hist = [d, *reversed(buf)]
-            dt = sig[i + 1] - sig[i]
-            x = _comb((1.0, x), *((dt * c, dd) for c, dd in zip(cs, hist, strict=False)))
-        buf = [*buf, d][-(max_order - 1) :]
-        _progress(callback, i, n)
-    return x
-
-
-@torch.no_grad()
-def sample_deis(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    max_order: int = 3,
-) -> torch.Tensor:
+def sample_deis(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                max_order: int = 3) -> Tensor:  # fmt: skip
     """DEIS tAB (Zhang & Chen 2022): exponential integrator, x0 extrapolated by Lagrange polynomials in σ.
 
     For flow, d(x/σ)/dσ = -D/σ², so x' = (σ'/σ)·x - σ'·Σ_j D_j ∫_σ^σ' ℓ_j(τ)/τ² dτ (integrals exact).
     """
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    buf: list[torch.Tensor] = []
-    for i in range(n):
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    buf: list[Tensor] = []
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
-        s, s1 = sig[i], sig[i + 1]
         order = min(max_order, i + 1)
         if s1 == 0:
             x = denoised
@@ -555,7 +421,6 @@ def sample_deis(
             ws = [-s1 * _lagrange_integral(nodes, j, s, s1, weight_pow=-2) for j in range(order)]
             x = _comb((s1 / s, x), *zip(ws, hist, strict=False))
         buf = [*buf, denoised][-(max_order - 1) :] if max_order > 1 else []
-        _progress(callback, i, n)
     return x
 
 
@@ -565,11 +430,11 @@ def sample_deis(
 class _DPMSolver:
     """DPM-Solver-1/2/3 (Lu et al. 2022) in t = -log σ on the flow ODE (k-diffusion's form), RF noise for eta."""
 
-    def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], st: _Sig) -> None:
+    def __init__(self, model: Callable[[Tensor, Tensor], Tensor], st: _Sig) -> None:
         self.model, self.st, self.nfe = model, st, 0
         self.on_eval: Callable[[], None] | None = None
 
-    def eps(self, cache: dict[str, torch.Tensor], key: str, x: torch.Tensor, t: float) -> torch.Tensor:
+    def eps(self, cache: dict[str, Tensor], key: str, x: Tensor, t: float) -> Tensor:
         if key not in cache:
             s = math.exp(-t)
             cache[key] = _deriv(x, self.model(x, self.st.at(s)), s)
@@ -579,8 +444,8 @@ class _DPMSolver:
         return cache[key]
 
     def step(
-        self, order: int, x: torch.Tensor, t: float, t1: float, cache: dict[str, torch.Tensor], r1: float | None = None
-    ) -> torch.Tensor:
+        self, order: int, x: Tensor, t: float, t1: float, cache: dict[str, Tensor], r1: float | None = None
+    ) -> Tensor:
         h, sn = t1 - t, math.exp(-t1)
         em1 = math.expm1(h)
         eps = self.eps(cache, "eps", x, t)
@@ -612,16 +477,8 @@ def _fast_range(sig: list[float]) -> tuple[float, float, bool]:
 
 
 @torch.no_grad()
-def sample_dpm_fast(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 0.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
+def sample_dpm_fast(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                    eta: float = 0.0, s_noise: float = 1.0) -> Tensor:  # fmt: skip
     """DPM-Solver-Fast (Lu et al. 2022): orders 3,…,3,2,1 on a uniform log-σ grid, n model calls in all.
 
     Integrates from σ_max to the last positive σ with n-1 calls, then denoises to σ = 0 with the last one
@@ -661,21 +518,9 @@ def sample_dpm_fast(
 
 
 @torch.no_grad()
-def sample_dpm_adaptive(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    rtol: float = 0.05,
-    atol: float = 0.0078,
-    h_init: float = 0.05,
-    accept_safety: float = 0.81,
-    max_nfe: int = 120,
-    eta: float = 0.0,
-    s_noise: float = 1.0,
-) -> torch.Tensor:
+def sample_dpm_adaptive(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                        rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, accept_safety: float = 0.81,
+                        max_nfe: int = 120, eta: float = 0.0, s_noise: float = 1.0) -> Tensor:  # fmt: skip
     """DPM-Solver-23 with adaptive step size (Lu et al. 2022; I-controller as k-diffusion), ≤ max_nfe calls.
 
     The error norm and the step size are per image (batch invariance), so each image is integrated in turn
@@ -697,13 +542,13 @@ def sample_dpm_adaptive(
             _progress(callback, reported[0], n)
             reported[0] += 1
 
-    rows: list[torch.Tensor] = []
+    rows: list[Tensor] = []
     for k in range(b):
         row_model, row_noise = (model, noise) if b == 1 else (model.rows([k]), noise.rows([k]))
         xk, x_prev = x[k : k + 1], x[k : k + 1]
         solver = _DPMSolver(row_model, st)
         t, h = t_start, h_init
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[str, Tensor] = {}
         while t < t_end - 1e-5:
             force = solver.nfe + 6 + (1 if denoise else 0) > max_nfe  # keep a forced last step affordable
             t1 = t_end if force else min(t_end, t + h)
@@ -747,35 +592,18 @@ def _midpoint_2s(s: float, s_down: float) -> float:
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    cfg_pp: bool = False,
-) -> torch.Tensor:
+def sample_dpmpp_2s_ancestral(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                              eta: float = 1.0, s_noise: float = 1.0, cfg_pp: bool = False) -> Tensor:  # fmt: skip
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022), λ = logit(1-σ), RF re-noising (ComfyUI's *_RF); ``cfg_pp``: as
     ComfyUI for flow models, the unconditional 2S step plus α'·(D_g - D_u)."""
     step = _dpmpp_2s_ancestral_cfg_pp if cfg_pp else _dpmpp_2s_ancestral
     return step(model, x, sigmas, noise, callback, eta, s_noise)
 
 
-def _dpmpp_2s_ancestral(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: BatchNoise,
-    callback: StepCallback | None,
-    eta: float,
-    s_noise: float,
-) -> torch.Tensor:
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+def _dpmpp_2s_ancestral(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise, callback: OnStep,
+                        eta: float, s_noise: float) -> Tensor:  # fmt: skip
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
         if s1 == 0:
             x = denoised
@@ -786,23 +614,14 @@ def _dpmpp_2s_ancestral(
             x = torch.lerp(model(u, st.at(s_mid)), x, s_down / s)
             if eta > 0:
                 x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
-        _progress(callback, i, n)
     return x
 
 
-def _dpmpp_2s_ancestral_cfg_pp(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    noise: BatchNoise,
-    callback: StepCallback | None,
-    eta: float,
-    s_noise: float,
-) -> torch.Tensor:
+def _dpmpp_2s_ancestral_cfg_pp(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise, callback: OnStep,
+                               eta: float, s_noise: float) -> Tensor:  # fmt: skip
     """ComfyUI's ``*_RF_cfg_pp``: the unconditional 2S ancestral step, then α'·(D_g - D_u) of the first call."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         guided, uncond = model.with_uncond(x, st[i])
         if s1 == 0:
             x = guided  # u + 1·(D_g - u)
@@ -815,38 +634,25 @@ def _dpmpp_2s_ancestral_cfg_pp(
             if eta > 0:
                 x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
             x.add_(guided, alpha=1 - s1).sub_(uncond, alpha=1 - s1)
-        _progress(callback, i, n)
     return x
 
 
-def _brownian(noise: BatchNoise, x: torch.Tensor, sigmas: torch.Tensor, on_device: bool) -> BrownianNoise:
+def _brownian(noise: BatchNoise, x: Tensor, sigmas: Tensor, on_device: bool) -> BrownianNoise:
     """ComfyUI's BrownianTreeNoiseSampler for the SDE samplers: over the schedule's [σ_min > 0, σ_max]."""
     positive = sigmas[sigmas > 0]
     return noise.brownian(x, float(positive.min()), float(sigmas.max()), on_device=on_device)
 
 
 @torch.no_grad()
-def sample_dpmpp_sde(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    r: float = 0.5,
-    on_device: bool = False,
-) -> torch.Tensor:
+def sample_dpmpp_sde(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                     eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5,
+                     on_device: bool = False) -> Tensor:  # fmt: skip
     """DPM-Solver++ SDE (Lu et al. 2022), 2 stages, λ = logit(1-σ), noise in the flow's σ/α; ``on_device``: the
     Brownian tree grows on the compute device."""
-    n = len(sigmas) - 1
-    sig = _offset_first(_floats(sigmas))
-    st = _Sig(sigmas)
+    sig, st = _offset_first(_floats(sigmas)), _Sig(sigmas)
     fac = 1 / (2 * r)
     tree = _brownian(noise, x, sigmas, on_device) if eta > 0 and s_noise > 0 else None
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st.at(s) if i == 0 else st[i])
         if s1 == 0:
             x = denoised
@@ -870,20 +676,12 @@ def sample_dpmpp_sde(
             x = _comb(((a_t / a_s) * math.exp(-h_), x), (c * (1 - fac), denoised), (c * fac, denoised_2))
             if tree is not None:
                 x.add_(tree(s, s1), alpha=a_t * ru * s_noise)
-        _progress(callback, i, n)
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    cfg_pp: bool = False,
-) -> torch.Tensor:
+def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                    cfg_pp: bool = False) -> Tensor:  # fmt: skip
     """DPM-Solver++(2M) (Lu et al. 2022) on the flow ODE in t = -log σ, as k-diffusion and ComfyUI.
 
     The first-order part (σ'/σ)·x + (1-σ'/σ)·D is the exact flow step (the same as with λ = logit(1-σ)); the
@@ -891,11 +689,10 @@ def sample_dpmpp_2m(
     On the Gaussian benchmark this is the more accurate choice at 4-8 steps (bench/samplers.py). ``cfg_pp``: with
     CFG++ (Chung et al. 2024), guided x0, unconditional ε̂ and history.
     """
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    old: torch.Tensor | None = None
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    old: Tensor | None = None
     h_last = 1.0
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+    for i, s, s1 in _steps(sig, callback):
         if cfg_pp:
             denoised, uncond = model.with_uncond(x, st[i])
         else:
@@ -916,37 +713,25 @@ def sample_dpmpp_2m(
                 x.add_(old, alpha=-c)
             h_last = h
         old = uncond
-        _progress(callback, i, n)
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_multistep_sde(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    max_order: int = 2,
-    on_device: bool = False,
-) -> torch.Tensor:
+    model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+    eta: float = 1.0, s_noise: float = 1.0, max_order: int = 2, on_device: bool = False,
+) -> Tensor:  # fmt: skip
     """DPM-Solver++ multistep SDE (Lu et al. 2022; k-diffusion), λ = logit(1-σ), noise σ'·sqrt(1-e^{-2hη}):
     ``max_order`` 2 is DPM-Solver++(2M) SDE (midpoint), 3 is (3M) SDE; ``on_device``: the Brownian tree grows on the
     compute device."""
-    n = len(sigmas) - 1
-    sig = _offset_first(_floats(sigmas))
-    st = _Sig(sigmas)
+    sig, st = _offset_first(_floats(sigmas)), _Sig(sigmas)
     tree = _brownian(noise, x, sigmas, on_device) if eta > 0 and s_noise > 0 else None
-    d_1: torch.Tensor | None = None
-    d_2: torch.Tensor | None = None
+    d_1: Tensor | None = None
+    d_2: Tensor | None = None
     h_1: float | None = None
     h_2: float | None = None
     h: float | None = None
-    for i in range(n):
-        s, s1 = sig[i], sig[i + 1]
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st.at(s) if i == 0 else st[i])
         if s1 == 0:
             x = denoised
@@ -977,7 +762,6 @@ def sample_dpmpp_multistep_sde(
                 x.add_(tree(s, s1), alpha=s1 * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
         d_1, d_2 = denoised, d_1
         h_1, h_2 = h, h_1
-        _progress(callback, i, n)
     return x
 
 
@@ -985,19 +769,11 @@ def sample_dpmpp_multistep_sde(
 
 
 @torch.no_grad()
-def sample_ddpm(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
+def sample_ddpm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020): the exact posterior q(x_σ' | x_σ, x0) of the flow's α, σ."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
-        s, s1 = sig[i], sig[i + 1]
         if s1 == 0:
             x = denoised
         else:
@@ -1005,45 +781,27 @@ def sample_ddpm(
             ratio = a_s / a_t  # α_{σ|σ'}
             var = max(s**2 - ratio**2 * s1**2, 0.0)  # σ²_{σ|σ'}
             x = _comb((ratio * s1**2 / s**2, x), (a_t * var / s**2, denoised), (math.sqrt(var) * s1 / s, noise.step(x)))
-        _progress(callback, i, n)
     return x
 
 
 @torch.no_grad()
-def sample_lcm(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
+def sample_lcm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): denoise, re-noise as (1-σ')·x0 + σ'·ε."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, _, s1 in _steps(sig, callback):
         x = model(x, st[i])
-        s1 = sig[i + 1]
         if s1 > 0:
             x = torch.lerp(x, noise.step(x), s1)
-        _progress(callback, i, n)
     return x
 
 
 @torch.no_grad()
-def sample_ddim(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    eta: float = 0.0,
-) -> torch.Tensor:
+def sample_ddim(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                eta: float = 0.0) -> Tensor:  # fmt: skip
     """DDIM (Song et al. 2021): x' = α'·x0 + sqrt(σ'² - c²)·ε̂ + c·z; for a rectified flow, η = 0 equals Euler."""
-    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
-    for i in range(n):
+    sig, st = _floats(sigmas), _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
         denoised = model(x, st[i])
-        s, s1 = sig[i], sig[i + 1]
         a_s, a_t = 1 - s, 1 - s1
         c = 0.0
         if eta > 0 and s1 > 0:
@@ -1052,7 +810,6 @@ def sample_ddim(
         x = _comb((k, x), (a_t - k * a_s, denoised))
         if c > 0:
             x.add_(noise.step(x), alpha=c)
-        _progress(callback, i, n)
     return x
 
 
@@ -1074,26 +831,17 @@ def _unipc_coeffs(rks: list[float], hh: float, order: int, bh2: bool) -> tuple[f
 
 
 @torch.no_grad()
-def sample_uni_pc(
-    model: Denoiser,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    *,
-    noise: BatchNoise,
-    callback: StepCallback | None = None,
-    bh2: bool = False,
-    order: int = 3,
-) -> torch.Tensor:
+def sample_uni_pc(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
+                  bh2: bool = False, order: int = 3) -> Tensor:  # fmt: skip
     """UniPC (Zhao et al. 2023), order 3, data prediction in λ = logit(1-σ); B(h) = h (bh1) or, with ``bh2``,
     B(h) = e^h - 1."""
-    n = len(sigmas) - 1
-    sig, st = _floats(sigmas), _Sig(sigmas)
+    sig, st, n = _floats(sigmas), _Sig(sigmas), len(sigmas) - 1
     # λ(1) = -∞: the history coefficients use the offset first σ; the σ-ratio part stays exact at σ = 1
     lam = [_lam(s) for s in _offset_first(sig)]
-    ms: list[torch.Tensor] = []  # model outputs, newest last
-    x_last: torch.Tensor | None = None
+    ms: list[Tensor] = []  # model outputs, newest last
+    x_last: Tensor | None = None
     last_order = 1
-    for i in range(n):
+    for i, _, _ in _steps(sig, callback):
         denoised = model(x, st[i])
         if i > 0 and x_last is not None:  # UniC: correct x_i with the evaluation just made
             k = last_order
@@ -1127,20 +875,17 @@ def sample_uni_pc(
                 for j in range(1, k):
                     x.add_(ms[-1 - j], alpha=cp[j - 1])
             last_order = k
-        _progress(callback, i, n)
     return x
 
 
 # The solver families by name; each catalogue entry names its family and the options that make it that sampler.
-SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
+SOLVERS: dict[str, Callable[..., Tensor]] = {
     f.__name__.removeprefix("sample_"): f
     for f in (
         sample_euler,
-        sample_euler_ancestral,
         sample_heun,
         sample_heunpp2,
         sample_dpm_2,
-        sample_dpm_2_ancestral,
         sample_lms,
         sample_dpm_fast,
         sample_dpm_adaptive,
@@ -1151,7 +896,6 @@ SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
         sample_ddpm,
         sample_lcm,
         sample_ipndm,
-        sample_ipndm_v,
         sample_deis,
         sample_ddim,
         sample_uni_pc,
