@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.denoisers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
-from conftest import GaussianDenoiser, exact_flow
-from sd3serve.engine.catalogue import SAMPLER_NAMES, STOCHASTIC_SAMPLERS
+from helpers.denoisers import GaussianDenoiser, exact_flow
+from sd3serve.catalogue import SAMPLER_NAMES, STOCHASTIC_SAMPLERS
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise, BrownianNoise
 from sd3serve.engine.samplers import SAMPLERS

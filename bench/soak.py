@@ -24,7 +24,7 @@ import httpx
 from httpx_sse import connect_sse
 
 from common import URL, rich_key, sd3serve
-from sd3serve.engine.catalogue import SAMPLER_INFO
+from sd3serve.catalogue import SAMPLER_INFO
 
 PROMPTS = ["a red circle", "a blue square on a yellow background", "a green triangle at the top left", "a star"]
 

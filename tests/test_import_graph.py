@@ -60,3 +60,21 @@ def test_the_package_has_no_import_circle() -> None:
     graph = import_graph()
     assert "sd3serve.engine.pipeline" in graph and "sd3serve.api.app" in graph
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_api_reaches_the_engine_and_the_ledger_only_through_the_service() -> None:
+    """Routes decode the wire into an order or a read and encode the answer: whatever they need of the model engine
+    or the database comes through ``sd3serve.service``."""
+    below = ("sd3serve.engine", "sd3serve.store")
+    reaching = {
+        module: sorted(dep for dep in deps if dep.startswith(below))
+        for module, deps in import_graph().items()
+        if module.startswith("sd3serve.api")
+    }
+    assert "sd3serve.api.routes.v2" in reaching
+    assert {module: deps for module, deps in reaching.items() if deps} == {}
+
+
+def test_the_import_walk_sees_imports_inside_functions() -> None:
+    graph = import_graph()
+    assert "sd3serve.engine.batching" in graph["sd3serve.service.runtime"]  # imported inside running()

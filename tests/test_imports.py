@@ -30,7 +30,7 @@ def test_the_request_schema_imports_no_tensor_library() -> None:
     out = run_python(
         "import json, os, sys\n"
         "before = dict(os.environ)\n"
-        "import sd3serve.api.schemas, sd3serve.engine, sd3serve.engine.catalogue\n"
+        "import sd3serve.api.schemas, sd3serve.engine, sd3serve.catalogue\n"
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
         "print(json.dumps({'heavy': heavy, 'env_changed': dict(os.environ) != before}))"
     )

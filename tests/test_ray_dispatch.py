@@ -92,7 +92,7 @@ def dispatch(handle: Handle) -> HandleDispatch:
 
 def test_a_failed_call_fails_the_task_and_returns_its_hold(store: CreditStore) -> None:
     key_id, reservation = accepted(store)
-    asyncio.run(dispatch(Handle(RuntimeError("the replica died")))(reservation, REQ, REQ.to_job(), "t1"))
+    asyncio.run(dispatch(Handle(RuntimeError("the replica died")))(reservation, REQ.order("v2"), "t1"))
     view = TaskStore(store.engine).get(task_id="t1", key_id=key_id)
     assert view.status == "FAILED" and view.error == LOST
     info = store.get_key(key_id=key_id)
@@ -104,7 +104,7 @@ def test_a_failed_call_after_delivery_charges_once_and_stays_completed(store: Cr
     done = TaskStore.completion("t1", images=[b"jpeg"], inference_time=1.0, steps=1,
                                 ttl=timedelta(days=1))  # fmt: skip
     Reservation(store, reservation.hold).capture(deliver=done)  # the runner delivered, then its answer was lost
-    asyncio.run(dispatch(Handle(RuntimeError("lost answer")))(reservation, REQ, REQ.to_job(), "t1"))
+    asyncio.run(dispatch(Handle(RuntimeError("lost answer")))(reservation, REQ.order("v2"), "t1"))
     assert TaskStore(store.engine).get(task_id="t1", key_id=key_id).status == "COMPLETED"
     info = store.get_key(key_id=key_id)
     assert info.credits == 2 and info.spent == 1
@@ -114,7 +114,7 @@ def test_backpressure_is_tried_again_while_the_task_waits(store: CreditStore, mo
     monkeypatch.setattr(scaleout_tasks, "BACKPRESSURE_RETRY_S", 0)
     key_id, reservation = accepted(store)
     handle = Handle(BackPressureError(num_queued_requests=1, max_queued_requests=1), None)
-    asyncio.run(dispatch(handle)(reservation, REQ, REQ.to_job(), "t1"))
+    asyncio.run(dispatch(handle)(reservation, REQ.order("v2"), "t1"))
     assert handle.calls == 2
     assert TaskStore(store.engine).get(task_id="t1", key_id=key_id).status == "QUEUED"  # the runner has it
     assert store.get_key(key_id=key_id).credits == 2  # still held

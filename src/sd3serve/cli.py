@@ -87,7 +87,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _amount(text: str, *, positive: bool) -> Decimal:
-    from sd3serve.api.amounts import amount_error
+    from sd3serve.service.amounts import amount_error
 
     try:
         value = Decimal(text)

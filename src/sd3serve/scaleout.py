@@ -202,7 +202,7 @@ class SD3Replica:
             self._handle = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
         return self._handle
 
-    async def run_task(self, hold: Any, owner: str, req: Any, job: Any, task_id: str) -> None:
+    async def run_task(self, hold: Any, owner: str, order: Any, task_id: str) -> None:
         """A v2 task accepted by a replica (maybe this one), routed here by Ray: take it over and run it."""
         from sd3serve.scaleout_tasks import run_dispatched
 
@@ -210,7 +210,7 @@ class SD3Replica:
         if state is None:
             raise RuntimeError("the application has not started")
         await run_dispatched(state.service, state.store, owner=owner, new_owner=state.recovery.instance_id,
-                             hold=hold, req=req, job=job, task_id=task_id)  # fmt: skip
+                             hold=hold, order=order, task_id=task_id)  # fmt: skip
 
     async def check_health(self) -> None:
         """Ray's health check: a replica whose engine stopped is restarted."""

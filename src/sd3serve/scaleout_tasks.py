@@ -21,13 +21,12 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
 from ray.serve.exceptions import BackPressureError
 from sqlalchemy import Engine, update
 
-from sd3serve.api.schemas import Txt2ImgRequest
-from sd3serve.api.service import GenerationService
-from sd3serve.engine.job import GenerationJob
+from sd3serve.blocking import run_blocking
+from sd3serve.service.generation import GenerationService
+from sd3serve.service.order import Order
 from sd3serve.store.credits import CreditHold, CreditStore, Reservation
 from sd3serve.store.models import Hold, Task
 from sd3serve.store.tasks import TaskStore
@@ -57,11 +56,11 @@ class HandleDispatch:
         self.service = service
         self.owner = owner  # this process's instance id now (it changes if it was presumed dead)
 
-    async def __call__(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
+    async def __call__(self, reservation: Reservation, order: Order, task_id: str) -> None:
         try:
             while True:
                 try:
-                    await self.handle().run_task.remote(reservation.hold, self.owner(), req, job, task_id)
+                    await self.handle().run_task.remote(reservation.hold, self.owner(), order, task_id)
                     return
                 except BackPressureError:  # every replica is full and the router's queue too: the task waits
                     await asyncio.sleep(BACKPRESSURE_RETRY_S)
@@ -70,17 +69,17 @@ class HandleDispatch:
         except Exception as e:
             log.warning("task %s: the replica running it failed: %s", task_id, e)
             ttl = timedelta(seconds=self.service.settings.task_ttl_s)
-            await run_in_threadpool(reservation.fail, also=TaskStore.failure(task_id, error=LOST, ttl=ttl))
+            await run_blocking(reservation.fail, also=TaskStore.failure(task_id, error=LOST, ttl=ttl))
 
 
 async def run_dispatched(
     service: GenerationService, store: CreditStore, *, owner: str, new_owner: str, hold: CreditHold,
-    req: Txt2ImgRequest, job: GenerationJob, task_id: str,
+    order: Order, task_id: str,
 ) -> None:  # fmt: skip
     """On the replica Ray routed the task to: take it over and run it (until done, failed or cancelled)."""
-    if not await run_in_threadpool(take_over, store.engine, task_id=task_id, hold_id=hold.id, owner=owner,
+    if not await run_blocking(take_over, store.engine, task_id=task_id, hold_id=hold.id, owner=owner,
                                    new_owner=new_owner):  # fmt: skip
         log.info("task %s was settled before it could run here", task_id)
         return
-    runner = service.run_here(Reservation(store, hold), req, job, task_id)
+    runner = service.run_here(Reservation(store, hold), order, task_id)
     await asyncio.shield(runner)  # a cancelled call (its caller stopped) leaves the run going here

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     # Webhooks: a target must resolve to public addresses unless this allows private, loopback and link-local ones.
     webhook_allow_private: bool = False
     webhook_timeout_s: float = Field(10.0, gt=0)  # per delivery attempt
-    # Sending (api/webhook_delivery.py): attempts in flight per process, of them at most this many per key and per
+    # Sending (service/webhook_delivery.py): attempts in flight per process, of them at most this many per key and per
     # target host; an attempt's whole time (name, connect, send, the answer's head) is webhook_timeout_s.
     webhook_concurrency: int = Field(32, ge=1)
     webhook_per_key: int = Field(4, ge=1)
@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(5, ge=1)  # an idle keep-alive connection closes after this
     max_connections: int = Field(1000, ge=0)  # open connections (and requests) past this get 503; 0: no cap
     forwarded_allow_ips: str = ""  # proxies trusted for X-Forwarded-For/-Proto: IPs or CIDRs, comma-separated; "": none
-    # Streams (api/streams.py): open event streams and base64 result downloads, per key (429 past it) and per process
-    # (503 past it; never more than half of max_connections, so streams leave room for every other request).
+    # Streams (service/streams.py): open event streams and base64 result downloads, per key (429 past it) and per
+    # process (503 past it; never more than half of max_connections, so streams leave room for every other request).
     max_streams_per_key: int = Field(8, ge=1)
     max_streams: int = Field(256, ge=1)
     # A response whose client takes no data for this long (the server's send buffer stays full) is cut off.

@@ -153,7 +153,7 @@ class SlowStartEngine(StubEngine):
 
 def test_http_answers_while_the_model_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     engine = SlowStartEngine()
-    with caplog.at_level(logging.INFO, logger="sd3serve.api.app"):
+    with caplog.at_level(logging.INFO, logger="sd3serve"):
         gen = run_live_server(Settings(data_dir=tmp_path, device="cpu"), engine=engine, ready=False)
         server = next(gen)
     try:

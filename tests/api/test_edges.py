@@ -141,7 +141,7 @@ def test_a_key_with_exactly_the_price_can_pay_and_then_cannot(server: LiveServer
 
 
 def test_the_admin_credit_edges(tmp_path: Path) -> None:
-    from sd3serve.api.amounts import MAX_CREDITS_PER_CALL
+    from sd3serve.service.amounts import MAX_CREDITS_PER_CALL
 
     admin = "adm-" + "Kq8ZpR3vT6wYb1NcF5hJ9mXs2LdG7uEa"
     gen = run_live_server(Settings(data_dir=tmp_path, device="cpu", admin_key=admin), engine=StubEngine())

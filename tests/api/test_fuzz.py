@@ -25,8 +25,8 @@ from PIL import Image
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from live_server import LiveServer, run_live_server
-from sd3serve.api import webhook_delivery
 from sd3serve.api.app import create_app
+from sd3serve.service import webhook_delivery
 from sd3serve.settings import Settings
 from sd3serve.store.webhooks import WebhookStore
 from stub_engine import StubEngine

@@ -12,8 +12,8 @@ import pytest
 
 from gated import CountingGate, GatedEngine, paused_server
 from live_server import SMALL, URL, run_live_server
-from sd3serve.api import service
 from sd3serve.engine.loading import LoadedModel
+from sd3serve.service import generation
 from sd3serve.settings import Settings
 from waiting import wait_for
 
@@ -45,7 +45,7 @@ def test_a_client_that_disconnects_frees_the_model_within_a_step(tiny_model: Loa
 def test_a_locked_database_does_not_stall_the_model(
     tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "PROGRESS_WRITE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(generation, "PROGRESS_WRITE_INTERVAL_S", 0.0)
     settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
     engine = CountingGate(settings, tiny_model)
     gen = run_live_server(settings, engine=engine)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from sd3serve.api.schemas import ASPECT_RATIOS, Sampler, Scheduler, parse_txt2img
-from sd3serve.engine.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
+from sd3serve.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3serve.errors import InvalidRequest
 
 # The contract's lists, typed out here on purpose: the catalogue must not drift from the published API.

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import event
 
 from live_server import LiveServer
-from sd3serve.api.streams import stream_limit
+from sd3serve.service.streams import stream_limit
 from sd3serve.settings import Settings
 from served import (
     FLAT,

@@ -14,9 +14,9 @@ import pytest
 
 from gated import GatedEngine
 from live_server import SMALL, LiveServer, run_live_server
-from sd3serve.api import service
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.loading import LoadedModel
+from sd3serve.service import generation
 from sd3serve.settings import Settings
 from sd3serve.store.tasks import TaskStore
 from stub_engine import FailingEngine
@@ -119,7 +119,7 @@ def test_failed_task_is_422_and_free(tmp_path: Path) -> None:
 
 
 def test_progress_while_processing(tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "PROGRESS_WRITE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(generation, "PROGRESS_WRITE_INTERVAL_S", 0.0)
     settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
     engine = GatedEngine(settings, tiny_model)
     gen = run_live_server(settings, engine=engine)

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from helpers.webhook_receiver import Receiver
-from sd3serve.api.webhook_delivery import WebhookSender
+from sd3serve.service.webhook_delivery import WebhookSender
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.models import WebhookDelivery

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from live_server import SMALL, run_live_server
-from sd3serve.api.webhook_delivery import TargetRefused, parse_target, target_problem
+from sd3serve.service.webhook_delivery import TargetRefused, parse_target, target_problem
 from sd3serve.settings import Settings
 from stub_engine import StubEngine
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers.denoisers import GaussianDenoiser, RecordingNoise
-from sd3serve.engine.catalogue import (
+from sd3serve.catalogue import (
     GPU_NOISE_SAMPLERS,
     SAMPLER_INFO,
     SAMPLER_NAMES,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sd3demo.tiny import TinySD3Config, build_tiny_sd3
-from sd3serve.engine.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
+from sd3serve.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.engine.pipeline import SD3Pipeline

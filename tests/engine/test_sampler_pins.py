@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers.denoisers import GaussianDenoiser
-from sd3serve.engine.catalogue import SAMPLER_NAMES
+from sd3serve.catalogue import SAMPLER_NAMES
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.samplers import SAMPLERS

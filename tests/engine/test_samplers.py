@@ -9,7 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from helpers.denoisers import GaussianDenoiser, RecordingNoise, exact_flow
-from sd3serve.engine.catalogue import (
+from sd3serve.catalogue import (
     CFG_PP_SAMPLERS,
     DETERMINISTIC_SAMPLERS,
     GPU_NOISE_SAMPLERS,

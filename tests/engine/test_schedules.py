@@ -9,7 +9,7 @@ import mpmath
 import pytest
 import torch
 
-from sd3serve.engine.catalogue import SCHEDULER_NAMES
+from sd3serve.catalogue import SCHEDULER_NAMES
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.schedules import SCHEDULERS, get_sigmas
 

@@ -1,4 +1,4 @@
-"""Dependencies of the routes: the typed application state and the caller's key, as ``Annotated`` aliases."""
+"""Dependencies of the routes: the running services and the caller's key, as ``Annotated`` aliases."""
 
 from __future__ import annotations
 
@@ -7,50 +7,42 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from sd3serve.api.metrics import Metrics
-from sd3serve.api.service import GenerationService
-from sd3serve.api.state import AppState, app_state
-from sd3serve.api.streams import StreamHub
-from sd3serve.engine.protocol import Engine
-from sd3serve.errors import Forbidden, InvalidApiKey, NotFound, RateLimited
+from sd3serve.api.state import app_state
+from sd3serve.errors import Forbidden, InvalidApiKey, NotFound
+from sd3serve.service import Accounts, GenerationService, KeyInfo, Services, StreamHub, TaskReads
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore, KeyInfo
-from sd3serve.store.tasks import TaskStore
 
 
-def get_state(request: Request) -> AppState:
+def get_services(request: Request) -> Services:
     return app_state(request.app)
 
 
-StateDep = Annotated[AppState, Depends(get_state)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def _part(name: str) -> Any:
-    """A dependency that returns one part of the application state."""
+    """A dependency that returns one of the services."""
 
-    def get(state: StateDep) -> Any:
-        return getattr(state, name)
+    def get(services: ServicesDep) -> Any:
+        return getattr(services, name)
 
     get.__name__ = f"get_{name}"
     return Depends(get)
 
 
 SettingsDep = Annotated[Settings, _part("settings")]
-StoreDep = Annotated[CreditStore, _part("store")]
-EngineDep = Annotated[Engine, _part("engine")]
-TaskStoreDep = Annotated[TaskStore, _part("tasks")]
-MetricsDep = Annotated[Metrics, _part("metrics")]
 ServiceDep = Annotated[GenerationService, _part("service")]
+ReadsDep = Annotated[TaskReads, _part("reads")]
+AccountsDep = Annotated[Accounts, _part("accounts")]
 StreamHubDep = Annotated[StreamHub, _part("streams")]
 
 
-def get_api_key(
+async def get_api_key(
     request: Request,
-    store: StoreDep,
+    accounts: AccountsDep,
     x_api_key: Annotated[str | None, Header(alias="x-api-key", description="your API key")] = None,
 ) -> KeyInfo:
-    # A sync dependency: FastAPI runs it on the thread pool, off the event loop.
-    key = store.authenticate(api_key=x_api_key)
+    key = await accounts.authenticate(x_api_key)
     request.state.key_id = key.id  # for the access log: the key's id, never the key
     return key
 
@@ -78,26 +70,18 @@ IdempotencyKeyDep = Annotated[
 ]
 
 
-def _count_generation(key: KeyInfo, state: AppState) -> KeyInfo:
-    limit = state.settings.rate_limit_per_minute
-    if limit > 0:
-        decision = state.rate_limiter.hit(key_id=key.id, per_minute=limit)
-        if not decision.allowed:
-            raise RateLimited(limit, decision.reset_at)
-    return key
-
-
-def get_generation_key(key: ApiKeyDep, state: StateDep) -> KeyInfo:
+async def get_generation_key(key: ApiKeyDep, accounts: AccountsDep) -> KeyInfo:
     """The caller's key, counted against its rate limit (generation requests only: polling is free)."""
-    return _count_generation(key, state)
+    await accounts.count_generation(key)
+    return key
 
 
 GenerationKeyDep = Annotated[KeyInfo, Depends(get_generation_key)]
 
 
-def get_bearer_key(
+async def get_bearer_key(
     request: Request,
-    store: StoreDep,
+    accounts: AccountsDep,
     authorization: Annotated[str | None, Header(description="`Bearer <your API key>`, as OpenAI's clients send it")]
     = None,
     x_api_key: Annotated[str | None, Header(alias="x-api-key", description="your API key (wins over Bearer)")] = None,
@@ -111,7 +95,7 @@ def get_bearer_key(
         api_key = token.strip()
     if not api_key:
         raise InvalidApiKey("missing API key: send 'Authorization: Bearer <your API key>' (or x-api-key)")
-    key = store.authenticate(api_key=api_key)
+    key = await accounts.authenticate(api_key)
     request.state.key_id = key.id
     return key
 
@@ -119,9 +103,10 @@ def get_bearer_key(
 BearerKeyDep = Annotated[KeyInfo, Depends(get_bearer_key)]
 
 
-def get_bearer_generation_key(key: BearerKeyDep, state: StateDep) -> KeyInfo:
+async def get_bearer_generation_key(key: BearerKeyDep, accounts: AccountsDep) -> KeyInfo:
     """A Bearer (or x-api-key) key, counted against its rate limit like every generation request."""
-    return _count_generation(key, state)
+    await accounts.count_generation(key)
+    return key
 
 
 BearerGenerationKeyDep = Annotated[KeyInfo, Depends(get_bearer_generation_key)]

@@ -17,12 +17,12 @@ from urllib.parse import urljoin
 
 import httpx
 import numpy as np
-from fastapi.concurrency import run_in_threadpool
 from PIL import Image, ImageOps
 
-from sd3serve.api.webhook_delivery import target_problem
-from sd3serve.engine.init_image import InitImage
+from sd3serve.blocking import run_blocking
 from sd3serve.errors import InvalidRequest
+from sd3serve.service import InitImage
+from sd3serve.service.webhook_delivery import target_problem
 from sd3serve.settings import Settings
 
 FORMATS = ("PNG", "JPEG", "WEBP")
@@ -55,7 +55,7 @@ async def fetch(url: str, *, field: str, settings: Settings) -> bytes:
     timeout = httpx.Timeout(settings.image_fetch_timeout_s)
     async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            problem = await run_in_threadpool(target_problem, url, allow_private=settings.webhook_allow_private)
+            problem = await run_blocking(target_problem, url, allow_private=settings.webhook_allow_private)
             if problem is not None:
                 raise InvalidRequest(problem.replace("webhook_url", field, 1).replace(
                     "SD3SERVE_WEBHOOK_ALLOW_PRIVATE=true to allow private targets",
@@ -125,4 +125,4 @@ async def load_image(value: str, *, field: str, settings: Settings) -> Image.Ima
         data = await fetch(value.strip(), field=field, settings=settings)
     else:
         data = decode_base64(value, field=field, settings=settings)
-    return await run_in_threadpool(decode_image, data, field=field, settings=settings)
+    return await run_blocking(decode_image, data, field=field, settings=settings)

@@ -21,7 +21,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sd3serve.api.metrics import Metrics
+from sd3serve.service.metrics import Metrics
 
 access_log = logging.getLogger("sd3serve.access")
 

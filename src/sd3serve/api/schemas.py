@@ -1,6 +1,6 @@
 """Request and response bodies of the hosted API (``shared/spec/api-contract.md``).
 
-The sampler and scheduler enums are built from the engine's torch-free catalogue (which the sampler and schedule
+The sampler and scheduler enums are built from the torch-free catalogue (which the sampler and schedule
 tables must match), so a name exists in one place and importing this module loads no tensor library.
 """
 
@@ -24,11 +24,10 @@ from pydantic import (
     field_validator,
 )
 
-from sd3serve.engine.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
-from sd3serve.engine.init_image import InitImage
-from sd3serve.engine.job import GenerationJob
+from sd3serve.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3serve.errors import InvalidRequest
 from sd3serve.imaging import ImageFormat
+from sd3serve.service import GenerationJob, InitImage, Order, Output, Webhook
 
 Sampler = StrEnum("Sampler", {name: name for name in SAMPLER_NAMES})  # type: ignore[misc]
 Scheduler = StrEnum("Scheduler", {name: name for name in SCHEDULER_NAMES})  # type: ignore[misc]
@@ -158,6 +157,15 @@ class Txt2ImgRequest(BaseModel):
             batch_size=self.batch_size,
             loras=tuple((lora.name, lora.scale) for lora in self.loras),
         )
+
+    def order(self, route: str, webhook: WebhookOptions | None = None) -> Order:
+        """This request as the service's order; ``route`` names the kind of endpoint (an Idempotency-Key's answer
+        is replayed only on the same kind)."""
+        hook = None
+        if webhook is not None and webhook.webhook_url is not None:
+            hook = Webhook(url=webhook.webhook_url, events=tuple(webhook.webhook_events))
+        output = Output(image_format=self.image_format, quality=self.image_quality, base64=self.base64)
+        return Order(job=self.to_job(), output=output, request=self.model_dump_json(), route=route, webhook=hook)
 
 
 _ALLOWED: dict[str, str] = {

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from sd3serve.engine.catalogue import SAMPLER_INFO
+from sd3serve.catalogue import SAMPLER_INFO
 
 if TYPE_CHECKING:
     from sd3serve.engine.init_image import InitImage

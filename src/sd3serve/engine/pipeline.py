@@ -22,8 +22,8 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
 from sd3serve import allocator
+from sd3serve.catalogue import SAMPLER_INFO
 from sd3serve.engine.acceleration import apply_acceleration
-from sd3serve.engine.catalogue import SAMPLER_INFO
 from sd3serve.engine.flow import FlowSampling
 from sd3serve.engine.img2img import encode_init, img2img_sigmas, noised
 from sd3serve.engine.job import GenerationJob, GenerationResult

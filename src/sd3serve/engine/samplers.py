@@ -18,7 +18,7 @@ solvers in σ carry over. Everything that depends on the noise *schedule* uses t
 Scalar coefficients are computed in Python float64 from ``sigmas.tolist()`` (one host sync per call), tensors
 only see ``x ← a·x + b·D`` updates, so every batch item is computed independently of the others.
 
-What each sampler is (stochastic, CFG++, order, ...) is in :mod:`sd3serve.engine.catalogue`, torch-free, with the
+What each sampler is (stochastic, CFG++, order, ...) is in :mod:`sd3serve.catalogue`, torch-free, with the
 solver family that runs it and its options (as k-diffusion's ``solver_type=``): ``SAMPLERS`` is built from it.
 """
 
@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from sd3serve.engine.catalogue import SAMPLER_INFO
+from sd3serve.catalogue import SAMPLER_INFO
 from sd3serve.engine.noise import BatchNoise, BrownianNoise
 
 

@@ -4,7 +4,7 @@ A schedule is ``f(model_sampling, steps) -> sigmas``: ``steps + 1`` descending �
 CPU). That array is the whole contract between schedule and sampler. Every schedule reads the model's shifted σ
 table (:class:`~sd3serve.engine.flow.FlowSampling`), so another shift or σ range changes the sigmas accordingly;
 the definitions follow ComfyUI's ``comfy/samplers.py`` for ``ModelSamplingDiscreteFlow``. The table at the end
-must list the names of :mod:`sd3serve.engine.catalogue` in its order.
+must list the names of :mod:`sd3serve.catalogue` in its order.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from sd3serve.engine.catalogue import SAMPLER_INFO, SCHEDULER_NAMES, check_table
+from sd3serve.catalogue import SAMPLER_INFO, SCHEDULER_NAMES, check_table
 from sd3serve.engine.flow import FlowSampling, time_shift
 
 Schedule = Callable[[FlowSampling, int], torch.Tensor]

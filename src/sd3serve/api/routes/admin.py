@@ -14,11 +14,11 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
-from sd3serve.api.amounts import CREDIT_DECIMALS, MAX_CREDITS_PER_CALL
 from sd3serve.api.body import read_json
-from sd3serve.api.deps import AdminDep, StoreDep
+from sd3serve.api.deps import AccountsDep, AdminDep
 from sd3serve.api.schemas import ErrorResponse
-from sd3serve.store.credits import KeyInfo
+from sd3serve.service import KeyInfo
+from sd3serve.service.amounts import CREDIT_DECIMALS, MAX_CREDITS_PER_CALL
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -84,14 +84,14 @@ def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 @router.post("/keys", summary="Create a key", responses=_ERRORS, openapi_extra=_documented_body(NewKeyIn))
-def create_key(body: Annotated[NewKeyIn, Depends(admin_body(NewKeyIn))], store: StoreDep) -> NewKey:
-    info, plaintext = store.create_key(credits=body.credits, name=body.name)
+async def create_key(body: Annotated[NewKeyIn, Depends(admin_body(NewKeyIn))], accounts: AccountsDep) -> NewKey:
+    info, plaintext = await accounts.create_key(credits=body.credits, name=body.name)
     return NewKey(**dataclasses.asdict(info), key=plaintext)
 
 
 @router.get("/keys", summary="List keys", responses=_ERRORS)
-def list_keys(_: AdminDep, store: StoreDep) -> list[KeyInfo]:
-    return store.list_keys()
+async def list_keys(_: AdminDep, accounts: AccountsDep) -> list[KeyInfo]:
+    return await accounts.list_keys()
 
 
 @router.post(
@@ -100,10 +100,12 @@ def list_keys(_: AdminDep, store: StoreDep) -> list[KeyInfo]:
     responses=_ERRORS,
     openapi_extra=_documented_body(CreditsIn),
 )
-def add_credits(key_id: KeyId, body: Annotated[CreditsIn, Depends(admin_body(CreditsIn))], store: StoreDep) -> KeyInfo:
-    return store.add_credits(key_id=key_id, credits=body.credits)
+async def add_credits(
+    key_id: KeyId, body: Annotated[CreditsIn, Depends(admin_body(CreditsIn))], accounts: AccountsDep
+) -> KeyInfo:
+    return await accounts.add_credits(key_id, body.credits)
 
 
 @router.post("/keys/{key_id}/revoke", summary="Revoke a key", responses=_ERRORS)
-def revoke_key(key_id: KeyId, _: AdminDep, store: StoreDep) -> KeyInfo:
-    return store.revoke(key_id=key_id)
+async def revoke_key(key_id: KeyId, _: AdminDep, accounts: AccountsDep) -> KeyInfo:
+    return await accounts.revoke(key_id)

@@ -15,5 +15,5 @@ router = APIRouter(tags=["credits"])
     summary="Remaining credits of the calling key",
     responses={401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"}},
 )
-def get_user_credits(key: ApiKeyDep) -> CreditsResponse:
+async def get_user_credits(key: ApiKeyDep) -> CreditsResponse:
     return CreditsResponse(credits=key.credits)

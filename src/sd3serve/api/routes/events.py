@@ -4,7 +4,7 @@ Events: ``queued`` (``{"position"}`` when this process runs the task, else ``{}`
 "steps", "eta_s"}``), then one of ``completed`` (the body of ``GET /v2/requests/{id}``), ``failed`` or
 ``cancelled`` (``{"error"}``), after which the stream ends. Event ids grow with the task's progress (queued 0, step
 k → k + 1, the end 1000), so a client that reconnects with ``Last-Event-ID`` gets only what it has not seen. The
-stream follows the task's row in the database through the process's stream hub (``api/streams.py``: one poll for
+stream follows the task's row in the database through the process's stream hub (``service/streams.py``: one poll for
 all streams), so it works whichever process runs the task. Each stream holds one of its key's stream slots.
 """
 
@@ -16,14 +16,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from sd3serve.api.deps import ApiKeyDep, EngineDep, SettingsDep, StreamHubDep, TaskStoreDep
-from sd3serve.api.routes.v2 import STREAM_ERRORS, TASK_ERRORS, TaskId, base64_result, base_url, result_body
-from sd3serve.api.streams import HeldStreamingResponse
+from sd3serve.api.deps import ApiKeyDep, ReadsDep, SettingsDep, StreamHubDep
+from sd3serve.api.responses import HeldStreamingResponse
+from sd3serve.api.routes.common import base_url
+from sd3serve.api.routes.v2 import STREAM_ERRORS, TASK_ERRORS, TaskId, base64_result, result_body
 from sd3serve.errors import InvalidRequest
-from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, TaskProgress
+from sd3serve.service import CANCELLED, COMPLETED, FAILED, QUEUED, TaskProgress
 
 router = APIRouter(tags=["async (v2)"])
 
@@ -65,24 +65,24 @@ def resume_after(last_event_id: str | None) -> int:
                **TASK_ERRORS, **STREAM_ERRORS},
 )  # fmt: skip
 async def task_events(
-    task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, engine: EngineDep, settings: SettingsDep,
-    hub: StreamHubDep, last_event_id: LastEventId = "",
+    task_id: TaskId, request: Request, key: ApiKeyDep, reads: ReadsDep, settings: SettingsDep, hub: StreamHubDep,
+    last_event_id: LastEventId = "",
 ) -> HeldStreamingResponse:  # fmt: skip
     seen = resume_after(last_event_id)
-    first = await run_in_threadpool(tasks.get, task_id=task_id, key_id=key.id)  # 404 before the stream starts
+    first = await reads.get(key, task_id)  # 404 before the stream starts
     base = base_url(request, settings)
     slot = hub.open(key.id)  # 429 / 503 before the stream starts
 
     async def final_event(status: str) -> AsyncIterator[str | bytes]:
-        task = await run_in_threadpool(tasks.get, task_id=task_id, key_id=key.id)
+        task = await reads.get(key, task_id)
         head = f"id: {END_ID}\nevent: {_FINAL[status]}\ndata: "
         if status == COMPLETED and task.base64:  # the images, read and written piece by piece
             yield head
-            async for piece in base64_result(task, tasks, key.id, hub.reads):
+            async for piece in base64_result(task, reads, key, hub.reads):
                 yield piece
             yield "\n\n"
         elif status == COMPLETED:
-            yield _event(END_ID, "completed", result_body(task, tasks, base).model_dump(exclude_none=True))
+            yield _event(END_ID, "completed", result_body(task, base).model_dump(exclude_none=True))
         else:
             yield _event(END_ID, _FINAL[status], {"error": task.error})
 
@@ -99,7 +99,7 @@ async def task_events(
                             yield part
                     return
                 if task.status == QUEUED and seen < 0:
-                    position = engine.position(task_id)
+                    position = reads.position(task_id)
                     yield _event(0, "queued", {} if position is None else {"position": position})
                     seen = 0
                 elif task.steps and task.step + 1 > seen:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from sd3serve.api.deps import ApiKeyDep, SettingsDep
+from sd3serve.api.deps import ApiKeyDep, ServicesDep
 from sd3serve.api.schemas import MAX_LORAS, ErrorResponse
-from sd3serve.engine.lora_names import adapter_files, lora_dir
 
 router = APIRouter(tags=["adapters"])
 
@@ -28,6 +26,5 @@ class LoraList(BaseModel):
     summary="LoRA adapters this server offers",
     responses={401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"}},
 )
-async def list_loras(key: ApiKeyDep, settings: SettingsDep) -> LoraList:
-    files = await run_in_threadpool(adapter_files, lora_dir(settings))
-    return LoraList(loras=[LoraInfo(name=n, bytes=p.stat().st_size) for n, p in files.items()])
+async def list_loras(key: ApiKeyDep, services: ServicesDep) -> LoraList:
+    return LoraList(loras=[LoraInfo(name=name, bytes=size) for name, size in (await services.adapters()).items()])

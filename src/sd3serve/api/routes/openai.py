@@ -15,11 +15,9 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from sd3serve.api.body import read_json
 from sd3serve.api.deps import (
     BearerGenerationKeyDep,
     BearerKeyDep,
@@ -42,12 +40,12 @@ from sd3serve.api.openai_schemas import (
     request_schema,
     resolve_model,
 )
-from sd3serve.api.routes.common import CLIENT_CLOSED, cost_headers, until_disconnected
-from sd3serve.api.schemas import ErrorResponse, Txt2ImgRequest
-from sd3serve.api.service import ClientGone, GenerationService
+from sd3serve.api.routes.common import CLIENT_CLOSED, GenerationCall, delivery_headers
+from sd3serve.api.schemas import ErrorResponse
+from sd3serve.blocking import run_blocking
 from sd3serve.errors import InvalidRequest
 from sd3serve.imaging import to_base64
-from sd3serve.store.credits import KeyInfo
+from sd3serve.service import Order
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -95,33 +93,22 @@ async def create_images(
     request: Request, key: BearerGenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:  # fmt: skip
-    parsed = parse_images_request(await read_json(request, limit=settings.max_body_bytes))
-    return await _images_response(request, service, key, parsed.txt2img, parsed.response_format, request_id,
-                                  idempotency_key, route="openai")  # fmt: skip
+    call = GenerationCall(request, key, service, settings, request_id, idempotency_key)
+    parsed = parse_images_request(await call.body())
+    return await _images_response(call, parsed.txt2img.order("openai"), parsed.response_format)
 
 
-async def _images_response(
-    request: Request, service: GenerationService, key: KeyInfo, req: Txt2ImgRequest, response_format: str,
-    request_id: str, idempotency_key: str | None, *, route: str,
-) -> Response:  # fmt: skip
-    try:
-        out = await service.generate(key, req, request_id=request_id, idempotency_key=idempotency_key,
-                                     route=route, disconnected=lambda: until_disconnected(request))  # fmt: skip
-    except ClientGone:
+async def _images_response(call: GenerationCall, order: Order, response_format: str) -> Response:
+    out = await call.run_now(order)
+    if out is None:
         return Response(status_code=CLIENT_CLOSED)
     encoded = [to_base64(f) for f in out.files]
     if response_format == "url":
-        data = [ImageData(url=f"data:{req.image_format.media_type};base64,{b}") for b in encoded]
+        data = [ImageData(url=f"data:{order.output.media_type};base64,{b}") for b in encoded]
     else:
         data = [ImageData(b64_json=b) for b in encoded]
-    headers = cost_headers(cost=out.cost, remaining=out.remaining, replayed=out.replayed) | {
-        "x-generation-time": f"{out.seconds:.3f}",
-        "x-seed-value": str(out.seed),
-    }
-    if out.prompt_truncated:
-        headers["x-prompt-truncated"] = "true"
     body = ImagesResponse(created=int(time.time()), data=data)
-    return JSONResponse(body.model_dump(exclude_none=True), headers=headers)
+    return JSONResponse(body.model_dump(exclude_none=True), headers=delivery_headers(out))
 
 
 _EDIT_FORM = {
@@ -177,14 +164,14 @@ async def edit_images(
         await form.close()
     req = parsed.img2img
     try:
-        image = await run_in_threadpool(decode_image, data, field="image", settings=settings)
-        await run_in_threadpool(req.attach, image)
+        image = await run_blocking(decode_image, data, field="image", settings=settings)
+        await run_blocking(req.attach, image)
     except InvalidParam:
         raise
     except InvalidRequest as e:
         raise InvalidParam("image", str(e)) from None
-    return await _images_response(request, service, key, req, parsed.response_format, request_id,
-                                  idempotency_key, route="openai-edits")  # fmt: skip
+    call = GenerationCall(request, key, service, settings, request_id, idempotency_key)
+    return await _images_response(call, req.order("openai-edits"), parsed.response_format)
 
 
 @router.get("/v1/models", summary="The models served (OpenAI's models API)", responses=_errors(_AUTH_ERRORS))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from sd3serve.api.deps import EngineDep, MetricsDep
-from sd3serve.api.metrics import CONTENT_TYPE_LATEST
+from sd3serve.api.deps import ServicesDep
+from sd3serve.service import CONTENT_TYPE_LATEST
 
 router = APIRouter(tags=["operations"])
 
@@ -17,17 +17,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: the model is loaded and warmed up")
-async def readyz(engine: EngineDep) -> JSONResponse:
-    if not engine.is_ready:
-        return JSONResponse({"status": "loading"}, status_code=503)
-    try:
-        await engine.check_health()
-    except Exception as e:
-        return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
-    return JSONResponse({"status": "ready"})
+async def readyz(services: ServicesDep) -> JSONResponse:
+    ready, body = await services.readiness()
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(metrics: MetricsDep, engine: EngineDep) -> Response:
-    metrics.observe_engine(engine.stats())
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(services.render_metrics(), media_type=CONTENT_TYPE_LATEST)

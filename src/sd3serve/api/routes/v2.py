@@ -3,7 +3,7 @@
 A task is held in the database with its owner key; the process that accepted it runs it on its engine and
 writes the result there, so any server process sharing the database can answer for it. The credits are held
 at submission (in the transaction that creates the task) and charged in the transaction that completes it; a
-failed task costs nothing. Running it is the generation service's job (``api/service.py``).
+failed task costs nothing. Running it is the generation service's job (``service/generation.py``).
 """
 
 from __future__ import annotations
@@ -16,26 +16,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, Field
 
-from sd3serve.api.body import read_json
-from sd3serve.api.deps import (
-    ApiKeyDep,
-    GenerationKeyDep,
-    IdempotencyKeyDep,
-    RequestIdDep,
-    ServiceDep,
-    SettingsDep,
-    StreamHubDep,
-    TaskStoreDep,
-)
-from sd3serve.api.routes.common import GENERATION_ERRORS, MODEL_SLUG, cost_headers, request_body
+from sd3serve.api.deps import ApiKeyDep, ReadsDep, ServiceDep, SettingsDep, StreamHubDep
+from sd3serve.api.responses import HeldStreamingResponse
+from sd3serve.api.routes.common import MODEL_SLUG, GenerationCallDep, asynchronous_route, base_url
 from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img, parse_webhook
-from sd3serve.api.streams import HeldStreamingResponse
-from sd3serve.settings import Settings
-from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, TaskStore, TaskView
+from sd3serve.service import CANCELLED, COMPLETED, FAILED, KeyInfo, TaskReads, TaskView
 
 router = APIRouter(tags=["async (v2)"])
 
@@ -56,14 +44,6 @@ TaskId = Annotated[
 ImageIndex = Annotated[int, Path(ge=0, lt=MAX_BATCH_SIZE, description="0-based index of the image in the batch")]
 
 
-class SubmitResponse(BaseModel):
-    request_id: str
-    status: str
-    poll_url: str
-    status_url: str
-    response_url: str
-
-
 class StatusResponse(BaseModel):
     request_id: str
     status: str = Field(description="QUEUED, PROCESSING, COMPLETED, FAILED or CANCELLED")
@@ -80,33 +60,11 @@ class ResultResponse(BaseModel):
     error: str | None = None
 
 
-def base_url(request: Request, settings: Settings) -> str:
-    return (settings.public_url or str(request.base_url)).rstrip("/")
-
-
-@router.post(
-    f"/v2/{MODEL_SLUG}",
-    summary="Submit a generation (asynchronous)",
-    openapi_extra=request_body("Txt2ImgRequestV2"),
-    response_model=SubmitResponse,
-    responses=GENERATION_ERRORS,
-)
-async def txt2img_v2(
-    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
-    idempotency_key: IdempotencyKeyDep = None,
-) -> JSONResponse:  # fmt: skip
-    body = await read_json(request, limit=settings.max_body_bytes)
+@asynchronous_route(router, f"/v2/{MODEL_SLUG}", "Submit a generation (asynchronous)", "Txt2ImgRequestV2")
+async def txt2img_v2(call: GenerationCallDep) -> JSONResponse:
+    body = await call.body()
     req = parse_txt2img(body, single_image_body=False)  # one URL per image: batches need no base64 here
-    base = base_url(request, settings)
-    submitted = await service.submit(key, req, request_id=request_id, idempotency_key=idempotency_key,
-                                     webhook=parse_webhook(body), base_url=base)  # fmt: skip
-    status_url = f"{base}/v2/requests/{submitted.task_id}/status"
-    body_out = SubmitResponse(
-        request_id=submitted.task_id, status="QUEUED", poll_url=status_url, status_url=status_url,
-        response_url=f"{base}/v2/requests/{submitted.task_id}",
-    )  # fmt: skip
-    headers = cost_headers(cost=submitted.cost, remaining=submitted.remaining, replayed=submitted.replayed)
-    return JSONResponse(body_out.model_dump(), headers=headers)
+    return await call.submit(req.order("v2", webhook=parse_webhook(body)))
 
 
 def _status_body(task: TaskView) -> StatusResponse:
@@ -134,15 +92,13 @@ class CancelResponse(BaseModel):
     message: str
 
 
-def result_body(task: TaskView, tasks: TaskStore, base: str) -> ResultResponse:
-    """A task's result: its images (URLs, or base64 when it asked for that) once COMPLETED, else its state."""
+def result_body(task: TaskView, base: str) -> ResultResponse:
+    """A task's result: its image URLs once COMPLETED, else its state (a base64 result is written piece by piece
+    instead: ``base64_result``)."""
     output: list[str] = []
     metrics: dict[str, float] = {}
     if task.status == COMPLETED:
-        if task.base64:
-            output = [base64.b64encode(data).decode("ascii") for data in tasks.images(task_id=task.id)]
-        else:
-            output = [f"{base}/v2/requests/{task.id}/images/{i}" for i in range(task.image_count)]
+        output = [f"{base}/v2/requests/{task.id}/images/{i}" for i in range(task.image_count)]
         metrics = {"inference_time": round(task.inference_time or 0.0, 4)}
     return ResultResponse(
         request_id=task.id, status=task.status, output=output, metrics=metrics, seed=task.seed, error=task.error
@@ -163,21 +119,20 @@ def _task_route(path: str, summary: str, model: type[BaseModel], streams: bool =
 
 
 @_task_route("/v2/requests/{task_id}/status", "Status of an asynchronous request", StatusResponse)
-def task_status(task_id: TaskId, key: ApiKeyDep, tasks: TaskStoreDep) -> JSONResponse:
-    task = tasks.get(task_id=task_id, key_id=key.id)
+async def task_status(task_id: TaskId, key: ApiKeyDep, reads: ReadsDep) -> JSONResponse:
+    task = await reads.get(key, task_id)
     return _task_answer(_status_body(task), task)
 
 
 @_task_route("/v2/requests/{task_id}", "Result of an asynchronous request", ResultResponse, streams=True)
-def task_result(
-    task_id: TaskId, request: Request, key: ApiKeyDep, tasks: TaskStoreDep, settings: SettingsDep, hub: StreamHubDep
+async def task_result(
+    task_id: TaskId, request: Request, key: ApiKeyDep, reads: ReadsDep, settings: SettingsDep, hub: StreamHubDep
 ) -> Response:
-    task = tasks.get(task_id=task_id, key_id=key.id)
+    task = await reads.get(key, task_id)
     if task.status == COMPLETED and task.base64:
         slot = hub.open(key.id)  # a download of this size is a stream: counted against the key's streams
-        return HeldStreamingResponse(base64_result(task, tasks, key.id, hub.reads), slot, media_type="application/json")
-    body = result_body(task, tasks, base_url(request, settings))
-    return _task_answer(body, task)
+        return HeldStreamingResponse(base64_result(task, reads, key, hub.reads), slot, media_type="application/json")
+    return _task_answer(result_body(task, base_url(request, settings)), task)
 
 
 # Base64 results can be large (10 × 2048² PNGs ≈ 120 MB stored): they are read one image at a time (``reads`` bounds
@@ -187,15 +142,15 @@ BASE64_PIECE = 3 * 2**18  # raw bytes per piece: 1 MiB of base64, whole base64 q
 
 
 async def base64_result(
-    task: TaskView, tasks: TaskStore, key_id: int, reads: asyncio.Semaphore
+    task: TaskView, reads: TaskReads, key: KeyInfo, large_reads: asyncio.Semaphore
 ) -> AsyncIterator[bytes]:
     """The same JSON as ``result_body``, written as it is read: one image in memory at a time."""
     head = {"request_id": task.id, "status": task.status}
     tail = {"metrics": {"inference_time": round(task.inference_time or 0.0, 4)}, "seed": task.seed}
     yield json.dumps(head)[:-1].encode() + b', "output": ['
     for i in range(task.image_count):
-        async with reads:
-            data, _ = await run_in_threadpool(tasks.image, task_id=task.id, key_id=key_id, index=i)
+        async with large_reads:
+            data, _ = await reads.image(key, task.id, i)
         view = memoryview(data)
         yield (b", " if i else b"") + b'"'
         for start in range(0, len(view), BASE64_PIECE):
@@ -211,8 +166,8 @@ async def base64_result(
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **TASK_ERRORS},
 )
-def task_image(task_id: TaskId, index: ImageIndex, key: ApiKeyDep, tasks: TaskStoreDep) -> Response:
-    data, media_type = tasks.image(task_id=task_id, key_id=key.id, index=index)
+async def task_image(task_id: TaskId, index: ImageIndex, key: ApiKeyDep, reads: ReadsDep) -> Response:
+    data, media_type = await reads.image(key, task_id, index)
     return Response(content=data, media_type=media_type)
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from sd3serve.api.deps import ApiKeyDep, StateDep
+from sd3serve.api.deps import AccountsDep, ApiKeyDep
 from sd3serve.api.schemas import ErrorResponse
 
 router = APIRouter(tags=["webhooks"])
@@ -23,5 +22,5 @@ class WebhookSecretResponse(BaseModel):
     "calling again replaces it at once, for deliveries not yet sent too.",
     responses={401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"}},
 )
-async def rotate_webhook_secret(key: ApiKeyDep, state: StateDep) -> WebhookSecretResponse:
-    return WebhookSecretResponse(secret=await run_in_threadpool(state.webhooks.rotate_secret, key_id=key.id))
+async def rotate_webhook_secret(key: ApiKeyDep, accounts: AccountsDep) -> WebhookSecretResponse:
+    return WebhookSecretResponse(secret=await accounts.rotate_webhook_secret(key))

@@ -1,6 +1,7 @@
-"""The one generation path: every route (v1, v2, and later ones) parses its wire format and calls this service.
+"""The one generation path: every route (v1, v2, image-to-image, OpenAI) decodes its wire format into an
+:class:`~sd3serve.service.order.Order` and calls this service.
 
-For each request: check that the engine would admit it, reserve its cost in the store (406 if short), run it on
+For each order: check that the engine would admit it, reserve its cost in the store (406 if short), run it on
 the engine, encode its images, and settle the reservation: captured with the delivery, or returned on any
 failure, abort, disconnect or shutdown. The engine reports progress to a channel; only this side writes to the
 database.
@@ -20,22 +21,22 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from sd3serve.api.metrics import Metrics
-from sd3serve.api.progress import ProgressChannel
-from sd3serve.api.schemas import Txt2ImgRequest, WebhookOptions
-from sd3serve.api.webhook_delivery import target_problem
+from sd3serve.blocking import run_blocking
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.lora_names import check_adapters, lora_dir
 from sd3serve.engine.protocol import Aborted, Engine
 from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError, StorageFull
 from sd3serve.imaging import encode_image
+from sd3serve.service.metrics import Metrics
+from sd3serve.service.order import Order, Webhook
+from sd3serve.service.progress import ProgressChannel
+from sd3serve.service.webhook_delivery import target_problem
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditHold, CreditStore, KeyInfo, Reservation, SessionStep
-from sd3serve.store.idempotency import Claim, IdempotencyStore, fingerprint
+from sd3serve.store.idempotency import Claim, IdempotencyStore
 from sd3serve.store.recovery import Recovery
 from sd3serve.store.tasks import TaskStore, TaskView
 from sd3serve.store.webhooks import WebhookStore
@@ -43,7 +44,7 @@ from sd3serve.store.webhooks import WebhookStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TaskRunner = Callable[[Reservation, Txt2ImgRequest, GenerationJob, str], Awaitable[None]]
+TaskRunner = Callable[[Reservation, Order, str], Awaitable[None]]
 
 PROGRESS_WRITE_INTERVAL_S = 0.25  # v2 progress reaches the database at most this often per task
 PERSIST_ATTEMPTS = 60  # about 5 minutes of retries while the database is away
@@ -129,55 +130,54 @@ class GenerationService:
     # --- synchronous (v1) -----------------------------------------------------------------------------------
 
     async def generate(
-        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, disconnected: Callable[[], Awaitable[None]],
-        idempotency_key: str | None = None, route: str = "v1",
+        self, key: KeyInfo, order: Order, *, request_id: str, disconnected: Callable[[], Awaitable[None]],
+        idempotency_key: str | None = None,
     ) -> Delivery:  # fmt: skip
-        """Run the request while the client waits; ClientGone if ``disconnected()`` returns first (the engine
+        """Run the order while the client waits; ClientGone if ``disconnected()`` returns first (the engine
         then stops the job at its next step). With an ``idempotency_key``, a retry gets the first answer."""
-        job = req.to_job()
-        claim, answer = await self._claim(key, idempotency_key, route, req)
+        job = order.job
+        claim, answer = await self._claim(key, idempotency_key, order)
         if answer is not None:
-            return Delivery.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
+            return Delivery.replay(answer, await run_blocking(self.store.balance, key_id=key.id))
         try:
             if claim is not None:  # its answer will be stored for retries: it counts against the budget
                 await self._check_storage(key, synchronous=True)
             self._admit(job)
             reservation = await self._reserve(key, job, request_id)
             try:
-                out = await _first_or_gone(self._generate(req, job, request_id=request_id), disconnected())
+                out = await _first_or_gone(self._generate(order, request_id=request_id), disconnected())
                 delivery = Delivery(files=out.files, seed=job.seed, seconds=out.seconds, cost=reservation.credits,
                                     remaining=0.0, prompt_truncated=out.prompt_truncated)  # fmt: skip
                 record = IdempotencyStore.answered(claim, delivery.answer()) if claim else None
-                remaining = await run_in_threadpool(reservation.capture, deliver=record)
+                remaining = await run_blocking(reservation.capture, deliver=record)
                 claim = None  # answered: kept
             finally:
-                await run_in_threadpool(reservation.close)
+                await run_blocking(reservation.close)
         finally:
             if claim is not None:
-                await run_in_threadpool(self.idempotency.abandon, claim)
+                await run_blocking(self.idempotency.abandon, claim)
         self._count(job, reservation)
         return dataclasses.replace(delivery, remaining=remaining)
 
     # --- asynchronous (v2) ----------------------------------------------------------------------------------
 
     async def submit(
-        self, key: KeyInfo, req: Txt2ImgRequest, *, request_id: str, idempotency_key: str | None = None,
-        webhook: WebhookOptions | None = None, base_url: str = "", route: str = "v2",
+        self, key: KeyInfo, order: Order, *, request_id: str, idempotency_key: str | None = None, base_url: str = "",
     ) -> Submission:  # fmt: skip
         """Create the task with its hold (one transaction) and run it in the background. With an
-        ``idempotency_key``, a retry gets the first submission's task; with a ``webhook``, its outcome is POSTed
-        there (URLs in it start with ``base_url``)."""
-        job = req.to_job()
-        claim, answer = await self._claim(key, idempotency_key, route, req, webhook=webhook)
+        ``idempotency_key``, a retry gets the first submission's task; with the order's webhook, its outcome is
+        POSTed there (URLs in it start with ``base_url``)."""
+        job, webhook = order.job, order.webhook
+        claim, answer = await self._claim(key, idempotency_key, order)
         if answer is not None:  # a retry gets its task whatever the server's state now
-            return Submission.replay(answer, await run_in_threadpool(self.store.balance, key_id=key.id))
+            return Submission.replay(answer, await run_blocking(self.store.balance, key_id=key.id))
         try:
             await self._check_storage(key)
             subscribe = await self._webhook_step(key, webhook, request_id, base_url) if webhook else None
             self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
             create = TaskStore.creation(
-                task_id=request_id, key_id=key.id, seed=job.seed, base64=req.base64,
-                media_type=req.image_format.media_type, request_json=req.model_dump_json(),
+                task_id=request_id, key_id=key.id, seed=job.seed, base64=order.output.base64,
+                media_type=order.output.media_type, request_json=order.request,
                 owner=self.recovery.instance_id,
             )  # fmt: skip
             submission = Submission(task_id=request_id, cost=float(self.price(job)), remaining=0.0)
@@ -190,16 +190,14 @@ class GenerationService:
             claim = None  # the task exists, with its answer
         finally:
             if claim is not None:
-                await run_in_threadpool(self.idempotency.abandon, claim)
-        self._track(request_id, (self.dispatch or self._run_task)(reservation, req, job, request_id))
-        remaining = await run_in_threadpool(self.store.balance, key_id=key.id)
+                await run_blocking(self.idempotency.abandon, claim)
+        self._track(request_id, (self.dispatch or self._run_task)(reservation, order, request_id))
+        remaining = await run_blocking(self.store.balance, key_id=key.id)
         return dataclasses.replace(submission, remaining=remaining)
 
-    def run_here(
-        self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str
-    ) -> asyncio.Task[None]:
+    def run_here(self, reservation: Reservation, order: Order, task_id: str) -> asyncio.Task[None]:
         """Run an accepted v2 task in this process, tracked for cancel and drain (one another process dispatched)."""
-        return self._track(task_id, self._run_task(reservation, req, job, task_id))
+        return self._track(task_id, self._run_task(reservation, order, task_id))
 
     def _track(self, task_id: str, work: Awaitable[None]) -> asyncio.Task[None]:
         runner = asyncio.ensure_future(work)
@@ -213,7 +211,7 @@ class GenerationService:
         runner.add_done_callback(untrack)
         return runner
 
-    async def _run_task(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
+    async def _run_task(self, reservation: Reservation, order: Order, task_id: str) -> None:
         ttl = timedelta(seconds=self.settings.task_ttl_s)
         channel = ProgressChannel(asyncio.get_running_loop())
         writer = asyncio.create_task(self._write_progress(task_id, channel), name=f"progress-{task_id}")
@@ -221,10 +219,10 @@ class GenerationService:
         async def fail(error: str) -> None:
             also = TaskStore.failure(task_id, error=error, ttl=ttl)
             if not await _persist(f"fail task {task_id}", reservation.fail, also=also):
-                await run_in_threadpool(reservation.close)  # the refund at least, retried by housekeeping
+                await run_blocking(reservation.close)  # the refund at least, retried by housekeeping
 
         try:
-            out = await self._generate(req, job, request_id=task_id, progress=channel.report)
+            out = await self._generate(order, request_id=task_id, progress=channel.report)
         except asyncio.CancelledError:
             await fail("the server shut down before the task finished; nothing was charged")
             raise
@@ -246,14 +244,14 @@ class GenerationService:
         except ReservationLost as e:
             log.warning("task %s: %s", task_id, e)
             return
-        self._count(job, reservation)
+        self._count(order.job, reservation)
 
     async def _write_progress(self, task_id: str, channel: ProgressChannel) -> None:
         """Persist the latest progress, at most every PROGRESS_WRITE_INTERVAL_S (best effort)."""
         while True:
             step, steps = await channel.changed()
             try:
-                await run_in_threadpool(self.tasks.set_progress, task_id, step=step, total=steps)
+                await run_blocking(self.tasks.set_progress, task_id, step=step, total=steps)
             except Exception as e:
                 log.warning("task %s: could not record progress: %s", task_id, e)
             await asyncio.sleep(PROGRESS_WRITE_INTERVAL_S)
@@ -262,14 +260,14 @@ class GenerationService:
         """Cancel the caller's task: CANCELLED and refunded at once; a run here stops at its next step, a run in
         another process when that process next checks (``stop_cancelled``, every heartbeat)."""
         ttl = timedelta(seconds=self.settings.task_ttl_s)
-        view, cancelled = await run_in_threadpool(self.tasks.cancel, task_id=task_id, key_id=key.id, ttl=ttl)
+        view, cancelled = await run_blocking(self.tasks.cancel, task_id=task_id, key_id=key.id, ttl=ttl)
         if cancelled:
             await self.engine.abort(task_id)
         return view, cancelled
 
     async def stop_cancelled(self) -> int:
         """Stop the tasks running here that were cancelled through another process; returns how many."""
-        cancelled = await run_in_threadpool(self.tasks.cancelled_among, list(self._background))
+        cancelled = await run_blocking(self.tasks.cancelled_among, list(self._background))
         for task_id in cancelled:
             await self.engine.abort(task_id)
         return len(cancelled)
@@ -294,7 +292,7 @@ class GenerationService:
             instead = "or send this request without an Idempotency-Key (its answer is then not stored)"
         else:
             instead = "or use the synchronous v1 endpoint without an Idempotency-Key, which stores nothing"
-        if per_key and await run_in_threadpool(self.tasks.stored_bytes, key_id=key.id) >= per_key:
+        if per_key and await run_blocking(self.tasks.stored_bytes, key_id=key.id) >= per_key:
             raise StorageFull(
                 f"this key's stored results (v2 images and answers kept for Idempotency-Key retries) reached "
                 f"{self.settings.storage_per_key_mb:g} MB (SD3SERVE_STORAGE_PER_KEY_MB): fetch them and let them "
@@ -302,47 +300,38 @@ class GenerationService:
                 f"24 hours), {instead}",
                 server_wide=False,
             )
-        if total and await run_in_threadpool(self.tasks.stored_bytes) >= total:
+        if total and await run_blocking(self.tasks.stored_bytes) >= total:
             raise StorageFull(
                 f"the server's stored results reached {self.settings.storage_total_mb:g} MB "
                 "(SD3SERVE_STORAGE_TOTAL_MB); retry later",
                 server_wide=True,
             )
 
-    async def _webhook_step(self, key: KeyInfo, webhook: WebhookOptions, task_id: str, base_url: str) -> SessionStep:
+    async def _webhook_step(self, key: KeyInfo, webhook: Webhook, task_id: str, base_url: str) -> SessionStep:
         """The subscription to create with the task, once the target and the key's secret are known good."""
-        assert webhook.webhook_url is not None
-        problem = await run_in_threadpool(
-            target_problem, webhook.webhook_url, allow_private=self.settings.webhook_allow_private
-        )
+        problem = await run_blocking(target_problem, webhook.url, allow_private=self.settings.webhook_allow_private)
         if problem is not None:
             raise InvalidRequest(problem)
-        if not await run_in_threadpool(self.webhooks.has_secret, key_id=key.id):
+        if not await run_blocking(self.webhooks.has_secret, key_id=key.id):
             raise InvalidRequest(
                 "webhook_url: this key has no webhook secret yet; create one with POST /v1/webhook-secret "
                 "(it is shown once) and verify deliveries with it"
             )
         return WebhookStore.subscription(
-            task_id=task_id, key_id=key.id, url=webhook.webhook_url, events=list(webhook.webhook_events),
+            task_id=task_id, key_id=key.id, url=webhook.url, events=list(webhook.events),
             base_url=base_url,
         )  # fmt: skip
 
     async def _claim(
-        self, key: KeyInfo, idempotency_key: str | None, route: str, req: Txt2ImgRequest,
-        *, webhook: WebhookOptions | None = None,
-    ) -> tuple[Claim | None, bytes | None]:  # fmt: skip
-        """(the claim to answer, None) for a new request; (None, the stored answer) for a retry. The request's
+        self, key: KeyInfo, idempotency_key: str | None, order: Order
+    ) -> tuple[Claim | None, bytes | None]:
+        """(the claim to answer, None) for a new request; (None, the stored answer) for a retry. The order's
         fingerprint covers everything it asks for: the generation and, for v2, where and what to POST."""
         if idempotency_key is None:
             return None, None
-        canonical = req.model_dump_json()
-        if webhook is not None and webhook.webhook_url is not None:
-            hook = {"webhook_url": webhook.webhook_url, "webhook_events": sorted(set(webhook.webhook_events))}
-            canonical += "\n" + json.dumps(hook, sort_keys=True)
-        answer = await run_in_threadpool(
-            self.idempotency.begin, key_id=key.id, idem_key=idempotency_key,
-            fingerprint=fingerprint(route, canonical),
-        )  # fmt: skip
+        answer = await run_blocking(
+            self.idempotency.begin, key_id=key.id, idem_key=idempotency_key, fingerprint=order.fingerprint
+        )
         return (None, answer) if answer is not None else (Claim(key.id, idempotency_key), None)
 
     def _admit(self, job: GenerationJob) -> None:
@@ -359,15 +348,14 @@ class GenerationService:
         self.engine.admit()
 
     async def _reserve(self, key: KeyInfo, job: GenerationJob, request_id: str, **kwargs: Any) -> Reservation:
-        return await run_in_threadpool(
+        return await run_blocking(
             self.store.reserve, key_id=key.id, credits=self.price(job), request_id=request_id,
             owner=self.recovery.instance_id, **kwargs,
         )  # fmt: skip
 
-    async def _generate(
-        self, req: Txt2ImgRequest, job: GenerationJob, *, request_id: str, progress: Any = None
-    ) -> _Generated:
-        """The request's encoded images. Engine failures become GenerationFailed; domain errors pass through."""
+    async def _generate(self, order: Order, *, request_id: str, progress: Any = None) -> _Generated:
+        """The order's encoded images. Engine failures become GenerationFailed; domain errors pass through."""
+        job, output = order.job, order.output
         start = time.perf_counter()
         try:
             result = await self.engine.generate(job, request_id=request_id, progress=progress)
@@ -377,8 +365,8 @@ class GenerationService:
             raise
         except Exception as e:
             raise GenerationFailed("image generation failed; nothing was charged") from e
-        files = await run_in_threadpool(
-            lambda: [encode_image(im, req.image_format, req.image_quality) for im in result.images]
+        files = await run_blocking(
+            lambda: [encode_image(im, output.image_format, output.quality) for im in result.images]
         )
         seconds = time.perf_counter() - start
         self.metrics.generation_seconds.observe(seconds)
@@ -423,7 +411,7 @@ async def _persist(what: str, fn: Callable[..., object], *args: Any, **kwargs: A
     never could; other errors (ReservationLost) propagate."""
     for attempt in range(PERSIST_ATTEMPTS):
         try:
-            await run_in_threadpool(fn, *args, **kwargs)
+            await run_blocking(fn, *args, **kwargs)
             return True
         except DBAPIError as e:
             if attempt == PERSIST_ATTEMPTS - 1:

@@ -16,13 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
+from sd3serve.blocking import run_blocking
 from sd3serve.errors import Overloaded, TooManyStreams
 from sd3serve.settings import Settings
 from sd3serve.store.tasks import TaskProgress, TaskStore
@@ -158,7 +153,7 @@ class StreamHub:
                 await self._watched.wait()
             task_ids = list(self._watches)
             try:
-                states = await run_in_threadpool(self._tasks.progress_of, task_ids)
+                states = await run_blocking(self._tasks.progress_of, task_ids)
             except Exception as e:  # the database may be away: the streams wait, and the next poll tries again
                 log.warning("event streams: could not read task progress: %s", e)
             else:
@@ -167,20 +162,3 @@ class StreamHub:
                     for w in list(self._watches.get(task_id, ())):
                         w._update(states.get(task_id))
             await asyncio.sleep(self.poll_s)
-
-
-class HeldStreamingResponse(StreamingResponse):
-    """A streaming response that holds a stream slot until it ends, however it ends (completed, the client gone,
-    cut off), and closes its body generator then, so the generator's own cleanup runs at once."""
-
-    def __init__(self, content: AsyncIterator[Any], slot: StreamSlot, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self._slot = slot
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._slot.release()
-            if isinstance(self.body_iterator, AsyncGenerator):
-                await self.body_iterator.aclose()

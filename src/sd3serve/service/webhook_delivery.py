@@ -29,8 +29,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
-from fastapi.concurrency import run_in_threadpool
 
+from sd3serve.blocking import run_blocking
 from sd3serve.settings import Settings
 from sd3serve.store.webhooks import Delivery, WebhookStore
 
@@ -214,13 +214,13 @@ class WebhookSender:
 
     async def round(self) -> int:
         """Enqueue what finished and start what is due and fits the limits; returns how many attempts started."""
-        await run_in_threadpool(self.store.enqueue_finished)
+        await run_blocking(self.store.enqueue_finished)
         free = self.settings.webhook_concurrency - len(self._tasks)
         if free <= 0:
             return 0
         per_key, per_host = self.settings.webhook_per_key, self.settings.webhook_per_host
         full = [k for k, n in self._per_key.items() if n >= per_key]
-        due = await run_in_threadpool(self.store.due, limit=CANDIDATES, per_key=per_key, skip_keys=full)
+        due = await run_blocking(self.store.due, limit=CANDIDATES, per_key=per_key, skip_keys=full)
         picked: dict[str, tuple[int, str]] = {}
         for d in due:
             host = _host_of(d.url)
@@ -232,7 +232,7 @@ class WebhookSender:
             if len(picked) == free:
                 break
         try:
-            leased = await run_in_threadpool(self.store.lease, list(picked), owner=self.owner, seconds=self.lease_s)
+            leased = await run_blocking(self.store.lease, list(picked), owner=self.owner, seconds=self.lease_s)
         except BaseException:
             for key_id, host in picked.values():
                 self._release(key_id, host)
@@ -283,7 +283,7 @@ class WebhookSender:
             start = time.perf_counter()
             outcome = await self.attempt(d)
             duration_ms = (time.perf_counter() - start) * 1000
-            await run_in_threadpool(self.store.record, d, status_code=outcome.status_code, error=outcome.error,
+            await run_blocking(self.store.record, d, status_code=outcome.status_code, error=outcome.error,
                                     duration_ms=duration_ms, give_up=outcome.permanent)  # fmt: skip
             if outcome.error or not (outcome.status_code and 200 <= outcome.status_code < 300):
                 log.info("webhook %s to %s: attempt %d failed (%s)", d.id, d.url, d.attempts + 1,

@@ -9,7 +9,7 @@ options); ``schedules.SCHEDULERS`` must list the same names in the same order (c
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -65,33 +65,32 @@ def _gpu(base: SamplerInfo) -> SamplerInfo:
     return _variant(base, "gpu", description, option="on_device", flag="gpu_noise")
 
 
+def _member(family: SamplerInfo, name: str, description: str, *, options: dict[str, bool | int | float],
+            **properties: Any) -> SamplerInfo:  # fmt: skip
+    """Another sampler of ``family``'s solver: its options set, its own properties."""
+    return replace(family, name=name, description=description, options=tuple(options.items()), **properties)
+
+
 _EULER = SamplerInfo("euler", "Euler's method (Karras et al. 2022).", order=1)
-_EULER_ANCESTRAL = SamplerInfo(
-    "euler_ancestral",
-    "Ancestral Euler with rectified-flow re-noising.",
-    stochastic=True,
-    solver="euler",
-    options=(("eta", 1.0),),
-)
+_DPM_2 = SamplerInfo("dpm_2", "DPM-Solver-2-style midpoint in log σ (Karras et al. 2022).", order=2, calls_per_step=2,
+                     discard_penultimate_sigma=True)  # fmt: skip
+_IPNDM = SamplerInfo("ipndm", "Improved PNDM (Zhang & Chen 2023), fixed coefficients, order ≤ 4.", order=4)
+_UNI_PC = SamplerInfo("uni_pc", "UniPC (Zhao et al. 2023), B(h) = h, order 3.", order=3, discard_penultimate_sigma=True)
+_EULER_ANCESTRAL = _member(_EULER, "euler_ancestral", "Ancestral Euler with rectified-flow re-noising.",
+                           options={"eta": 1.0}, stochastic=True, order=None)  # fmt: skip
+_DPM_2_ANCESTRAL = _member(_DPM_2, "dpm_2_ancestral", "Ancestral DPM-2 with rectified-flow re-noising.",
+                           options={"eta": 1.0}, stochastic=True, order=None)  # fmt: skip
+_IPNDM_V = _member(_IPNDM, "ipndm_v", "Improved PNDM with variable step sizes (Zhang & Chen 2023).",
+                   options={"variable_step": True})  # fmt: skip
 _DPMPP_2S_ANCESTRAL = SamplerInfo(
     "dpmpp_2s_ancestral", "Ancestral DPM-Solver++(2S) (Lu et al. 2022).", stochastic=True, calls_per_step=2
 )
 _DPMPP_SDE = SamplerInfo("dpmpp_sde", "DPM-Solver++ SDE, 2 stages (Lu et al. 2022).", stochastic=True, calls_per_step=2)
 _DPMPP_2M = SamplerInfo("dpmpp_2m", "DPM-Solver++(2M) (Lu et al. 2022), multistep.", order=2)
-_DPMPP_2M_SDE = SamplerInfo(
-    "dpmpp_2m_sde",
-    "DPM-Solver++(2M) SDE, midpoint (Lu et al. 2022).",
-    stochastic=True,
-    solver="dpmpp_multistep_sde",
-    options=(("max_order", 2),),
-)
-_DPMPP_3M_SDE = SamplerInfo(
-    "dpmpp_3m_sde",
-    "DPM-Solver++(3M) SDE (Lu et al. 2022).",
-    stochastic=True,
-    solver="dpmpp_multistep_sde",
-    options=(("max_order", 3),),
-)
+_DPMPP_2M_SDE = SamplerInfo("dpmpp_2m_sde", "DPM-Solver++(2M) SDE, midpoint (Lu et al. 2022).", stochastic=True,
+                            solver="dpmpp_multistep_sde", options=(("max_order", 2),))  # fmt: skip
+_DPMPP_3M_SDE = _member(_DPMPP_2M_SDE, "dpmpp_3m_sde", "DPM-Solver++(3M) SDE (Lu et al. 2022).",
+                        options={"max_order": 3})  # fmt: skip
 
 SAMPLER_INFO: dict[str, SamplerInfo] = {
     s.name: s
@@ -103,22 +102,8 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         SamplerInfo("heun", "Heun's method (Karras et al. 2022); Euler on the last step.", order=2, calls_per_step=2),
         # Its σ-weights are not those of a second-order method: it converges with order 1 (measured in the tests).
         SamplerInfo("heunpp2", "Heun++: 3-stage σ-weighted Heun (as ComfyUI).", order=1, calls_per_step=3),
-        SamplerInfo(
-            "dpm_2",
-            "DPM-Solver-2-style midpoint in log σ (Karras et al. 2022).",
-            order=2,
-            calls_per_step=2,
-            discard_penultimate_sigma=True,
-        ),
-        SamplerInfo(
-            "dpm_2_ancestral",
-            "Ancestral DPM-2 with rectified-flow re-noising.",
-            stochastic=True,
-            calls_per_step=2,
-            discard_penultimate_sigma=True,
-            solver="dpm_2",
-            options=(("eta", 1.0),),
-        ),
+        _DPM_2,
+        _DPM_2_ANCESTRAL,
         SamplerInfo("lms", "Linear multistep, Adams–Bashforth in σ of order 4.", order=4),
         # Orders 3, …, 3, 2, 1 on a uniform log-σ grid: the final first-order step makes the whole second order.
         SamplerInfo("dpm_fast", "DPM-Solver-Fast (Lu et al. 2022), one model call per step.", order=2),
@@ -139,25 +124,12 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         _gpu(_DPMPP_3M_SDE),
         SamplerInfo("ddpm", "DDPM ancestral sampling (Ho et al. 2020) on the flow's posterior.", stochastic=True),
         SamplerInfo("lcm", "Latent Consistency Model sampling (Luo et al. 2023).", stochastic=True),
-        SamplerInfo("ipndm", "Improved PNDM (Zhang & Chen 2023), fixed coefficients, order ≤ 4.", order=4),
-        SamplerInfo(
-            "ipndm_v",
-            "Improved PNDM with variable step sizes (Zhang & Chen 2023).",
-            order=4,
-            solver="ipndm",
-            options=(("variable_step", True),),
-        ),
+        _IPNDM,
+        _IPNDM_V,
         SamplerInfo("deis", "DEIS tAB (Zhang & Chen 2022), exponential integrator of order 3.", order=3),
         SamplerInfo("ddim", "DDIM (Song et al. 2021), η = 0: Euler for a rectified flow.", order=1),
-        SamplerInfo("uni_pc", "UniPC (Zhao et al. 2023), B(h) = h, order 3.", order=3, discard_penultimate_sigma=True),
-        SamplerInfo(
-            "uni_pc_bh2",
-            "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3.",
-            order=3,
-            discard_penultimate_sigma=True,
-            solver="uni_pc",
-            options=(("bh2", True),),
-        ),
+        _UNI_PC,
+        _member(_UNI_PC, "uni_pc_bh2", "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3.", options={"bh2": True}),
     )
 }
 SAMPLER_NAMES = tuple(SAMPLER_INFO)
@@ -191,6 +163,6 @@ def check_table(kind: str, table_names: tuple[str, ...], catalogue_names: tuple[
         missing = sorted(set(catalogue_names) - set(table_names))
         extra = sorted(set(table_names) - set(catalogue_names))
         raise RuntimeError(
-            f"the {kind} table and engine/catalogue.py disagree: missing {missing}, not catalogued {extra}"
+            f"the {kind} table and catalogue.py disagree: missing {missing}, not catalogued {extra}"
             + ("" if missing or extra else ", or the order differs")
         )
