@@ -74,6 +74,26 @@ def test_the_schema_documents_keys_headers_and_errors(server: LiveServer) -> Non
                 assert "x-request-id" in response["headers"]
 
 
+def test_every_generation_route_documents_what_it_sends(server: LiveServer) -> None:
+    """Credit headers, the rate limit's 429 and the overload's Retry-After on every route that generates, whatever
+    its path (they were once matched by path suffix, and the image-to-image routes went undocumented)."""
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+    generating = {
+        (method, path): operation
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if "406" in operation["responses"] or path.startswith("/v1/images/")
+    }
+    assert len(generating) == 6  # txt2img and img2img, v1 and v2; OpenAI generations and edits
+    for (method, path), operation in generating.items():
+        responses = operation["responses"]
+        synchronous = not path.startswith("/v2/")
+        wanted = {"x-remaining-credits", "x-cost"} | ({"x-generation-time", "x-seed-value"} if synchronous else set())
+        assert wanted <= set(responses["200"]["headers"]), (method, path)
+        assert "429" in responses and "Retry-After" in responses["503"].get("headers", {}), (method, path)
+
+
 def test_docs_routes_have_their_own_metric_labels(server: LiveServer) -> None:
     with server.client() as c:
         for path in ("/docs", "/openapi.json", "/redoc", "/docs/assets/favicon.png", "/", "/playground/config.json"):

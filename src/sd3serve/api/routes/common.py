@@ -1,5 +1,6 @@
-"""What the generation routes share in their wire format: the model slug, documented errors, the credit headers,
-and the answers of a synchronous request (the image, or JSON with base64 images) and of a v2 submission."""
+"""What the generation routes share in their wire format: the model slug, the route declarations (their responses
+from ``api/contract.py``), the credit headers, and the answers of a synchronous request (the image, or JSON with
+base64 images) and of a v2 submission."""
 
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from sd3serve.api.body import read_json
+from sd3serve.api.contract import IMAGE_RESPONSES, SUBMIT_RESPONSES
 from sd3serve.api.deps import GenerationKeyDep, IdempotencyKeyDep, RequestIdDep, ServiceDep, SettingsDep
 from sd3serve.api.middleware import CLIENT_CLOSED_REQUEST as CLIENT_CLOSED
-from sd3serve.api.schemas import Base64ImagesResponse, ErrorResponse
+from sd3serve.api.schemas import Base64ImagesResponse
 from sd3serve.imaging import to_base64
 from sd3serve.service import ClientGone, Delivery, GenerationService, KeyInfo, Order, Output
 from sd3serve.settings import Settings
 
 __all__ = [
     "CLIENT_CLOSED",
-    "GENERATION_ERRORS",
-    "IMAGE_RESPONSES",
     "MODEL_SLUG",
     "GenerationCall",
     "GenerationCallDep",
@@ -40,22 +40,6 @@ __all__ = [
 MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
 Route = TypeVar("Route", bound=Callable[..., Any])
 
-GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "Bad input: the error names the field, what was wrong and what is allowed",
-        401: "Missing, unknown or revoked API key",
-        406: "Not enough credits",
-        409: "A request with the same Idempotency-Key is still running; retry after Retry-After seconds",
-        413: "Request body too large",
-        422: "The Idempotency-Key was used with another request body",
-        500: "The server failed; nothing is charged",
-        503: "The queue is full, the request waited too long, or the server was interrupted; nothing is charged, "
-        "retry after Retry-After seconds",
-    }.items()
-}
-
-
 def request_body(component: str) -> dict[str, Any]:
     """The body as ``openapi_extra`` (the route reads it itself); the component is added in ``app.py``."""
     ref = {"$ref": f"#/components/schemas/{component}"}
@@ -63,16 +47,16 @@ def request_body(component: str) -> dict[str, Any]:
 
 
 def synchronous_route(router: APIRouter, path: str, summary: str, body: str) -> Callable[[Route], Route]:
-    """A synchronous generation route: it answers the image (or JSON with base64 images), or an error of
-    ``GENERATION_ERRORS``; ``body`` names the request's schema component."""
+    """A synchronous generation route: it answers the image (or JSON with base64 images) or a generation error;
+    ``body`` names the request's schema component."""
     return router.post(path, summary=summary, response_class=Response, openapi_extra=request_body(body),
-                       responses={**IMAGE_RESPONSES, **GENERATION_ERRORS})  # fmt: skip
+                       responses=IMAGE_RESPONSES)  # fmt: skip
 
 
 def asynchronous_route(router: APIRouter, path: str, summary: str, body: str) -> Callable[[Route], Route]:
     """A v2 submission route: it answers the task to poll."""
     return router.post(path, summary=summary, openapi_extra=request_body(body), response_model=SubmitResponse,
-                       responses=GENERATION_ERRORS)  # fmt: skip
+                       responses=SUBMIT_RESPONSES)  # fmt: skip
 
 
 def credits_header(value: float) -> str:
@@ -92,19 +76,6 @@ async def until_disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The image bytes (base64 false) or JSON with base64 images (base64 true)",
-        "content": {
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/webp": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": Base64ImagesResponse.model_json_schema()},
-        },
-    },
-}
 
 
 class SubmitResponse(BaseModel):

@@ -18,10 +18,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
+from sd3serve.api.contract import STREAM_ERRORS, TASK_ERRORS
 from sd3serve.api.deps import ApiKeyDep, ReadsDep, SettingsDep, StreamHubDep
 from sd3serve.api.responses import HeldStreamingResponse
 from sd3serve.api.routes.common import base_url
-from sd3serve.api.routes.v2 import STREAM_ERRORS, TASK_ERRORS, TaskId, base64_result, result_body
+from sd3serve.api.routes.v2 import TaskId, base64_result, result_body
 from sd3serve.errors import InvalidRequest
 from sd3serve.service import CANCELLED, COMPLETED, FAILED, QUEUED, TaskProgress
 

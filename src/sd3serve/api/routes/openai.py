@@ -18,6 +18,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
+from sd3serve.api.contract import GENERATION_HEADERS, error, header_refs
 from sd3serve.api.deps import (
     BearerGenerationKeyDep,
     BearerKeyDep,
@@ -41,7 +42,6 @@ from sd3serve.api.openai_schemas import (
     resolve_model,
 )
 from sd3serve.api.routes.common import CLIENT_CLOSED, GenerationCall, delivery_headers
-from sd3serve.api.schemas import ErrorResponse
 from sd3serve.blocking import run_blocking
 from sd3serve.errors import InvalidRequest
 from sd3serve.imaging import to_base64
@@ -51,7 +51,7 @@ router = APIRouter(tags=["OpenAI-compatible"])
 
 
 def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": OpenAIErrorResponse, "description": text} for code, text in codes.items()}
+    return {code: error(code, text, OpenAIErrorResponse) for code, text in codes.items()}
 
 
 _AUTH_ERRORS = {401: "Missing, unknown or revoked key (`invalid_api_key`)"}
@@ -68,17 +68,8 @@ _GENERATION_ERRORS = _errors({
          "Retry-After seconds",
 })  # fmt: skip
 # The body limit is enforced before routing (api/middleware.py), in the contract's shape.
-_GENERATION_ERRORS[413] = {"model": ErrorResponse, "description": 'Request body too large (`{"error": "..."}`)'}
-_HEADERS = {
-    name: {"description": text, "schema": {"type": "string"}}
-    for name, text in {
-        "x-seed-value": "the seed of the first image (image i used seed + i)",
-        "x-cost": "credits charged",
-        "x-remaining-credits": "the key's credits after this request",
-        "x-generation-time": "seconds",
-        "x-request-id": "this request's id",
-    }.items()
-}
+_GENERATION_ERRORS[413] = error(413, 'Request body too large (`{"error": "..."}`)')
+_HEADERS = header_refs(*GENERATION_HEADERS)
 
 
 @router.post(

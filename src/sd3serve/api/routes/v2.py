@@ -19,10 +19,11 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, Field
 
+from sd3serve.api.contract import STREAM_ERRORS, TASK_ERRORS
 from sd3serve.api.deps import ApiKeyDep, ReadsDep, ServiceDep, SettingsDep, StreamHubDep
 from sd3serve.api.responses import HeldStreamingResponse
 from sd3serve.api.routes.common import MODEL_SLUG, GenerationCallDep, asynchronous_route, base_url
-from sd3serve.api.schemas import MAX_BATCH_SIZE, ErrorResponse, parse_txt2img, parse_webhook
+from sd3serve.api.schemas import MAX_BATCH_SIZE, parse_txt2img, parse_webhook
 from sd3serve.service import CANCELLED, COMPLETED, FAILED, KeyInfo, TaskReads, TaskView
 
 router = APIRouter(tags=["async (v2)"])
@@ -70,19 +71,6 @@ async def txt2img_v2(call: GenerationCallDep) -> JSONResponse:
 def _status_body(task: TaskView) -> StatusResponse:
     progress = {"step": task.progress_step, "steps": task.progress_total} if task.progress_total else None
     return StatusResponse(request_id=task.id, status=task.status, progress=progress, error=task.error)
-
-
-TASK_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "A path parameter is out of range"},
-    401: {"model": ErrorResponse, "description": "Missing, unknown or revoked API key"},
-    404: {"model": ErrorResponse, "description": "No such task for this key"},
-}
-STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
-    429: {"model": ErrorResponse, "description": "This key holds as many open streams (event streams, base64 result "
-          "downloads) as it may (SD3SERVE_MAX_STREAMS_PER_KEY); retry after Retry-After seconds"},
-    503: {"model": ErrorResponse, "description": "The server holds as many open streams as it allows "
-          "(SD3SERVE_MAX_STREAMS); retry after Retry-After seconds"},
-}
 
 
 class CancelResponse(BaseModel):
