@@ -309,10 +309,11 @@ def _database_name(settings: Settings) -> str:
 
 
 def _request_help(name: str, text: str) -> str:
-    from sd3serve.api.schemas import Txt2ImgRequest
+    """The flag's purpose, then what the API allows for the field (the request schema's own limits)."""
+    from sd3serve.api.schemas import ALLOWED, Txt2ImgRequest
 
     default = Txt2ImgRequest.model_fields[name].default
-    return f"{text} (default: {getattr(default, 'value', default)})"
+    return f"{text}: {ALLOWED[name]} (default: {getattr(default, 'value', default)})".replace("%", "%%")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -375,25 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     request = gen.add_argument_group("request (the API's fields)")
     for flag, typ, text in (
         ("--negative-prompt", str, "what to avoid; used when --guidance-scale > 1"),
-        ("--steps", int, "denoising steps, 1..70"),
-        ("--guidance-scale", float, "classifier-free guidance, 1..15"),
-        ("--seed", int, "0..4294967295, or -1 for a random one"),
-        ("--sampler", str, "a ComfyUI sampler name: euler, dpmpp_2m, uni_pc, ... (docs/samplers.md)"),
-        ("--scheduler", str, "simple, sgm_uniform, karras, exponential, ddim_uniform, beta, normal, ..."),
-        ("--width", int, "64..2048, rounded down to a multiple of 16"),
-        ("--height", int, "64..2048, rounded down to a multiple of 16"),
-        ("--aspect-ratio", str, "custom (use --width/--height), or a preset: 1:1, 16:9, 9:16, 21:9, 3:2, ..."),
-        ("--batch-size", int, "images, 1..10"),
-        ("--image-quality", int, "10..100, for .jpg and .webp"),
+        ("--steps", int, "denoising steps"),
+        ("--guidance-scale", float, "classifier-free guidance"),
+        ("--seed", int, "image i uses seed + i"),
+        ("--sampler", str, "a ComfyUI sampler name (docs/samplers.md)"),
+        ("--scheduler", str, "a ComfyUI scheduler name"),
+        ("--width", int, "pixels"),
+        ("--height", int, "pixels"),
+        ("--aspect-ratio", str, "custom (use --width/--height), or a preset"),
+        ("--batch-size", int, "images"),
+        ("--image-quality", int, "for .jpg and .webp"),
     ):
         name = flag.removeprefix("--").replace("-", "_")
         request.add_argument(flag, type=typ, default=None, help=_request_help(name, text))
+    from sd3serve.api.schemas import ALLOWED as allowed
+    from sd3serve.api.schemas import MAX_LORAS
+
     i2i = gen.add_argument_group("image-to-image and adapters")
     i2i.add_argument("--image", type=Path, metavar="PATH", help="start from this PNG, JPEG or WebP image")
-    i2i.add_argument("--strength", type=float, metavar="S",
-                     help="with --image: 0 keeps the image, 1 replaces it (default: 0.7)")
+    i2i.add_argument("--strength", type=float, metavar="S", help=f"with --image: {allowed['strength']} (default: 0.7)")
     i2i.add_argument("--lora", action="append", metavar="NAME[:SCALE]",
-                     help="apply an adapter of --lora-dir (repeatable, at most 4; scale default 1)")
+                     help=f"apply an adapter of --lora-dir (repeatable, at most {MAX_LORAS}; scale default 1)")
     _add_flags(gen, _MODEL_FLAGS, "model")
     gen.set_defaults(func=cmd_generate)
 

@@ -168,26 +168,41 @@ class Txt2ImgRequest(BaseModel):
         return Order(job=self.to_job(), output=output, request=self.model_dump_json(), route=route, webhook=hook)
 
 
-_ALLOWED: dict[str, str] = {
-    "prompt": "a string of 1 to 10000 characters",
-    "negative_prompt": "a string of at most 10000 characters",
-    "steps": "an integer from 1 to 70",
-    "guidance_scale": "a finite number from 1 to 15",
-    "seed": f"an integer from 0 to {MAX_SEED}, or -1 for a random seed",
-    "sampler": "one of " + ", ".join(SAMPLER_NAMES),
-    "scheduler": "one of " + ", ".join(SCHEDULER_NAMES),
-    "width": "an integer from 64 to 2048 (rounded down to a multiple of 16)",
-    "height": "an integer from 64 to 2048 (rounded down to a multiple of 16)",
-    "aspect_ratio": "one of " + ", ".join(ASPECT_RATIOS),
-    "batch_size": "an integer from 1 to 10",
-    "image_format": "one of " + ", ".join(f.value for f in ImageFormat),
-    "image_quality": "an integer from 10 to 100",
-    "base64": "true or false",
-    "loras": f"at most {MAX_LORAS} objects {{\"name\": <an adapter of GET /v1/loras>, \"scale\": -4..4}}, "
-    "each name once",
-    "image": "base64 of a PNG, JPEG or WebP image, or an http(s) URL of one",
-    "strength": "a number from 0 (keep the image) to 1 (replace it)",
-}
+def _in_words(prop: dict[str, Any], defs: dict[str, Any]) -> str:
+    """A field's published schema in words: its type and limits, then its description."""
+    prop = defs[prop["$ref"].rsplit("/", 1)[1]] if "$ref" in prop else prop
+    options = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]  # "or null": the default
+    limits, note = options[0], prop.get("description", "")
+    low, high = limits.get("minimum"), limits.get("maximum")
+    if "enum" in limits:
+        words = "one of " + ", ".join(str(v) for v in limits["enum"])
+    elif limits.get("type") == "integer":
+        words = f"an integer from {low} to {high}"
+    elif limits.get("type") == "number":
+        words = f"a finite number from {low:g} to {high:g}"
+    elif limits.get("type") == "boolean":
+        words = "true or false"
+    elif "minLength" in limits and "maxLength" in limits:
+        words = f"a string of {limits['minLength']} to {limits['maxLength']} characters"
+    else:
+        words = f"a string of at most {limits['maxLength']} characters"
+    return f"{words} ({note})" if note else words
+
+
+def _allowed(*models: type[BaseModel]) -> dict[str, str]:
+    """What each field allows, in words, from the models' own schemas (the one place the limits are stated); the
+    fields that hold objects or files say it themselves."""
+    out = {
+        "loras": f"at most {MAX_LORAS} objects {{\"name\": <an adapter of GET /v1/loras>, \"scale\": -4..4}}, "
+        "each name once",
+        "image": "base64 of a PNG, JPEG or WebP image, or an http(s) URL of one",
+    }
+    for model in models:
+        schema = model.model_json_schema(mode="validation")
+        for name, prop in schema["properties"].items():
+            if name not in out:
+                out[name] = _in_words(prop, schema.get("$defs", {}))
+    return out
 
 
 def _short(value: Any) -> str:
@@ -217,12 +232,12 @@ def _parse(model: type[RequestT], body: Any, *, single_image_body: bool) -> Requ
             field = ".".join(str(p) for p in err["loc"]) or "body"
             top = str(err["loc"][0]) if err["loc"] else ""
             if err["type"] == "missing":
-                problems.append(f"{field}: required; allowed: {_ALLOWED.get(top, 'see the API docs')}")
+                problems.append(f"{field}: required; allowed: {ALLOWED.get(top, 'see the API docs')}")
                 continue
             msg = {"enum": "not one of the allowed names", "string_pattern_mismatch": "must not be blank"}.get(
                 err["type"], err["msg"].removeprefix("Value error, ")
             )
-            allowed = _ALLOWED.get(top)
+            allowed = ALLOWED.get(top)
             problems.append(
                 f"{field}: {msg} (got {_short(err.get('input'))})" + (f"; allowed: {allowed}" if allowed else "")
             )
@@ -306,6 +321,9 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     def to_job(self) -> GenerationJob:
         return dataclasses.replace(super().to_job(), init=self._init, strength=self.strength)
+
+
+ALLOWED = _allowed(Txt2ImgRequest, Img2ImgRequest)
 
 
 def parse_img2img(body: Any, *, single_image_body: bool = True) -> Img2ImgRequest:
