@@ -58,7 +58,8 @@ def test_integer_limits_are_the_contracts(field: str) -> None:
 def test_seed_minus_one_is_random_and_minus_two_is_refused() -> None:
     assert 0 <= parse_txt2img({**BASE, "seed": -1}).to_job().seed <= 2**32 - 1
     message = refusal("seed", -2)
-    assert "greater than or equal to -1" in message and f"from -1 to {2**32 - 1} (-1 for a random seed)" in message, message
+    assert "greater than or equal to -1" in message, message
+    assert f"from -1 to {2**32 - 1} (-1 for a random seed)" in message, message
 
 
 def test_the_highest_seed_reaches_the_job_unchanged() -> None:
