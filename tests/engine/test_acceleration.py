@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.jobs import make_job
 from sd3serve.engine.acceleration import apply_acceleration
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import load_model
 from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="blurry", steps=2, guidance_scale=2.0, seed=4,
-    sampler="dpmpp_2m", scheduler="sgm_uniform", width=256, height=256, batch_size=1,
+JOB = make_job(
+    negative_prompt="blurry", steps=2, guidance_scale=2.0, seed=4, sampler="dpmpp_2m", scheduler="sgm_uniform",
+    width=256, height=256,
 )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gated import GatedEngine
+from helpers.jobs import make_job
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel
@@ -16,10 +17,7 @@ from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.errors import Overloaded, QueueTimeout
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="blurry", steps=2, guidance_scale=1.0, seed=5,
-    sampler="euler", scheduler="simple", width=64, height=64, batch_size=1,
-)  # fmt: skip
+JOB = make_job(negative_prompt="blurry", steps=2)  # fmt: skip
 
 
 def arrays(result: object) -> list[np.ndarray]:

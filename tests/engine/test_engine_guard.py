@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gated import CountingGate, GatedEngine
+from helpers.jobs import make_job
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel
@@ -18,10 +19,7 @@ from sd3serve.engine.protocol import Aborted
 from sd3serve.errors import QueueTimeout
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="blurry", steps=6, guidance_scale=1.0, seed=5,
-    sampler="euler", scheduler="simple", width=64, height=64, batch_size=1,
-)  # fmt: skip
+JOB = make_job(negative_prompt="blurry", steps=6)  # fmt: skip
 
 
 class Sabotaged(BatchingEngine):

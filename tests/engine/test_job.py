@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+from helpers.jobs import make_job
 from sd3serve.engine.job import GenerationJob
 
 
 def job(seed: int, batch_size: int) -> GenerationJob:
-    return GenerationJob(
-        prompt="x", negative_prompt="", steps=4, guidance_scale=1.0, seed=seed, sampler="euler",
-        scheduler="simple", width=64, height=64, batch_size=batch_size,
-    )  # fmt: skip
+    return make_job(prompt="x", steps=4, seed=seed, batch_size=batch_size)  # fmt: skip
 
 
 def test_image_i_uses_seed_plus_i() -> None:

@@ -10,6 +10,7 @@ import huggingface_hub.constants
 import pytest
 from transformers.utils import logging as transformers_logging
 
+from helpers.jobs import make_job
 from sd3serve.engine.loading import ModelLoadError, demo_model_dir, load_model
 from sd3serve.settings import Settings
 
@@ -92,24 +93,12 @@ def test_single_file_checkpoint_gives_the_same_images(tiny_model_dir: Path, tmp_
     import numpy as np
 
     from helpers.original_format import save_transformer_single_file
-    from sd3serve.engine.job import GenerationJob
     from sd3serve.engine.pipeline import SD3Pipeline
 
     ckpt = save_transformer_single_file(tiny_model_dir, tmp_path / "sd3_tiny.safetensors")
     single = load_model(Settings(model=ckpt, model_config_dir=tiny_model_dir, device="cpu"))
     directory = load_model(Settings(model=tiny_model_dir, device="cpu"))
-    job = GenerationJob(
-        prompt="a cat",
-        negative_prompt="",
-        steps=2,
-        guidance_scale=2.0,
-        seed=3,
-        sampler="euler",
-        scheduler="simple",
-        width=64,
-        height=64,
-        batch_size=1,
-    )
+    job = make_job(prompt="a cat", steps=2, guidance_scale=2.0, seed=3)
     a, b = SD3Pipeline(single)(job).images[0], SD3Pipeline(directory)(job).images[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert single.pipe.text_encoder_3 is not None

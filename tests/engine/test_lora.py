@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers.jobs import make_job
 from lora_files import RANK, peft_file, random_layers
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
@@ -21,10 +22,7 @@ from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.errors import InvalidRequest
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="", steps=2, guidance_scale=1.0, seed=5,
-    sampler="euler", scheduler="simple", width=64, height=64, batch_size=1,
-)  # fmt: skip
+JOB = make_job(steps=2)  # fmt: skip
 def kohya_file(path: Path, layers: dict[str, tuple[torch.Tensor, torch.Tensor]], *, alpha: float) -> Path:
     """Kohya's naming; the up matrix scaled so that alpha / rank cancels out."""
     state = {}

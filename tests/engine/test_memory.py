@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd3serve.engine.job import GenerationJob
+from helpers.jobs import make_job
 from sd3serve.engine.loading import ModelLoadError, load_model
 from sd3serve.engine.memory import MODES, GiB, MemoryPlan, NoModeFits, memory_plan
 from sd3serve.engine.pipeline import build_pipeline
@@ -101,9 +101,9 @@ def transformer_bytes(model: object) -> int:
 
 
 def test_fp8_storage_halves_the_transformer_and_pictures_stay_close() -> None:
-    job = GenerationJob(
-        prompt="a red circle at the top left on a blue background", negative_prompt="", steps=4, guidance_scale=1.0,
-        seed=4, sampler="dpmpp_2m", scheduler="sgm_uniform", width=256, height=256, batch_size=1,
+    job = make_job(
+        prompt="a red circle at the top left on a blue background", steps=4, seed=4, sampler="dpmpp_2m",
+        scheduler="sgm_uniform", width=256, height=256,
     )  # fmt: skip
     full = build_pipeline(Settings(device="cpu", dtype="bfloat16", prompt_cache_mb=0))
     fp8 = build_pipeline(Settings(device="cpu", dtype="bfloat16", prompt_cache_mb=0, weights="fp8"))

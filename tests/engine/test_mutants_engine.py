@@ -11,16 +11,13 @@ import pytest
 import torch
 
 from gated import GatedEngine
-from sd3serve.engine.job import GenerationJob
+from helpers.jobs import make_job
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import FlowDenoiser, SD3Pipeline
 from sd3serve.errors import QueueTimeout
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="", steps=3, guidance_scale=1.0, seed=5,
-    sampler="euler", scheduler="simple", width=64, height=64, batch_size=1,
-)  # fmt: skip
+JOB = make_job(steps=3)  # fmt: skip
 
 
 def test_a_request_that_expires_in_the_queue_leaves_it_and_never_runs(tiny_model: LoadedModel) -> None:

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from helpers.jobs import make_job
 from sd3serve.engine import samplers
-from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.noise import BatchNoise
 from sd3serve.engine.pipeline import SD3Pipeline
@@ -20,10 +20,7 @@ FIRST_DRAWS = {
 }
 # A draw of 16 values or more takes torch's vectorised path: other values, the same for any such shape.
 LATENT_FIRST_DRAWS_1234 = [-0.11171857, -0.49659011, 0.16307370, -0.88168776]
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="", steps=1, guidance_scale=1.0, seed=1234,
-    sampler="euler", scheduler="simple", width=64, height=96, batch_size=2,
-)  # fmt: skip
+JOB = make_job(seed=1234, height=96, batch_size=2)  # fmt: skip
 
 
 def test_seed_1234_gives_these_first_values() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.jobs import make_job
 from sd3demo.tiny import TinySD3Config, build_tiny_sd3
 from sd3serve.catalogue import SAMPLER_NAMES, SCHEDULER_NAMES
 from sd3serve.engine.job import GenerationJob
@@ -15,18 +16,7 @@ from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle",
-    negative_prompt="blurry",
-    steps=2,
-    guidance_scale=1.0,
-    seed=11,
-    sampler="euler",
-    scheduler="simple",
-    width=64,
-    height=96,
-    batch_size=1,
-)
+JOB = make_job(negative_prompt="blurry", steps=2, seed=11, height=96)
 
 
 def pixels(pipe: SD3Pipeline, job: GenerationJob) -> list[np.ndarray]:
@@ -122,10 +112,7 @@ def test_demo_prompts_are_read_in_lower_case_without_punctuation() -> None:
     demo = load_model(Settings(device="cpu"))  # the embedded demo model
     assert demo.normalise_prompts
     pipe = SD3Pipeline(demo)
-    job = GenerationJob(
-        prompt="a red circle on a blue background", negative_prompt="", steps=2, guidance_scale=1.0, seed=3,
-        sampler="euler", scheduler="simple", width=128, height=128, batch_size=1,
-    )  # fmt: skip
+    job = make_job(prompt="a red circle on a blue background", steps=2, seed=3, width=128, height=128)  # fmt: skip
     shouted = dataclasses.replace(job, prompt="A Red Circle On A Blue Background.")
     assert np.array_equal(pixels(pipe, job)[0], pixels(SD3Pipeline(demo), shouted)[0])  # no shared cache entry
     assert not pipe.is_truncated("A Red Circle On A Blue Background.")

@@ -9,15 +9,12 @@ import dataclasses
 import pytest
 
 from gated import GatedEngine
-from sd3serve.engine.job import GenerationJob
+from helpers.jobs import make_job
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.errors import Overloaded, QueueTimeout
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="", steps=1, guidance_scale=1.0, seed=5,
-    sampler="euler", scheduler="simple", width=64, height=64, batch_size=1,
-)  # fmt: skip
+JOB = make_job()  # fmt: skip
 OTHER = dataclasses.replace(JOB, steps=2)  # cannot share a batch with JOB
 
 

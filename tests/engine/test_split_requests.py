@@ -10,15 +10,12 @@ import threading
 import pytest
 
 from gated import CountingGate
-from sd3serve.engine.job import GenerationJob
+from helpers.jobs import make_job
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.errors import QueueTimeout
 from sd3serve.settings import Settings
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="blurry", steps=4, guidance_scale=1.0, seed=5,
-    sampler="euler", scheduler="simple", width=64, height=64, batch_size=2,
-)  # fmt: skip
+JOB = make_job(negative_prompt="blurry", steps=4, batch_size=2)  # fmt: skip
 
 
 def test_progress_counts_over_the_whole_split_request(tiny_model: LoadedModel) -> None:

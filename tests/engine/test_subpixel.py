@@ -10,16 +10,16 @@ import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 
-from sd3serve.engine.job import GenerationJob
+from helpers.jobs import make_job
 from sd3serve.engine.pipeline import build_pipeline
 from sd3serve.engine.subpixel import SubpixelUpsample, fusable, fuse_upsamplers
 from sd3serve.settings import Settings
 
 PARITY_LEVELS = 2  # tests/engine/test_comfy_parity.py's tolerance, in 8-bit levels
 
-JOB = GenerationJob(
-    prompt="a red circle at the top on a blue background", negative_prompt="", steps=2, guidance_scale=1.0, seed=3,
-    sampler="dpmpp_2m", scheduler="sgm_uniform", width=256, height=256, batch_size=1,
+JOB = make_job(
+    prompt="a red circle at the top on a blue background", steps=2, seed=3, sampler="dpmpp_2m",
+    scheduler="sgm_uniform", width=256, height=256,
 )  # fmt: skip
 
 

@@ -10,18 +10,16 @@ import threading
 import pytest
 import torch
 
+from helpers.jobs import make_job
 from sd3serve.engine.batching import BatchingEngine
-from sd3serve.engine.job import GenerationJob, GenerationResult
+from sd3serve.engine.job import GenerationResult
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import SD3Pipeline, build_pipeline
 from sd3serve.imaging import ImageFormat, encode_image
 from sd3serve.settings import Settings
 from sd3serve.threads import PhaseThreads
 
-JOB = GenerationJob(
-    prompt="a red circle", negative_prompt="", steps=2, guidance_scale=1.0, seed=5,
-    sampler="dpmpp_2m", scheduler="sgm_uniform", width=64, height=64, batch_size=1,
-)  # fmt: skip
+JOB = make_job(steps=2, sampler="dpmpp_2m", scheduler="sgm_uniform")  # fmt: skip
 JOBS = [dataclasses.replace(JOB, prompt=p, seed=s) for p, s in
         [("a red circle", 1), ("a blue square", 2), ("a green star", 3), ("a red circle", 4), ("a cat", 5),
          ("a blue square", 6)]]  # fmt: skip

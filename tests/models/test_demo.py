@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.jobs import make_job
 from sd3demo.judge import judge
-from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import load_model
 from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.settings import Settings
@@ -22,17 +22,9 @@ def test_shipped_demo_model_draws_the_seed_request() -> None:
     assert size <= 30 * 2**20
     assert not list(DEMO.rglob("*.bin")) and len(list(DEMO.rglob("*.safetensors"))) == 5
     model = load_model(Settings(model=DEMO, device="cpu"))
-    job = GenerationJob(
-        prompt="a red circle on a blue background",
-        negative_prompt="",
-        steps=4,
-        guidance_scale=1.0,
-        seed=0,
-        sampler="dpmpp_2m",
-        scheduler="sgm_uniform",
-        width=512,
-        height=512,
-        batch_size=1,
+    job = make_job(
+        prompt="a red circle on a blue background", steps=4, seed=0, sampler="dpmpp_2m", scheduler="sgm_uniform",
+        width=512, height=512,
     )
     verdict = judge(SD3Pipeline(model)(job).images[0])
     assert (verdict.background, verdict.colour, verdict.shape, verdict.position, verdict.size) == (

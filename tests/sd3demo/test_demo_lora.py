@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from helpers.jobs import make_job
 from sd3demo.judge import striped
 from sd3demo.world import held_out_scenes, render, render_striped
-from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.lora_names import DEMO_LORA_DIR, adapter_files
 from sd3serve.engine.pipeline import build_pipeline
 from sd3serve.settings import Settings
@@ -24,17 +24,9 @@ def test_the_demo_adapter_draws_stripes_the_base_model_never_draws() -> None:
     with_hits = without_hits = 0
     scenes = held_out_scenes(6, seed=2026)
     for i, scene in enumerate(scenes):
-        job = GenerationJob(
-            prompt=scene.caption(),
-            negative_prompt="",
-            steps=4,
-            guidance_scale=1.0,
-            seed=i,
-            sampler="dpmpp_2m",
-            scheduler="sgm_uniform",
-            width=256,
+        job = make_job(
+            prompt=scene.caption(), steps=4, seed=i, sampler="dpmpp_2m", scheduler="sgm_uniform", width=256,
             height=256,
-            batch_size=1,
         )
         without_hits += striped(pipe(job).images[0])
         with_hits += striped(pipe(dataclasses.replace(job, loras=(("striped", 1.0),))).images[0])

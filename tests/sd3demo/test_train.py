@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.jobs import make_job
 from sd3demo import world
 from sd3demo.train import Schedule, build_tokenizers, train
 
@@ -27,7 +28,6 @@ def test_every_vocabulary_word_is_one_token() -> None:
 
 
 def test_a_few_training_steps_write_a_loadable_model(tmp_path: Path) -> None:
-    from sd3serve.engine.job import GenerationJob
     from sd3serve.engine.loading import load_model
     from sd3serve.engine.pipeline import SD3Pipeline
     from sd3serve.settings import Settings
@@ -43,18 +43,7 @@ def test_a_few_training_steps_write_a_loadable_model(tmp_path: Path) -> None:
     assert info["schedule"]["steps"] == 3
     model = load_model(Settings(model=out, device="cpu"))
     assert model.vae_scale_factor == 16
-    job = GenerationJob(
-        prompt="a red circle on a blue background",
-        negative_prompt="",
-        steps=2,
-        guidance_scale=1.0,
-        seed=0,
-        sampler="euler",
-        scheduler="simple",
-        width=96,
-        height=64,
-        batch_size=1,
-    )
+    job = make_job(prompt="a red circle on a blue background", steps=2, seed=0, width=96)
     result = SD3Pipeline(model)(job)
     assert result.images[0].size == (96, 64)
 
