@@ -44,6 +44,10 @@ class GatedEngine(BatchingEngine):
     def workers(self) -> int:
         return 1  # one model worker: batches wait for the gate in turn
 
+    async def close(self) -> None:
+        self.gate.set()  # a batch held at the gate must end for the engine to close
+        await super().close()
+
     @property
     def pipeline(self) -> SD3Pipeline:
         real = super().pipeline

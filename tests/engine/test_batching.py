@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gated import GatedEngine
+from helpers.engines import started
 from helpers.jobs import make_job
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
@@ -30,14 +31,10 @@ def run(coro: object) -> object:
 
 async def _batched(model: LoadedModel, jobs: list[GenerationJob], **settings: object) -> tuple[list, list[int]]:
     sizes: list[int] = []
-    engine = BatchingEngine(
+    async with started(BatchingEngine(
         Settings(device="cpu", batch_wait_ms=300, **settings), model, on_batch=lambda n, s: sizes.append(n)
-    )
-    await engine.start()
-    try:
+    )) as engine:
         results = await asyncio.gather(*(engine.generate(j, request_id=f"r{i}") for i, j in enumerate(jobs)))
-    finally:
-        await engine.close()
     return results, sizes
 
 
@@ -75,54 +72,41 @@ def test_prompt_cache_gives_identical_images(tiny_model: LoadedModel) -> None:
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[0], uncached[0])
 
 
-def test_full_queue_is_503_and_deadline_fails_queued(tiny_model: LoadedModel) -> None:
-    async def scenario() -> None:
-        engine = GatedEngine(Settings(device="cpu", max_queue=2, batch_wait_ms=0, queue_timeout_s=0.3), tiny_model)
-        await engine.start()
+@pytest.mark.anyio
+async def test_full_queue_is_503_and_deadline_fails_queued(tiny_model: LoadedModel) -> None:
+    settings = Settings(device="cpu", max_queue=2, batch_wait_ms=0, queue_timeout_s=0.3)
+    async with started(GatedEngine(settings, tiny_model)) as engine:
         engine.gate.clear()
-        try:
-            running = asyncio.create_task(engine.generate(JOB, request_id="running"))
-            while not engine.in_flight:  # until the worker has taken it
-                await asyncio.sleep(0.01)
-            other = dataclasses.replace(JOB, steps=3)  # not batchable with the running one
-            queued = [asyncio.create_task(engine.generate(other, request_id=f"q{i}")) for i in range(2)]
-            await asyncio.sleep(0)
-            assert engine.queue_depth == 2
-            with pytest.raises(Overloaded) as e:
-                await engine.generate(other, request_id="rejected")
-            assert e.value.retry_after_s >= 1
-            await asyncio.sleep(0.4)  # past the deadline
-            engine.gate.set()
-            await running
-            for q in queued:
-                with pytest.raises(QueueTimeout):
-                    await q
-        finally:
-            engine.gate.set()
-            await engine.close()
-
-    asyncio.run(scenario())
+        running = asyncio.create_task(engine.generate(JOB, request_id="running"))
+        while not engine.in_flight:  # until the worker has taken it
+            await asyncio.sleep(0.01)
+        other = dataclasses.replace(JOB, steps=3)  # not batchable with the running one
+        queued = [asyncio.create_task(engine.generate(other, request_id=f"q{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        assert engine.queue_depth == 2
+        with pytest.raises(Overloaded) as e:
+            await engine.generate(other, request_id="rejected")
+        assert e.value.retry_after_s >= 1
+        await asyncio.sleep(0.4)  # past the deadline
+        engine.gate.set()
+        await running
+        for q in queued:
+            with pytest.raises(QueueTimeout):
+                await q
 
 
-def test_cancelled_queued_request_is_dropped(tiny_model: LoadedModel) -> None:
-    async def scenario() -> None:
-        engine = GatedEngine(Settings(device="cpu", batch_wait_ms=0), tiny_model)
-        await engine.start()
+@pytest.mark.anyio
+async def test_cancelled_queued_request_is_dropped(tiny_model: LoadedModel) -> None:
+    async with started(GatedEngine(Settings(device="cpu", batch_wait_ms=0), tiny_model)) as engine:
         engine.gate.clear()
-        try:
-            running = asyncio.create_task(engine.generate(JOB, request_id="running"))
-            while not engine.in_flight:
-                await asyncio.sleep(0.01)
-            waiting = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=3), request_id="w"))
-            await asyncio.sleep(0)
-            assert engine.queue_depth == 1
-            waiting.cancel()
-            await asyncio.gather(waiting, return_exceptions=True)
-            assert engine.queue_depth == 0
-            engine.gate.set()
-            await running
-        finally:
-            engine.gate.set()
-            await engine.close()
-
-    asyncio.run(scenario())
+        running = asyncio.create_task(engine.generate(JOB, request_id="running"))
+        while not engine.in_flight:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=3), request_id="w"))
+        await asyncio.sleep(0)
+        assert engine.queue_depth == 1
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert engine.queue_depth == 0
+        engine.gate.set()
+        await running

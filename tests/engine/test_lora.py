@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers.engines import started
 from helpers.jobs import make_job
 from lora_files import RANK, peft_file, random_layers
 from sd3serve.engine.batching import BatchingEngine
@@ -158,13 +159,9 @@ def test_requests_are_batched_only_with_the_same_adapter_set(tiny_model: LoadedM
     sizes: list[int] = []
 
     async def batched() -> list[object]:
-        engine = BatchingEngine(Settings(device="cpu", batch_wait_ms=300, max_batch_images=8, lora_dir=lora_dir),
-                                tiny_model, on_batch=lambda n, s: sizes.append(n))  # fmt: skip
-        await engine.start()
-        try:
+        settings = Settings(device="cpu", batch_wait_ms=300, max_batch_images=8, lora_dir=lora_dir)
+        async with started(BatchingEngine(settings, tiny_model, on_batch=lambda n, s: sizes.append(n))) as engine:
             return list(await asyncio.gather(*(engine.generate(j, request_id=f"r{i}") for i, j in enumerate(jobs))))
-        finally:
-            await engine.close()
 
     results = asyncio.run(batched())
     assert sorted(sizes) == [1, 1, 1, 2]  # one batch per adapter set (and none without)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gated import GatedEngine
+from helpers.engines import started
 from helpers.jobs import make_job
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import FlowDenoiser, SD3Pipeline
@@ -20,30 +21,23 @@ from sd3serve.settings import Settings
 JOB = make_job(steps=3)  # fmt: skip
 
 
-def test_a_request_that_expires_in_the_queue_leaves_it_and_never_runs(tiny_model: LoadedModel) -> None:
-    async def scenario() -> None:
-        engine = GatedEngine(Settings(device="cpu", batch_wait_ms=0, queue_timeout_s=0.3), tiny_model)
-        await engine.start()
+@pytest.mark.anyio
+async def test_a_request_that_expires_in_the_queue_leaves_it_and_never_runs(tiny_model: LoadedModel) -> None:
+    async with started(GatedEngine(Settings(device="cpu", batch_wait_ms=0, queue_timeout_s=0.3), tiny_model)) as engine:
         engine.gate.clear()
-        try:
-            running = asyncio.create_task(engine.generate(JOB, request_id="running"))
-            while not engine.in_flight:
-                await asyncio.sleep(0.01)
-            queued = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=2), request_id="late"))
-            with pytest.raises(QueueTimeout):
-                await asyncio.wait_for(queued, timeout=30)
-            # Out of the queue at its deadline, while the batch is still held: nothing left to run for it.
-            assert (engine.queue_depth, engine.position("late")) == (0, None)
-            engine.gate.set()
-            await running
-            for _ in range(20):  # give the worker the chance to (wrongly) run it
-                await asyncio.sleep(0.01)
-            assert engine.stats().batches == 1  # "running" only (the warm-up is not a batch)
-        finally:
-            engine.gate.set()
-            await engine.close()
-
-    asyncio.run(scenario())
+        running = asyncio.create_task(engine.generate(JOB, request_id="running"))
+        while not engine.in_flight:
+            await asyncio.sleep(0.01)
+        queued = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=2), request_id="late"))
+        with pytest.raises(QueueTimeout):
+            await asyncio.wait_for(queued, timeout=30)
+        # Out of the queue at its deadline, while the batch is still held: nothing left to run for it.
+        assert (engine.queue_depth, engine.position("late")) == (0, None)
+        engine.gate.set()
+        await running
+        for _ in range(20):  # give the worker the chance to (wrongly) run it
+            await asyncio.sleep(0.01)
+        assert engine.stats().batches == 1  # "running" only (the warm-up is not a batch)
 
 
 def test_an_aborted_jobs_rows_leave_the_model_and_its_batch_mate_is_exact(
