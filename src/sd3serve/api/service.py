@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from sd3serve.api.metrics import Metrics
-from sd3serve.api.progress import ProgressChannel
+from sd3serve.api.progress import PreviewBoard, ProgressChannel
 from sd3serve.api.schemas import Txt2ImgRequest, WebhookOptions
 from sd3serve.api.webhook_delivery import target_problem
 from sd3serve.engine.job import GenerationJob
@@ -120,6 +120,7 @@ class GenerationService:
         self.settings = settings
         self.metrics = metrics
         self._background: dict[str, asyncio.Task[None]] = {}  # v2 tasks running in this process, by id
+        self.previews = PreviewBoard()  # live previews of the v2 tasks run here, for the event streams that ask
         self.dispatch: TaskRunner | None = None  # runs accepted v2 tasks elsewhere (scale-out); None: here
 
     def price(self, job: GenerationJob) -> Decimal:
@@ -215,7 +216,7 @@ class GenerationService:
 
     async def _run_task(self, reservation: Reservation, req: Txt2ImgRequest, job: GenerationJob, task_id: str) -> None:
         ttl = timedelta(seconds=self.settings.task_ttl_s)
-        channel = ProgressChannel(asyncio.get_running_loop())
+        channel = ProgressChannel(asyncio.get_running_loop(), previews=self.previews, task_id=task_id)
         writer = asyncio.create_task(self._write_progress(task_id, channel), name=f"progress-{task_id}")
 
         async def fail(error: str) -> None:
@@ -224,7 +225,7 @@ class GenerationService:
                 await run_in_threadpool(reservation.close)  # the refund at least, retried by housekeeping
 
         try:
-            out = await self._generate(req, job, request_id=task_id, progress=channel.report)
+            out = await self._generate(req, job, request_id=task_id, progress=channel)
         except asyncio.CancelledError:
             await fail("the server shut down before the task finished; nothing was charged")
             raise
@@ -240,6 +241,7 @@ class GenerationService:
             return
         finally:
             writer.cancel()
+            self.previews.forget(task_id)
         deliver = TaskStore.completion(task_id, images=out.files, inference_time=out.seconds, steps=out.steps, ttl=ttl)
         try:
             await _persist(f"complete task {task_id}", reservation.capture, deliver=deliver)
