@@ -71,6 +71,11 @@ class PreviewBoard:
     def watched(self, task_id: str) -> bool:
         return task_id in self._wakers  # a plain read: asked by the engine's thread at every model call
 
+    def watching(self) -> int:
+        """How many tasks some preview stream watches now."""
+        with self._lock:
+            return len(self._wakers)
+
     def latest(self, task_id: str) -> Preview | None:
         with self._lock:
             return self._latest.get(task_id)
