@@ -4,6 +4,7 @@ for the rows that do not, and the pictures unchanged by watching."""
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,3 +110,23 @@ def test_previews_of_a_per_row_sampler(demo: LoadedModel) -> None:
     watched = Recorder(want=[1])
     SD3Pipeline(demo)(job, previews=watched.hook)
     assert watched.got and {row for row, *_ in watched.got} == {1}
+
+
+@torch.no_grad()
+def test_another_latent_layout_gets_a_map_fitted_from_its_vae() -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=1)  # fmt: skip
+    model = SimpleNamespace(
+        pipe=SimpleNamespace(vae=vae, transformer=SimpleNamespace(config=SimpleNamespace(in_channels=4))),
+        normalise_prompts=False, device=torch.device("cpu"), dtype=torch.float32, vae_scale_factor=2,
+    )  # fmt: skip
+    fitted = latent_rgb_for(model)  # type: ignore[arg-type]
+    assert fitted.channels == 4
+    held_out = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    target = decoded_at_latent_grid(model, held_out)  # type: ignore[arg-type]
+    err = float(((fitted.linear(held_out).clamp(-1, 1) - target) ** 2).mean())
+    assert err < float((target**2).mean())  # better than the zero map

@@ -86,7 +86,8 @@ def fit(latents: torch.Tensor, rgb: torch.Tensor) -> LatentRGB:
 def decoded_at_latent_grid(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     """What the VAE makes of model-space latents (N, C, h, w), averaged over each latent cell: (N, 3, h, w), [-1, 1]."""
     vae = model.pipe.vae
-    z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(device=model.device, dtype=model.dtype)
+    shift = vae.config.shift_factor or 0.0  # SD3's VAE has one; an SD1-style VAE none
+    z = (latents / vae.config.scaling_factor + shift).to(device=model.device, dtype=model.dtype)
     pixels = vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
     return F.avg_pool2d(pixels, model.vae_scale_factor).cpu()
 
