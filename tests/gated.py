@@ -26,11 +26,13 @@ class GatedEngine(BatchingEngine):
         self.pause_at_step: int | None = None  # None: wait before the batch; k: wait after step k
         self.paused = threading.Event()
 
-    def _run_gated(self, jobs: list[GenerationJob], progress: object, live: object = None) -> list:
+    def _run_gated(
+        self, jobs: list[GenerationJob], progress: object, live: object = None, previews: object = None
+    ) -> list:
         if self.pause_at_step is None:
             self.paused.set()
             self.gate.wait(timeout=60)
-            return super().pipeline.generate_many(jobs, progress=progress, live=live)  # type: ignore[arg-type]
+            return super().pipeline.generate_many(jobs, progress=progress, live=live, previews=previews)  # type: ignore[arg-type]
 
         def pausing(done: int, total: int) -> None:
             progress(done, total)  # type: ignore[operator]
@@ -38,7 +40,7 @@ class GatedEngine(BatchingEngine):
                 self.paused.set()
                 self.gate.wait(timeout=60)
 
-        return super().pipeline.generate_many(jobs, progress=pausing, live=live)  # type: ignore[arg-type]
+        return super().pipeline.generate_many(jobs, progress=pausing, live=live, previews=previews)  # type: ignore[arg-type]
 
     @property
     def workers(self) -> int:
@@ -52,7 +54,9 @@ class GatedEngine(BatchingEngine):
     def pipeline(self) -> SD3Pipeline:
         real = super().pipeline
         gated = dataclasses.make_dataclass("Gated", [])()
-        gated.generate_many = lambda jobs, progress=None, live=None: self._run_gated(jobs, progress, live)  # type: ignore[attr-defined]
+        gated.generate_many = lambda jobs, progress=None, live=None, previews=None: self._run_gated(  # type: ignore[attr-defined]
+            jobs, progress, live, previews
+        )
         gated.prompt_cache = real.prompt_cache  # type: ignore[attr-defined]
         return gated  # type: ignore[return-value]
 
@@ -64,13 +68,15 @@ class CountingGate(GatedEngine):
         super().__init__(*args, **kwargs)
         self.steps_seen: list[int] = []
 
-    def _run_gated(self, jobs: list[GenerationJob], progress: object, live: object = None) -> list:
+    def _run_gated(
+        self, jobs: list[GenerationJob], progress: object, live: object = None, previews: object = None
+    ) -> list:
         def counting(done: int, total: int) -> None:
             self.steps_seen.append(done)
             if progress is not None:
                 progress(done, total)  # type: ignore[operator]
 
-        return super()._run_gated(jobs, counting, live)
+        return super()._run_gated(jobs, counting, live, previews)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""``sd3serve keys ...`` and ``sd3serve generate``."""
+"""``sd3serve keys ...`` and ``sd3serve generate`` (text-to-image, image-to-image, adapters)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from helpers.same_code import same_code_env
+from sd3demo.judge import judge, striped
+from sd3demo.world import Scene, render
 from sd3serve.cli import main
 from sd3serve.store.credits import CreditStore
 
@@ -144,3 +147,66 @@ def test_keys_warn_when_an_action_does_nothing_useful(tmp_path: Path, capsys: py
     assert "already revoked" in capsys.readouterr().err
     assert main([*args, "add-credits", "1", "3"]) == 2  # a revoked key gets no credits
     assert "key 1 is revoked: credits cannot be added to it" in capsys.readouterr().err
+
+
+RED_CIRCLE = render(Scene("red", "circle", "green"), 256)  # centred: the edges, where stripes are judged, are free
+
+
+def generate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``sd3serve generate`` on the demo model (its adapter `striped` offered), in a process of its own."""
+    cmd = [sys.executable, "-m", "sd3serve", "generate", "-o", str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=same_code_env())
+
+
+def test_generate_image_to_image_with_an_adapter(tmp_path: Path) -> None:
+    """The red circle becomes the blue circle the prompt asks for, in the same place, at the image's size; with
+    --lora striped its background is striped, without it is not; --strength 0 gives the image back."""
+    RED_CIRCLE.save(tmp_path / "red.png")
+    prompt = "a blue circle on a green background"
+    common = ["--image", str(tmp_path / "red.png"), "--strength", "0.8", "--seed", "0"]
+    res = generate(tmp_path / "styled.png", prompt, *common, "--lora", "striped:1.0")
+    assert res.returncode == 0, res.stderr
+    plain = generate(tmp_path / "plain.png", prompt, *common)
+    assert plain.returncode == 0, plain.stderr
+    for name in ("styled", "plain"):
+        out = Image.open(tmp_path / f"{name}.png")
+        assert out.size == (256, 256)
+        v = judge(out)
+        assert (v.colour, v.shape, v.position, v.background) == ("blue", "circle", "center", "green"), name
+    assert striped(Image.open(tmp_path / "styled.png")) and not striped(Image.open(tmp_path / "plain.png"))
+
+    kept = generate(tmp_path / "kept.png", "a yellow square", "--image", str(tmp_path / "red.png"),
+                    "--strength", "0")  # fmt: skip
+    assert kept.returncode == 0, kept.stderr
+    diff = np.abs(np.asarray(Image.open(tmp_path / "kept.png"), float) - np.asarray(RED_CIRCLE, float))
+    assert diff.mean() < 8  # the VAE's round trip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "IMAGE", "--strength", "1.5"], "strength: Input should be less than or equal to 1"),
+        (["--image", "IMAGE", "--strength", "-0.1"], "strength: Input should be greater than or equal to 0"),
+        (["--strength", "0.5"], "--strength needs --image"),
+        (["--image", "MISSING"], "cannot read it"),
+        (["--image", "TEXT"], "not a PNG, JPEG or WebP"),
+        (["--lora", "nosuch"], "unknown adapter 'nosuch'; this server has: striped"),
+        (["--lora", "striped:abc"], "give NAME or NAME:SCALE"),
+        (["--lora", "striped:9"], "loras.0.scale: Input should be less than or equal to 4"),
+        (["--lora", "striped", "--lora", "striped"], "each adapter may be named once"),
+        ([arg for n in "abcde" for arg in ("--lora", n)], "at most 4"),
+    ],
+)  # fmt: skip
+def test_generate_refuses_bad_images_strengths_and_adapters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """Each is a clear error and exit code 2, before any model is loaded and with no file written."""
+    RED_CIRCLE.save(tmp_path / "red.png")
+    (tmp_path / "text.png").write_text("not an image")
+    paths = {"IMAGE": tmp_path / "red.png", "TEXT": tmp_path / "text.png", "MISSING": tmp_path / "missing.png"}
+    args = [str(paths[a]) if a in paths else a for a in args]
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not out.exists()

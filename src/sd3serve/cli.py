@@ -209,6 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {out.name}: the format comes from the extension: {', '.join(IMAGE_FORMATS)}", file=sys.stderr)
         return 2
     from sd3serve.api.schemas import parse_img2img, parse_txt2img
+    from sd3serve.engine.lora_names import check_adapters, lora_dir
     from sd3serve.errors import InvalidRequest
 
     body = {k: getattr(args, k) for k in GENERATE_FIELDS if getattr(args, k) is not None}
@@ -220,7 +221,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
             body |= {"image": str(args.image)} | ({"strength": args.strength} if args.strength is not None else {})
             req: Any = parse_img2img(body)
-            data = args.image.read_bytes()
+            try:
+                data = args.image.read_bytes()
+            except OSError as e:
+                raise InvalidRequest(f"--image {args.image}: cannot read it ({e.strerror or e})") from None
             if len(data) > settings.max_image_bytes:
                 raise InvalidRequest(f"--image: over {settings.max_image_bytes} bytes")
             req.attach(decode_image(data, field="--image", settings=settings))
@@ -228,6 +232,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if args.strength is not None:
                 raise InvalidRequest("--strength needs --image")
             req = parse_txt2img(body)
+        # an unknown adapter is refused before the model loads, as the server refuses it before any work
+        check_adapters(lora_dir(settings), [lora["name"] for lora in body.get("loras", [])])
     except (InvalidRequest, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The playground at ``/``, driven in Debian's headless Chromium by Playwright (no browser download): load it,
 enter a key, generate the seed request on the embedded demo model, check the picture's pixels; a bad key and a
-field out of range show their messages; the page fits a phone; its Python snippet runs.
+field out of range show their messages; the page fits a phone; its Python snippet runs; a start image, its strength
+and the demo adapter go into an image-to-image request while the live previews show.
 
 Screenshots go to build/screenshots/ (ignored by git)."""
 
@@ -12,16 +13,23 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import sqlalchemy
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from gated import GatedEngine
 from live_server import LiveServer, run_live_server
+from sd3demo.world import Scene, render
+from sd3serve.api.images_in import resized
 from sd3serve.settings import Settings
+from waiting import wait_for
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -48,12 +56,16 @@ def browser() -> Iterator[object]:
         b.close()
 
 
+def is_events(url: str) -> bool:
+    return urlsplit(url).path.endswith("/events")
+
+
 def open_page(browser: object, server: LiveServer, **context: object) -> object:
     page = browser.new_context(**context).new_page()  # type: ignore[attr-defined]
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     # The page closes an event stream itself once the task has ended: that request "fails" on purpose.
-    page.on("requestfailed", lambda r: r.url.endswith("/events") or errors.append(f"request failed: {r.url}"))
+    page.on("requestfailed", lambda r: is_events(r.url) or errors.append(f"request failed: {r.url}"))
     page.errors = errors
     page.goto(f"{server.url}/")
     page.wait_for_selector("body[data-ready=true]", timeout=30_000)
@@ -242,10 +254,93 @@ def test_progress_comes_from_the_event_stream_when_the_server_has_one(browser: o
         page.click("#generate")
         page.wait_for_selector("img.result", timeout=300_000)
         assert page.text_content("#phase") == "Done." and page.locator("#error").is_hidden()
-        assert any(url.endswith("/events") for url in asked) and (real or len(calls) == 1)
+        assert any(is_events(url) for url in asked) and (real or len(calls) == 1)
         assert not any(url.endswith("/status") for url in asked)  # no polling
         page.context.close()
     finally:
         demo_server.app.router.routes[:] = [
             r for r in demo_server.app.router.routes if real or getattr(r, "path", "") != EVENTS
         ]
+
+
+@pytest.fixture(scope="module")
+def gated_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, GatedEngine]]:
+    """The demo model behind an engine whose batches wait for ``engine.gate`` (set: they run at once)."""
+    settings = Settings(device="cpu", data_dir=tmp_path_factory.mktemp("playground-i2i"), batch_wait_ms=0)
+    engine = GatedEngine(settings)
+    gen = run_live_server(settings, engine=engine)
+    try:
+        yield next(gen), engine
+    finally:
+        engine.gate.set()
+        gen.close()
+
+
+def stored_request(server: LiveServer, task_id: str) -> dict[str, object]:
+    """The request as the server stored it with the task (the image as its digest)."""
+    db = sqlalchemy.create_engine(server.settings.resolved_database_url)
+    with db.connect() as conn:
+        row = conn.execute(sqlalchemy.text("SELECT request_json FROM tasks WHERE id = :id"), {"id": task_id}).one()
+    db.dispose()
+    return json.loads(row[0])  # type: ignore[no-any-return]
+
+
+def test_image_to_image_with_the_demo_adapter_and_live_previews(
+    browser: object, gated_demo: tuple[LiveServer, GatedEngine], tmp_path: Path
+) -> None:
+    """Upload a start image, set its strength, tick the demo adapter: the page sends an image-to-image request
+    with all three, shows the live previews of its event stream while it runs, then the picture at the image's
+    size. The request is checked where the server stored it."""
+    server, engine = gated_demo
+    service = server.app.state.sd3.service
+    key = server.new_key(credits=5)
+    start = render(Scene("red", "circle", "green", position="top left"), 320, 192)
+    start.save(tmp_path / "start.png")
+    page = open_page(browser, server, viewport={"width": 1280, "height": 1000})
+    page.fill("#api-key", key)
+    page.locator("#api-key").dispatch_event("change")  # lists the key's adapters
+    page.wait_for_selector("#lora-striped", timeout=30_000)
+    assert page.locator("#strength").is_disabled()  # no image yet: text-to-image
+    page.set_input_files("#init-image", str(tmp_path / "start.png"))
+    page.wait_for_selector("body[data-init-image=ready]", timeout=30_000)
+    assert page.locator("#width").is_disabled() and "320×192" in page.text_content("#size-note")
+    page.locator("#strength").evaluate("e => { e.value = '0.8'; e.dispatchEvent(new Event('input', {bubbles: 1})); }")
+    assert page.text_content("#strength-value") == "0.80"
+    page.check("#lora-striped")
+    page.fill("#prompt", "a blue circle at the top left on a green background")
+    page.evaluate("""() => {
+        window.previews = [];
+        const img = document.getElementById("live-preview");
+        new MutationObserver(() => window.previews.push(img.src))
+            .observe(img, {attributes: true, attributeFilter: ["src"]});
+    }""")
+    engine.gate = threading.Event()  # the batch waits until the page watches its previews
+    page.click("#generate")
+    wait_for(lambda: service.previews.watching() == 1, timeout=60)
+    engine.gate.set()
+    page.wait_for_selector("img.result", timeout=300_000)
+    page.wait_for_function("() => document.querySelector('img.result').naturalWidth > 0", timeout=30_000)
+
+    previews = page.evaluate("() => window.previews")
+    assert previews and all(p.startswith("data:image/jpeg;base64,") for p in previews), previews[:1]
+    assert page.locator("#live").is_hidden()  # the picture replaces the preview
+    size = page.evaluate("() => [document.querySelector('img.result').naturalWidth, "
+                         "document.querySelector('img.result').naturalHeight]")  # fmt: skip
+    assert size == [320, 192]
+    task_id = page.text_content("#info-id")
+    sent = stored_request(server, task_id)
+    assert sent["strength"] == 0.8 and sent["loras"] == [{"name": "striped", "scale": 1.0}]
+    assert sent["image_sha256"] == resized(start, 320, 192).digest and "image" not in sent
+    assert sent["prompt"] == "a blue circle at the top left on a green background"
+
+    page.wait_for_selector("#history li", timeout=30_000)
+    stored = page.evaluate("() => JSON.parse(localStorage.getItem('sd3serve.history'))")
+    assert "image" not in stored[0]["body"] and stored[0]["img2img"] and stored[0]["size"] == [320, 192]
+    page.click("#tab-python")
+    code = page.text_content("#code-text")
+    assert "/v1/stable-diffusion-3.5-turbo-img2img" in code and 'open("input.png", "rb")' in code
+    assert '"strength": 0.8' in code and '"name": "striped"' in code
+    assert page.errors == []  # type: ignore[attr-defined]
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "playground-img2img.png"), full_page=True)
+    page.context.close()

@@ -25,10 +25,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import AllAborted, SD3Pipeline, batch_key, build_pipeline
-from sd3serve.engine.protocol import Aborted, EngineStats, ProgressCallback
+from sd3serve.engine.previews import PreviewHook
+from sd3serve.engine.protocol import Aborted, EngineStats, PreviewListener, ProgressCallback
 from sd3serve.errors import Overloaded, QueueTimeout
 from sd3serve.settings import Settings
 
@@ -290,13 +293,15 @@ class BatchingEngine:
             if p.deadline is not None:
                 p.deadline.cancel()
 
+        def request_step(p: _Pending, chunk: GenerationJob, done: int, total: int) -> int:
+            # Over the whole request: the images made so far count as finished.
+            return (len(p.done.images) * total + done * chunk.batch_size) // p.job.batch_size
+
         def progress(done: int, total: int) -> None:  # on the model's thread
             for p, chunk in batch:
                 if p.progress is not None and not p.aborted:
-                    # Over the whole request: the images made so far count as finished.
-                    step = (len(p.done.images) * total + done * chunk.batch_size) // p.job.batch_size
                     try:
-                        p.progress(step, total)
+                        p.progress(request_step(p, chunk, done, total), total)
                     except Exception:  # a listener's bug must not fail the batch
                         log.warning("progress listener of %s failed", p.request_id, exc_info=True)
 
@@ -304,10 +309,12 @@ class BatchingEngine:
             return [not p.aborted for p, _ in batch]
 
         jobs = [chunk for _, chunk in batch]
+        previews = _previews(batch, request_step)
+        run = pipeline or self.pipeline
         start = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                executor, lambda: (pipeline or self.pipeline).generate_many(jobs, progress=progress, live=live)
+                executor, lambda: run.generate_many(jobs, progress=progress, live=live, previews=previews)
             )
             if len(results) != len(batch):
                 raise RuntimeError(f"the pipeline returned {len(results)} results for {len(batch)} requests")
@@ -340,3 +347,29 @@ class BatchingEngine:
                 self._on_batch(sum(chunk.batch_size for chunk in jobs), elapsed)
             except Exception:
                 log.warning("batch observer failed", exc_info=True)
+
+
+def _previews(
+    batch: list[tuple[_Pending, GenerationJob]], request_step: Callable[[_Pending, GenerationJob, int, int], int]
+) -> PreviewHook | None:
+    """The batch's preview hook: each request that listens for previews gets its first row's (None: none listens)."""
+    listeners: dict[int, tuple[_Pending, GenerationJob, PreviewListener]] = {}
+    row = 0
+    for p, chunk in batch:
+        if isinstance(p.progress, PreviewListener):
+            listeners[row] = (p, chunk, p.progress)
+        row += chunk.batch_size
+    if not listeners:
+        return None
+
+    def rows() -> list[int]:  # on the model's thread, at every model call
+        return [r for r, (p, _, listener) in listeners.items() if not p.aborted and listener.wants_preview()]
+
+    def put(r: int, done: int, total: int, rgb: np.ndarray) -> None:
+        p, chunk, listener = listeners[r]
+        try:
+            listener.preview(request_step(p, chunk, done, total), total, rgb)
+        except Exception:  # a listener's bug must not fail the batch
+            log.warning("preview listener of %s failed", p.request_id, exc_info=True)
+
+    return PreviewHook(rows=rows, put=put)

@@ -31,6 +31,7 @@ from sd3serve.engine.loading import LoadedModel, load_model, resolve_device
 from sd3serve.engine.lora import LoraLibrary, applied
 from sd3serve.engine.lora_names import lora_dir
 from sd3serve.engine.noise import BatchNoise
+from sd3serve.engine.previews import PreviewHook, X0Tap, latent_rgb_for
 from sd3serve.engine.prompt_cache import PromptCache, TextEmbedding
 from sd3serve.engine.protocol import ProgressCallback
 from sd3serve.engine.samplers import SAMPLERS
@@ -79,6 +80,8 @@ class FlowDenoiser:
         self.exact_batches = exact_batches
         self.live_rows = live_rows
         self.any_live: Callable[[], bool] | None = None  # set on a rows() view: whether the whole batch has any
+        self.tap: X0Tap | None = None  # sees every guided x0, for live previews
+        self.tap_rows: list[int] | None = None  # the batch rows this denoiser's rows are (None: all)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self._evaluate(x, sigma, self.uncond if self.cfg else None)[0]
@@ -92,6 +95,7 @@ class FlowDenoiser:
         pick = lambda t: (t[0][indices], t[1][indices])  # noqa: E731
         view.cond = pick(self.cond)
         view.uncond = pick(self.uncond) if self.uncond is not None else None
+        view.tap_rows = [self.tap_rows[i] for i in indices] if self.tap_rows is not None else list(indices)
         parent = self.live_rows
         if parent is not None:
             view.live_rows = lambda: _rows_of(parent(), indices)
@@ -99,6 +103,14 @@ class FlowDenoiser:
         return view
 
     def _evaluate(
+        self, x: torch.Tensor, sigma: torch.Tensor, uncond: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        guided, unc = self._evaluate_live(x, sigma, uncond)
+        if self.tap is not None:
+            self.tap.seen(guided, self.tap_rows)
+        return guided, unc
+
+    def _evaluate_live(
         self, x: torch.Tensor, sigma: torch.Tensor, uncond: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.live_rows() if self.live_rows is not None else None
@@ -211,6 +223,7 @@ class SD3Pipeline:
             vae.tile_latent_min_size = MIN_VAE_TILE // model.vae_scale_factor
         # This pipeline's view of the VAE: its own tiling switch, the shared layers and weights.
         self.vae = copy.copy(vae)
+        self.latent_rgb = latent_rgb_for(model)  # the live previews' latent→RGB map
 
     def worker(self) -> SD3Pipeline:
         """Another pipeline on the same model (weights, prompt cache, text lock, decode slots), for another thread."""
@@ -265,26 +278,31 @@ class SD3Pipeline:
                 self._truncated.popitem(last=False)
             return truncated
 
-    def __call__(self, job: GenerationJob, *, progress: ProgressCallback | None = None) -> GenerationResult:
-        return self.generate_many([job], progress=progress)[0]
+    def __call__(
+        self, job: GenerationJob, *, progress: ProgressCallback | None = None, previews: PreviewHook | None = None
+    ) -> GenerationResult:
+        return self.generate_many([job], progress=progress, previews=previews)[0]
 
     @torch.no_grad()
     def generate_many(
-        self, jobs: list[GenerationJob], *, progress: ProgressCallback | None = None, live: LiveJobs | None = None
-    ) -> list[GenerationResult]:
+        self, jobs: list[GenerationJob], *, progress: ProgressCallback | None = None, live: LiveJobs | None = None,
+        previews: PreviewHook | None = None,
+    ) -> list[GenerationResult]:  # fmt: skip
         """Several compatible jobs (same ``batch_key``) in one batch; each job's images are what it gets alone.
 
         With ``live``, a job that is no longer wanted stops at the next model call (its result has no images)
-        while the others go on unchanged; AllAborted when none is left."""
+        while the others go on unchanged; AllAborted when none is left. With ``previews``, the rows it asks for get
+        their x0 estimate as a small picture after every step (nothing is computed while none asks)."""
         if len({batch_key(j) for j in jobs}) != 1:
             raise ValueError("jobs in one batch must share size, steps, sampler, scheduler, guidance, image, adapters")
         # encoding and denoising on the denoise threads; the decode sets its own inside
         with torch_threads(self.threads.denoise if self.threads is not None else None):
-            return self._generate_many(jobs, progress, live)
+            return self._generate_many(jobs, progress, live, previews)
 
     def _generate_many(
-        self, jobs: list[GenerationJob], progress: ProgressCallback | None, live: LiveJobs | None
-    ) -> list[GenerationResult]:
+        self, jobs: list[GenerationJob], progress: ProgressCallback | None, live: LiveJobs | None,
+        previews: PreviewHook | None,
+    ) -> list[GenerationResult]:  # fmt: skip
         model, first, timings = self.model, jobs[0], {}
         # the negative prompt is evaluated for CFG (guidance > 1) and, as ComfyUI does, by CFG++ at any guidance
         guidance = first.guidance_scale > 1 or SAMPLER_INFO[first.sampler].cfg_pp
@@ -327,8 +345,11 @@ class SD3Pipeline:
             live_rows=live_rows,
         )  # fmt: skip
         n_steps = max(0, len(sigmas) - 1)
+        tap = denoiser.tap = X0Tap(previews, self.latent_rgb) if previews is not None else None
 
         def on_step(i: int, n: int) -> None:
+            if tap is not None:
+                tap.flush(i + 1, n)
             if progress is not None:
                 progress(i + 1, n)
 

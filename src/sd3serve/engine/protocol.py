@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from sd3serve.engine.job import GenerationJob, GenerationResult
 
 # (steps done, steps in all). Called on the engine's thread between model calls: it must return at once (no I/O,
 # no locks held for long); the API side reads the latest value from a ``ProgressChannel``.
 ProgressCallback = Callable[[int, int], None]
+
+
+@runtime_checkable
+class PreviewListener(Protocol):
+    """A progress callback that also takes live previews (the API's ``ProgressChannel``). On the engine's thread,
+    like the callback: ``wants_preview()`` is asked at every model call (a plain read), ``preview(step, steps, rgb)``
+    gets the request's first image in the running batch as its x0 estimate after that step, (h, w, 3) uint8 at the
+    latent grid."""
+
+    def __call__(self, step: int, steps: int) -> None: ...
+
+    def wants_preview(self) -> bool: ...
+
+    def preview(self, step: int, steps: int, rgb: np.ndarray) -> None: ...
 
 
 class Aborted(Exception):

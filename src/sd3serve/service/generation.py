@@ -32,7 +32,7 @@ from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, S
 from sd3serve.imaging import encode_image
 from sd3serve.service.metrics import Metrics
 from sd3serve.service.order import Order, Webhook
-from sd3serve.service.progress import ProgressChannel
+from sd3serve.service.progress import PreviewBoard, ProgressChannel
 from sd3serve.service.webhook_delivery import target_problem
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditHold, CreditStore, KeyInfo, Reservation, SessionStep
@@ -121,6 +121,7 @@ class GenerationService:
         self.settings = settings
         self.metrics = metrics
         self._background: dict[str, asyncio.Task[None]] = {}  # v2 tasks running in this process, by id
+        self.previews = PreviewBoard()  # live previews of the v2 tasks run here, for the event streams that ask
         self.dispatch: TaskRunner | None = None  # runs accepted v2 tasks elsewhere (scale-out); None: here
 
     def price(self, job: GenerationJob) -> Decimal:
@@ -213,7 +214,7 @@ class GenerationService:
 
     async def _run_task(self, reservation: Reservation, order: Order, task_id: str) -> None:
         ttl = timedelta(seconds=self.settings.task_ttl_s)
-        channel = ProgressChannel(asyncio.get_running_loop())
+        channel = ProgressChannel(asyncio.get_running_loop(), previews=self.previews, task_id=task_id)
         writer = asyncio.create_task(self._write_progress(task_id, channel), name=f"progress-{task_id}")
 
         async def fail(error: str) -> None:
@@ -222,7 +223,7 @@ class GenerationService:
                 await run_blocking(reservation.close)  # the refund at least, retried by housekeeping
 
         try:
-            out = await self._generate(order, request_id=task_id, progress=channel.report)
+            out = await self._generate(order, request_id=task_id, progress=channel)
         except asyncio.CancelledError:
             await fail("the server shut down before the task finished; nothing was charged")
             raise
@@ -238,6 +239,7 @@ class GenerationService:
             return
         finally:
             writer.cancel()
+            self.previews.forget(task_id)
         deliver = TaskStore.completion(task_id, images=out.files, inference_time=out.seconds, steps=out.steps, ttl=ttl)
         try:
             await _persist(f"complete task {task_id}", reservation.capture, deliver=deliver)

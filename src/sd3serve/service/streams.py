@@ -64,6 +64,10 @@ class Watch:
             self.latest = state
             self._changed.set()
 
+    def poke(self) -> None:
+        """Wake the stream without a change of the row (a live preview came)."""
+        self._changed.set()
+
     async def changed(self, timeout: float) -> bool:
         """Wait until the task changed since the last call (True), or ``timeout`` seconds (False)."""
         try:

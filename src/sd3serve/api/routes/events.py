@@ -6,6 +6,10 @@ Events: ``queued`` (``{"position"}`` when this process runs the task, else ``{}`
 k → k + 1, the end 1000), so a client that reconnects with ``Last-Event-ID`` gets only what it has not seen. The
 stream follows the task's row in the database through the process's stream hub (``service/streams.py``: one poll for
 all streams), so it works whichever process runs the task. Each stream holds one of its key's stream slots.
+
+With ``?preview=true`` the progress events of a task run by this process also carry ``preview``: a small JPEG of
+the current x0 estimate (``service/progress.py``), and the stream wakes at each new one, not only at the row's polls.
+Previews are computed only while such a stream watches the task; without the parameter the stream is unchanged.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from sd3serve.api.contract import STREAM_ERRORS, TASK_ERRORS
-from sd3serve.api.deps import ApiKeyDep, ReadsDep, SettingsDep, StreamHubDep
+from sd3serve.api.deps import ApiKeyDep, ReadsDep, ServiceDep, SettingsDep, StreamHubDep
 from sd3serve.api.responses import HeldStreamingResponse
 from sd3serve.api.routes.common import base_url
 from sd3serve.api.routes.v2 import TaskId, base64_result, result_body
@@ -41,6 +45,16 @@ LastEventId = Annotated[
     str,
     Header(alias="Last-Event-ID", max_length=20, json_schema_extra={"pattern": "^[0-9]*$"},
            description="the id of the last event received, to resume after it"),
+]  # fmt: skip
+
+
+PreviewParam = Annotated[
+    bool,
+    Query(description="add to each progress event a `preview`: the current x0 estimate of the task's first image as "
+          "a small JPEG (`{step, width, height, media_type, image}`, `image` in base64; one pixel per latent cell, "
+          "scaled up to 64 px at least), made by a linear latent-to-RGB map, not the VAE. Only where this server "
+          "process runs the task; a progress event without a picture yet has none. Costs nothing while no stream "
+          "asks for it."),
 ]  # fmt: skip
 
 
@@ -67,7 +81,7 @@ def resume_after(last_event_id: str | None) -> int:
 )  # fmt: skip
 async def task_events(
     task_id: TaskId, request: Request, key: ApiKeyDep, reads: ReadsDep, settings: SettingsDep, hub: StreamHubDep,
-    last_event_id: LastEventId = "",
+    service: ServiceDep, last_event_id: LastEventId = "", preview: PreviewParam = False,
 ) -> HeldStreamingResponse:  # fmt: skip
     seen = resume_after(last_event_id)
     first = await reads.get(key, task_id)  # 404 before the stream starts
@@ -91,6 +105,7 @@ async def task_events(
         nonlocal seen
         watch = hub.watch(task_id, TaskProgress(status=first.status, step=first.progress_step,
                                                 steps=first.progress_total))  # fmt: skip
+        unwatch = service.previews.watch(task_id, watch.poke) if preview else None
         try:
             started: tuple[float, int] | None = None  # (time, step) of the first progress seen, for the ETA
             while (task := watch.latest) is not None:  # None: the task's row expired meanwhile
@@ -99,22 +114,30 @@ async def task_events(
                         async for part in final_event(task.status):
                             yield part
                     return
-                if task.status == QUEUED and seen < 0:
+                step, steps, picture = task.step, task.steps, None
+                if preview and (picture := service.previews.latest(task_id)) is not None and picture.step >= step:
+                    step, steps = picture.step, picture.steps  # ahead of the row, which is written less often
+                if task.status == QUEUED and seen < 0 and picture is None:
                     position = reads.position(task_id)
                     yield _event(0, "queued", {} if position is None else {"position": position})
                     seen = 0
-                elif task.steps and task.step + 1 > seen:
+                elif steps and step + 1 > seen:
                     now = time.monotonic()
                     if started is None:
-                        started = (now, task.step)
-                    rate = (task.step - started[1]) / (now - started[0]) if now > started[0] else 0.0
-                    eta = round((task.steps - task.step) / rate, 1) if rate > 0 else None
-                    yield _event(task.step + 1, "progress", {"step": task.step, "steps": task.steps, "eta_s": eta})
-                    seen = task.step + 1
+                        started = (now, step)
+                    rate = (step - started[1]) / (now - started[0]) if now > started[0] else 0.0
+                    eta = round((steps - step) / rate, 1) if rate > 0 else None
+                    data: dict[str, Any] = {"step": step, "steps": steps, "eta_s": eta}
+                    if picture is not None and picture.step == step:
+                        data["preview"] = picture.data()
+                    yield _event(step + 1, "progress", data)
+                    seen = step + 1
                 if not await watch.changed(KEEPALIVE_S):
                     yield ": keep-alive\n\n"
         finally:
             watch.close()
+            if unwatch is not None:
+                unwatch()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no buffering in nginx
     return HeldStreamingResponse(stream(), slot, media_type="text/event-stream", headers=headers)

@@ -1,8 +1,9 @@
 """The playground at ``/``: one page (``api/static/``) that generates through the v2 API from a browser.
 
 No CDN and no build step: plain HTML, CSS and JavaScript shipped in the package. The page reads the request's
-fields, limits and presets from ``/playground/config.json``, built here from the request schema, so a limit
-exists in one place.
+fields, limits and presets from ``/playground/config.json``, built here from the request schemas, so a limit
+exists in one place. With a start image the page sends an image-to-image request; adapters come from
+``GET /v1/loras``; while a request runs it shows the live previews of its event stream.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import BaseModel
 from starlette.routing import Match
 
 from sd3serve.api.deps import SettingsDep
 from sd3serve.api.errors import error_response
 from sd3serve.api.routes.common import MODEL_SLUG
-from sd3serve.api.schemas import ASPECT_RATIOS, SIZE_MULTIPLE, Txt2ImgRequest
+from sd3serve.api.routes.img2img import IMG2IMG_SLUG
+from sd3serve.api.schemas import ASPECT_RATIOS, MAX_LORAS, SIZE_MULTIPLE, Img2ImgRequest, Txt2ImgRequest
 
 router = APIRouter(include_in_schema=False)
 
@@ -38,9 +41,9 @@ DEMO_PROMPT = "a red circle on a blue background"
 DEMO_GRAMMAR = "a[n] [small|large] <colour> <shape> [at the <position>] [on a[n] <colour> background]"
 
 
-def request_fields() -> dict[str, dict[str, Any]]:
+def request_fields(model: type[BaseModel] = Txt2ImgRequest) -> dict[str, dict[str, Any]]:
     """Each field of the request body: type, default, limits, allowed names, description (``$ref`` resolved)."""
-    schema = Txt2ImgRequest.model_json_schema()
+    schema = model.model_json_schema()
     defs = schema.get("$defs", {})
     fields = {}
     for name, prop in schema["properties"].items():
@@ -71,6 +74,9 @@ def config(request: Request, settings: SettingsDep) -> dict[str, Any]:
     demo = settings.model is None
     return {
         "fields": request_fields(),
+        "img2img_fields": {"strength": request_fields(Img2ImgRequest)["strength"]},
+        "max_image_bytes": settings.max_image_bytes,
+        "max_loras": MAX_LORAS,
         "aspect_ratios": ASPECT_RATIOS,
         "size_multiple": SIZE_MULTIPLE,
         "price_per_image": float(settings.price_per_image),
@@ -80,6 +86,9 @@ def config(request: Request, settings: SettingsDep) -> dict[str, Any]:
         "paths": {
             "v1": f"/v1/{MODEL_SLUG}",
             "v2": f"/v2/{MODEL_SLUG}",
+            "img2img_v1": f"/v1/{IMG2IMG_SLUG}",
+            "img2img_v2": f"/v2/{IMG2IMG_SLUG}",
+            "loras": "/v1/loras",
             "credits": "/v1/get-user-credits",
             # Progress by server-sent events when the server has the route, else the page polls status_url.
             "events": EVENTS_PATH if has_route(request.app, EVENTS_PATH.format(task_id="0")) else None,

@@ -1,5 +1,7 @@
 // The sd3serve playground: one request form, generation through the v2 API, history in local storage.
 // Fields, limits and presets come from /playground/config.json (built from the server's request schema).
+// A start image makes it an image-to-image request; adapters come from GET /v1/loras; while a request runs, the
+// live previews of its event stream (?preview=true) are shown.
 "use strict";
 
 const FIELDS = ["prompt", "negative_prompt", "aspect_ratio", "width", "height", "steps", "guidance_scale", "seed",
@@ -10,12 +12,16 @@ const HISTORY_KEY = "sd3serve.history";
 const KEY_KEY = "sd3serve.apiKey";
 const HISTORY_MAX = 30;
 const THUMB_PX = 160;
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
+const IMAGE_PLACEHOLDER = "<base64 of input.png>";  // the snippets read the start image from a file
 
 const $ = (id) => document.getElementById(id);
 let config = null;
 let lastBody = null;
 let codeLang = "curl";
 let objectUrls = [];
+let initImage = null;  // the start image: { b64, name, width, height }, or null for text-to-image
+let adapters = [];  // the names GET /v1/loras gave for the key
 
 // --- fields ------------------------------------------------------------------------------------------------
 
@@ -101,16 +107,42 @@ function readBody() {
     body[name] = readValue(name);
   }
   if (firstBad !== null) { $(firstBad).focus(); return null; }
-  return body;
+  const bad = addImageAndAdapters(body);
+  $("loras-error").textContent = bad;
+  return bad ? null : body;
+}
+
+// The start image (without width and height: the picture follows the image), its strength, and the adapters
+// ticked; "" or what is wrong.
+function addImageAndAdapters(body) {
+  if (initImage) {
+    if (!config.aspect_ratios[body.aspect_ratio]) { delete body.width; delete body.height; }
+    body.image = initImage.b64;
+    body.strength = Number($("strength").value);
+  }
+  const loras = [];
+  for (const row of document.querySelectorAll("#loras .lora")) {
+    const on = row.querySelector("input[type=checkbox]"), scale = Number(row.querySelector("input[type=number]").value);
+    if (!on.checked) continue;
+    if (!Number.isFinite(scale) || scale < -4 || scale > 4) return `loras: the scale of ${on.value} is a number from -4 to 4`;
+    loras.push({ name: on.value, scale });
+  }
+  if (loras.length > config.max_loras) return `loras: at most ${config.max_loras} adapters at once`;
+  if (loras.length) body.loras = loras;
+  return "";
 }
 
 function updateSize() {
   const preset = config.aspect_ratios[$("aspect_ratio").value];
-  for (const name of ["width", "height"]) $(name).disabled = Boolean(preset);
+  for (const name of ["width", "height"]) $(name).disabled = Boolean(preset) || initImage !== null;
   let [w, h] = preset || [Number($("width").value), Number($("height").value)];
   const m = config.size_multiple;
-  const note = preset ? `The preset sets ${w}×${h}.`
+  let note = preset ? `The preset sets ${w}×${h}.`
     : (w % m || h % m) ? `Sizes are rounded down to a multiple of ${m}: ${w - w % m}×${h - h % m}.` : "";
+  if (initImage && !preset) {
+    note = `The picture takes the start image's size (${initImage.width}×${initImage.height}, scaled into the limits, `
+      + `rounded down to a multiple of ${m}).`;
+  }
   $("size-note").textContent = note;
 }
 
@@ -155,14 +187,14 @@ async function follow(id, key) {
 // bodies polling would give; fetch (not EventSource) so that the key goes in a header.
 const EVENT_STATUS = {
   queued: () => ({ status: "QUEUED" }),
-  progress: (data) => ({ status: "PROCESSING", progress: { step: data.step, steps: data.steps } }),
+  progress: (data) => ({ status: "PROCESSING", progress: { step: data.step, steps: data.steps }, preview: data.preview }),
   completed: () => ({ status: "COMPLETED" }),
   failed: (data) => ({ status: "FAILED", error: data.error }),
   cancelled: (data) => ({ status: "CANCELLED", error: data.error }),
 };
 
 async function followEvents(id, key) {
-  const r = await fetch(config.paths.events.replace("{task_id}", encodeURIComponent(id)),
+  const r = await fetch(`${config.paths.events.replace("{task_id}", encodeURIComponent(id))}?preview=true`,
     { headers: { "x-api-key": key, accept: "text/event-stream" } });
   if (!r.ok || !r.body) return null;
   const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -187,7 +219,16 @@ async function followEvents(id, key) {
   }
 }
 
+// The picture as it forms: a small JPEG of the current x0 estimate, one pixel per latent cell.
+function showPreview(preview) {
+  if (!preview) return;
+  $("live-preview").src = `data:${preview.media_type};base64,${preview.image}`;
+  $("live-caption").textContent = `Live preview after step ${preview.step}`;
+  $("live").hidden = false;
+}
+
 function showProgress(status) {
+  showPreview(status.preview);
   const bar = $("progress"), phase = $("phase"), p = status.progress;
   if (status.status === "QUEUED") { bar.removeAttribute("value"); phase.textContent = "Queued…"; return; }
   if (status.status === "PROCESSING" && p && p.steps) {
@@ -226,8 +267,9 @@ async function generate(event) {
   showCode(body);
   setBusy(true);
   const started = performance.now();
+  $("live").hidden = true;
   try {
-    const submitted = await api("POST", config.paths.v2, key, body);
+    const submitted = await api("POST", body.image ? config.paths.img2img_v2 : config.paths.v2, key, body);
     const task = await submitted.json();
     const cost = submitted.headers.get("x-cost");
     showProgress(task);
@@ -246,6 +288,7 @@ async function generate(event) {
     $("progress").value = 0;
     $("phase").textContent = "Failed.";
   } finally {
+    $("live").hidden = true;
     setBusy(false);
   }
 }
@@ -329,10 +372,14 @@ function pyLiteral(value, indent = "") {
 
 const shellQuote = (text) => `'${text.replace(/'/g, "'\\''")}'`;
 
-function snippets(body) {
+function snippets(request) {
   const base = window.location.origin;
+  const img2img = request.image !== undefined;
+  const body = img2img ? { ...request, image: IMAGE_PLACEHOLDER } : request;
+  const readImage = img2img ? ['data["image"] = base64.b64encode(open("input.png", "rb").read()).decode()'] : [];
   const sync = body.batch_size === 1 || body.base64;  // one v1 response body holds one image
-  const url = `${base}${sync ? config.paths.v1 : config.paths.v2}`;
+  const paths = img2img ? [config.paths.img2img_v1, config.paths.img2img_v2] : [config.paths.v1, config.paths.v2];
+  const url = `${base}${sync ? paths[0] : paths[1]}`;
   const ext = extension(body.image_format);
   const json = JSON.stringify(body, null, 2);
   if (sync) {
@@ -341,7 +388,7 @@ function snippets(body) {
         + `  -d ${shellQuote(JSON.stringify(body))}` + (body.base64 ? "" : ` \\\n  -o out.${ext}`),
       python: [
         "import base64, os", "", "import requests", "",
-        `url = ${JSON.stringify(url)}`, `data = ${pyLiteral(body)}`, "",
+        `url = ${JSON.stringify(url)}`, `data = ${pyLiteral(body)}`, ...readImage, "",
         'r = requests.post(url, json=data, headers={"x-api-key": os.environ["SD3SERVE_API_KEY"]})',
         "r.raise_for_status()",
         ...(body.base64
@@ -372,8 +419,8 @@ function snippets(body) {
       "# then poll status_url until COMPLETED, read response_url, and fetch each URL of \"output\" with the same header",
     ].join("\n"),
     python: [
-      "import os, time", "", "import requests", "",
-      'H = {"x-api-key": os.environ["SD3SERVE_API_KEY"]}', `data = ${pyLiteral(body)}`,
+      "import base64, os, time", "", "import requests", "",
+      'H = {"x-api-key": os.environ["SD3SERVE_API_KEY"]}', `data = ${pyLiteral(body)}`, ...readImage,
       `task = requests.post(${JSON.stringify(url)}, headers=H, json=data).json()`,
       'while requests.get(task["status_url"], headers=H).json()["status"] not in ("COMPLETED", "FAILED"):',
       "    time.sleep(0.5)",
@@ -433,8 +480,10 @@ function addHistory(r, img) {
   canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
   canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
   canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
-  const entry = { time: new Date().toISOString(), id: r.id, body: r.body, seed: r.seed, cost: r.cost,
-    seconds: r.seconds, images: r.blobs.length, thumb: canvas.toDataURL("image/jpeg", 0.8) };
+  const { image, ...body } = r.body;  // the start image stays out of local storage
+  const entry = { time: new Date().toISOString(), id: r.id, body, seed: r.seed, cost: r.cost,
+    seconds: r.seconds, images: r.blobs.length, thumb: canvas.toDataURL("image/jpeg", 0.8),
+    size: [img.naturalWidth, img.naturalHeight], img2img: image !== undefined };
   const history = [entry, ...loadHistory()].slice(0, HISTORY_MAX);
   try { localStorage.setItem(HISTORY_KEY, JSON.stringify(history)); } catch (e) { /* storage full: keep going */ }
   renderHistory();
@@ -453,7 +502,10 @@ function renderHistory() {
     prompt.textContent = entry.body.prompt;
     const meta = document.createElement("p");
     meta.className = "hint";
-    meta.textContent = `seed ${entry.seed} · ${entry.body.width}×${entry.body.height} · ${entry.body.steps} steps · `
+    const [w, h] = entry.size || [entry.body.width, entry.body.height];
+    const kind = entry.img2img ? ` · image-to-image, strength ${entry.body.strength}` : "";
+    const loras = entry.body.loras ? ` · ${entry.body.loras.map((l) => `${l.name} ${l.scale}`).join(", ")}` : "";
+    meta.textContent = `seed ${entry.seed} · ${w}×${h} · ${entry.body.steps} steps${kind}${loras} · `
       + `${entry.cost} credit(s) · ${new Date(entry.time).toLocaleString()}`;
     const use = document.createElement("button");
     use.type = "button";
@@ -461,6 +513,9 @@ function renderHistory() {
     use.addEventListener("click", () => {
       for (const name of FIELDS) if (name in entry.body) setValue(name, entry.body[name]);
       setValue("seed", entry.seed);
+      if ("strength" in entry.body) $("strength").value = entry.body.strength;
+      const named = new Set((entry.body.loras || []).map((l) => l.name));
+      for (const c of document.querySelectorAll("#loras input[type=checkbox]")) c.checked = named.has(c.value);
       updateSize();
       showCode(readBody() || entry.body);
       window.scrollTo({ top: 0, behavior: "smooth" });
@@ -486,13 +541,16 @@ async function start() {
     return;
   }
   setupFields();
+  setupImg2Img();
   if (config.prompt_grammar) {
     $("grammar").textContent = config.prompt_grammar;
     $("demo-note").hidden = false;
   }
   const saved = localStorage.getItem(KEY_KEY);
   if (saved) { $("api-key").value = saved; $("remember-key").checked = true; refreshCredits(); }
+  loadAdapters(saved || "");
   $("api-key").addEventListener("change", refreshCredits);
+  $("api-key").addEventListener("change", () => loadAdapters($("api-key").value.trim()));
   $("remember-key").addEventListener("change", rememberKey);
   $("form").addEventListener("submit", generate);
   $("reset").addEventListener("click", () => { resetFields(); showCode(readBody()); });
@@ -506,6 +564,7 @@ async function start() {
   $("copy").addEventListener("click", copyCode);
   $("clear-history").addEventListener("click", () => { localStorage.removeItem(HISTORY_KEY); renderHistory(); });
   $("form").addEventListener("input", () => { const body = readBodyQuietly(); if (body) showCode(body); });
+  $("form").addEventListener("change", () => { const body = readBodyQuietly(); if (body) showCode(body); });
   showCode(readBody());
   renderHistory();
   document.body.dataset.ready = "true";
@@ -535,7 +594,102 @@ function readBodyQuietly() {
     if (fieldError(name, value)) return null;
     body[name] = value;
   }
-  return body;
+  return addImageAndAdapters(body) ? null : body;
+}
+
+// --- start image and adapters --------------------------------------------------------------------------------
+
+function setupImg2Img() {
+  const spec = config.img2img_fields.strength, range = $("strength");
+  range.min = spec.minimum;
+  range.max = spec.maximum;
+  range.step = "0.05";
+  range.value = spec.default;
+  const show = () => { $("strength-value").textContent = Number(range.value).toFixed(2); };
+  range.addEventListener("input", show);
+  show();
+  $("init-image").addEventListener("change", () => loadInitImage($("init-image").files[0]));
+  $("clear-image").addEventListener("click", () => { $("init-image").value = ""; setInitImage(null); });
+}
+
+function loadInitImage(file) {
+  $("init-image-error").textContent = "";
+  if (!file) { setInitImage(null); return; }
+  if (!IMAGE_TYPES.includes(file.type)) {
+    $("init-image-error").textContent = "image: a PNG, JPEG or WebP file";
+    setInitImage(null);
+    return;
+  }
+  if (file.size > config.max_image_bytes) {
+    $("init-image-error").textContent = `image: at most ${config.max_image_bytes} bytes (this one has ${file.size})`;
+    setInitImage(null);
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => {
+    const url = reader.result;
+    const probe = new Image();
+    probe.onload = () => setInitImage({ b64: url.slice(url.indexOf(",") + 1), name: file.name,
+      width: probe.naturalWidth, height: probe.naturalHeight, url });
+    probe.onerror = () => { $("init-image-error").textContent = "image: this file cannot be read as an image"; };
+    probe.src = url;
+  };
+  reader.readAsDataURL(file);
+}
+
+function setInitImage(image) {
+  initImage = image;
+  $("init-box").hidden = !image;
+  $("init-thumb").src = image ? image.url : "";
+  $("strength").disabled = !image;
+  document.body.dataset.initImage = image ? "ready" : "";
+  updateSize();
+  const body = readBodyQuietly();
+  if (body) showCode(body);
+}
+
+// The adapters this key may name, as a checkbox and a scale each.
+async function loadAdapters(key) {
+  const box = $("loras");
+  if (!key) { $("loras-hint").textContent = "(enter a key to list them)"; return; }
+  let names;
+  try {
+    names = (await (await api("GET", config.paths.loras, key)).json()).loras.map((l) => l.name);
+  } catch (e) {
+    $("loras-hint").textContent = `(could not list them: ${e.message})`;
+    return;
+  }
+  if (names.join("\n") === adapters.join("\n") && box.childElementCount) return;  // the same: keep the choices
+  adapters = names;
+  const ticked = new Set(selectedAdapters());
+  box.replaceChildren();
+  $("loras-hint").textContent = adapters.length ? `(at most ${config.max_loras})` : "(this server has none)";
+  for (const name of adapters) {
+    const row = document.createElement("div");
+    row.className = "lora";
+    const label = document.createElement("label");
+    label.className = "inline";
+    const check = document.createElement("input");
+    check.type = "checkbox";
+    check.value = name;
+    check.id = `lora-${name}`;
+    check.checked = ticked.has(name);
+    label.append(check, ` ${name}`);
+    const scale = document.createElement("input");
+    scale.type = "number";
+    scale.min = "-4";
+    scale.max = "4";
+    scale.step = "0.1";
+    scale.value = "1";
+    scale.setAttribute("aria-label", `Scale of ${name}`);
+    row.append(label, scale);
+    box.append(row);
+  }
+  document.body.dataset.adapters = String(adapters.length);
+}
+
+function selectedAdapters() {
+  return Array.from(document.querySelectorAll("#loras input[type=checkbox]:checked"), (c) => c.value);
 }
 
 start();
