@@ -357,11 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd3serve", description=DESCRIPTION, formatter_class=formatter)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="{serve,generate,keys}")
 
-    serve = sub.add_parser(
-        "serve", help="start the HTTP server (playground at /, docs at /docs)", formatter_class=formatter,
-        description="Start the HTTP server. HTTP answers at once; /readyz says 503 loading until the model is "
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, formatter_class=formatter)
+
+    serve = command(
+        "serve", "start the HTTP server (playground at /, docs at /docs)",
+        "Start the HTTP server. HTTP answers at once; /readyz says 503 loading until the model is "
         "loaded and warmed up.\nThe log names the data directory, the database and the URLs.",
-    )  # fmt: skip
+    )
     _add_flags(serve, _SERVE_FLAGS, "server")
     _add_flags(serve, _MODEL_FLAGS, "model")
     _add_flags(serve, _STORE_FLAGS, "keys and credits")
@@ -371,11 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
-    gen = sub.add_parser(
-        "generate", help="generate images here, without a server", formatter_class=formatter,
-        description="Generate images with the same engine as the server, and write them to a file.\n"
+    gen = command(
+        "generate", "generate images here, without a server",
+        "Generate images with the same engine as the server, and write them to a file.\n"
         "A batch writes NAME-0.jpg, NAME-1.jpg, ...; image i uses seed + i.",
-    )  # fmt: skip
+    )
     gen.add_argument("prompt", help="what to draw (the demo model: e.g. 'a red circle on a blue background')")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.jpg"),
                      help="the file; its extension sets the format: .jpg/.jpeg, .png or .webp (default: out.jpg)")
@@ -412,11 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prompt-cache-mb", type=float, default=256.0, help="as SD3SERVE_PROMPT_CACHE_MB")
     plan.set_defaults(func=cmd_plan)
 
-    keys = sub.add_parser(
-        "keys", help="manage API keys and credits", formatter_class=formatter,
-        description="Manage API keys and credits in the server's database: use the same --data-dir (or "
+    keys = command(
+        "keys", "manage API keys and credits",
+        "Manage API keys and credits in the server's database: use the same --data-dir (or "
         "--database-url, or SD3SERVE_DATA_DIR / SD3SERVE_DATABASE_URL) as `sd3serve serve`.",
-    )  # fmt: skip
+    )
     _add_flags(keys, _STORE_FLAGS)
     ksub = keys.add_subparsers(dest="keys_cmd", required=True, metavar="{create,list,add-credits,revoke}")
     create = ksub.add_parser("create", help="create a key; prints it alone on stdout (it is shown only this once)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,8 +37,6 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     write_timeout_s: float = 60.0
-    _header_timer: asyncio.TimerHandle | None = None
-    _write_timer: asyncio.TimerHandle | None = None
 
     def __init__(
         self, config: Config, server_state: ServerState, app_state: dict[str, Any],
@@ -46,6 +45,8 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         super().__init__(config, server_state, app_state, _loop)
         self.connection_cap, self.limit_concurrency = self.limit_concurrency, None  # uvicorn's check is off
         self.app = self._capped(self.app)
+        self._headers_due = _Deadline(self.loop, self.header_timeout_s, self._headers_timed_out)
+        self._write_due = _Deadline(self.loop, self.write_timeout_s, self._write_timed_out)
 
     def _capped(self, app: ASGIApp) -> ASGIApp:
         async def capped(scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,53 +62,62 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._expect_headers()
+        self._headers_due.arm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
-            self._expect_headers()
+            self._headers_due.arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        self._cancel_write_timer()
+        self._headers_due.cancel()
+        self._write_due.cancel()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         """The send buffer is full: the client must take some of it within ``write_timeout_s``."""
         super().pause_writing()
-        if self._write_timer is None:
-            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_timed_out)
+        if not self._write_due.armed:
+            self._write_due.arm()
 
     def resume_writing(self) -> None:
-        self._cancel_write_timer()
+        self._write_due.cancel()
         super().resume_writing()
 
-    def _cancel_write_timer(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-
     def _write_timed_out(self) -> None:
-        self._write_timer = None
         if not self.transport.is_closing():
             log.info("a client took nothing for %g s: connection closed", self.write_timeout_s)
         self.transport.abort()  # close() would wait to flush what the client does not take
 
-    def _expect_headers(self) -> None:
-        self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
     def _headers_timed_out(self) -> None:
-        self._header_timer = None
         waiting_for_headers = self.cycle is None or self.cycle.response_complete
         if waiting_for_headers and not self.transport.is_closing():
             self.transport.close()
+
+
+class _Deadline:
+    """One deadline of a connection: ``arm`` (re)starts it, ``cancel`` stops it; when it passes, ``expired`` runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, expired: Callable[[], None]) -> None:
+        self._loop, self._seconds, self._expired = loop, seconds, expired
+        self._handle: asyncio.TimerHandle | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
+
+    def arm(self) -> None:
+        self.cancel()
+        self._handle = self._loop.call_later(self._seconds, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._expired()
 
 
 async def _at_capacity(send: Send) -> None:

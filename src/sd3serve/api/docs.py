@@ -71,6 +71,22 @@ def _unframed(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
+_SWAGGER_UI: dict[str, Any] = {
+    "openapi_url": "/openapi.json",
+    "oauth2_redirect_url": "/docs/oauth2-redirect",
+    "swagger_js_url": "/docs/assets/swagger-ui-bundle.js",
+    "swagger_css_url": "/docs/assets/swagger-ui.css",
+    "swagger_favicon_url": "/docs/assets/favicon.png",
+    "swagger_ui_parameters": {"persistAuthorization": True, "displayRequestDuration": True},
+}
+_REDOC: dict[str, Any] = {
+    "openapi_url": "/openapi.json",
+    "redoc_js_url": "/docs/assets/redoc.standalone.js",
+    "redoc_favicon_url": "/docs/assets/favicon.png",
+    "with_google_fonts": False,
+}
+
+
 @router.get("/openapi.json")
 def openapi(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
@@ -78,17 +94,8 @@ def openapi(request: Request) -> JSONResponse:
 
 @router.get("/docs")
 def swagger_ui(request: Request) -> HTMLResponse:
-    return _unframed(
-        get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title=f"{request.app.title} - Swagger UI",
-            oauth2_redirect_url="/docs/oauth2-redirect",
-            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs/assets/swagger-ui.css",
-            swagger_favicon_url="/docs/assets/favicon.png",
-            swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
-        )
-    )
+    page = get_swagger_ui_html(title=f"{request.app.title} - Swagger UI", **_SWAGGER_UI)
+    return _unframed(page)
 
 
 @router.get("/docs/oauth2-redirect")
@@ -98,15 +105,7 @@ def swagger_ui_redirect() -> HTMLResponse:
 
 @router.get("/redoc")
 def redoc(request: Request) -> HTMLResponse:
-    return _unframed(
-        get_redoc_html(
-            openapi_url="/openapi.json",
-            title=f"{request.app.title} - ReDoc",
-            redoc_js_url="/docs/assets/redoc.standalone.js",
-            redoc_favicon_url="/docs/assets/favicon.png",
-            with_google_fonts=False,
-        )
-    )
+    return _unframed(get_redoc_html(title=f"{request.app.title} - ReDoc", **_REDOC))
 
 
 @router.get("/docs/assets/{name}")

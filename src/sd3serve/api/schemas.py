@@ -385,38 +385,28 @@ class ErrorResponse(BaseModel):
 
 def openapi_request_schemas() -> dict[str, Any]:
     """Component schemas for the request bodies: v2 takes any batch; v1 needs base64 for batch_size > 1."""
+    hooks = WebhookOptions.model_json_schema(ref_template="#/components/schemas/{model}")["properties"]
+
+    def v1_and_v2(name: str, v2_description: str) -> None:
+        ref = {"$ref": f"#/components/schemas/{name}"}
+        components[f"{name}V1"] = {
+            "allOf": [ref],
+            "description": "One response body holds one image: batch_size above 1 needs base64 true.",
+            "if": {"properties": {"batch_size": {"minimum": 2}}, "required": ["batch_size"]},
+            "then": {"properties": {"base64": {"const": True}}, "required": ["base64"]},
+        }
+        components[f"{name}V2"] = {
+            "allOf": [ref, {"type": "object", "properties": hooks}],
+            "description": v2_description,
+        }
+
     schema = Txt2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     components: dict[str, Any] = schema.pop("$defs", {})
     components["Txt2ImgRequest"] = schema
-    components["Txt2ImgRequestV1"] = {
-        "allOf": [{"$ref": "#/components/schemas/Txt2ImgRequest"}],
-        "description": "One response body holds one image: batch_size above 1 needs base64 true.",
-        "if": {"properties": {"batch_size": {"minimum": 2}}, "required": ["batch_size"]},
-        "then": {"properties": {"base64": {"const": True}}, "required": ["base64"]},
-    }
-    hooks = WebhookOptions.model_json_schema(ref_template="#/components/schemas/{model}")
-    components["Txt2ImgRequestV2"] = {
-        "allOf": [
-            {"$ref": "#/components/schemas/Txt2ImgRequest"},
-            {"type": "object", "properties": hooks["properties"]},
-        ],
-        "description": "The v1 body, plus optional webhook fields.",
-    }
+    v1_and_v2("Txt2ImgRequest", "The v1 body, plus optional webhook fields.")
     i2i = Img2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
     components.update(i2i.pop("$defs", {}))
     i2i["properties"].pop("image_sha256", None)
     components["Img2ImgRequest"] = i2i
-    components["Img2ImgRequestV1"] = {
-        "allOf": [{"$ref": "#/components/schemas/Img2ImgRequest"}],
-        "description": "One response body holds one image: batch_size above 1 needs base64 true.",
-        "if": {"properties": {"batch_size": {"minimum": 2}}, "required": ["batch_size"]},
-        "then": {"properties": {"base64": {"const": True}}, "required": ["base64"]},
-    }
-    components["Img2ImgRequestV2"] = {
-        "allOf": [
-            {"$ref": "#/components/schemas/Img2ImgRequest"},
-            {"type": "object", "properties": hooks["properties"]},
-        ],
-        "description": "The v1 image-to-image body, plus optional webhook fields.",
-    }
+    v1_and_v2("Img2ImgRequest", "The v1 image-to-image body, plus optional webhook fields.")
     return components
