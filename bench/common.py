@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -74,16 +74,18 @@ def sd3serve(
     *,
     env: dict[str, str] | None = None,
     stderr: TextIO | None = None,
+    launcher: Sequence[str] = (),
     **settings: object,
 ) -> Iterator[Server]:
-    """`sd3serve serve` in its own process, on the CPU, on a free port; `env`: its environment (default: ours)."""
+    """`sd3serve serve` in its own process, on the CPU, on a free port; `env`: its environment (default: ours);
+    `launcher`: what runs the module instead of plain Python (bench/callcount.py, to count its calls)."""
     port = free_port()
     env = {**(os.environ if env is None else env), "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port),
            "SD3SERVE_DEVICE": "cpu", "SD3SERVE_LOG_LEVEL": "warning"}  # fmt: skip
     env |= {f"SD3SERVE_{k.upper()}": str(v) for k, v in settings.items()}
     if model is not None:
         env["SD3SERVE_MODEL"] = str(model)
-    proc = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve"], env=env, stderr=stderr)
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "sd3serve", "serve"], env=env, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)

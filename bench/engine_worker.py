@@ -40,10 +40,10 @@ def main() -> None:
     args = ap.parse_args()
     set_thread_counts(Settings())  # OMP_WAIT_POLICY: as the environment has it, unlike the server's default
 
-    from sd3serve.engine.acceleration import apply_acceleration
+    import copy
+
     from sd3serve.engine.job import GenerationJob
-    from sd3serve.engine.loading import load_model
-    from sd3serve.engine.pipeline import SD3Pipeline
+    from sd3serve.engine.pipeline import build_pipeline
     from sd3serve.imaging import ImageFormat, encode_image
 
     executor = ThreadPoolExecutor(max_workers=1)
@@ -63,14 +63,11 @@ def main() -> None:
             scheduler="sgm_uniform", width=size, height=size, batch_size=1,
         )  # fmt: skip
 
-    settings = Settings(model=args.model, device="cpu")
-    model = load(lambda: load_model(settings))
-    apply_acceleration(model, settings)  # the engine as the server builds it (engine/batching.py)
-    cache_bytes = int(settings.prompt_cache_mb * 2**20)
-    pipelines = {
-        exact: SD3Pipeline(model, exact_batches=exact, prompt_cache_bytes=cache_bytes, vae_tiling=settings.vae_tiling)
-        for exact in (True, False)
-    }
+    settings = Settings(model=args.model, device="cpu", exact_batches=True)
+    exact = load(lambda: build_pipeline(settings))  # the engine's pipeline as the server builds it
+    fast = copy.copy(exact)  # the same model and settings, batches in one forward pass
+    fast.exact_batches = False
+    pipelines = {True: exact, False: fast}
     load(lambda: pipelines[True](job(PROMPT, 256, 1, 0)))  # warm-up, as the server's engine does
 
     def generate(req: dict[str, Any]) -> dict[str, float]:
