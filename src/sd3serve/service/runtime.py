@@ -30,8 +30,9 @@ from sd3serve.service.webhook_delivery import webhook_loop
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.idempotency import IdempotencyStore
+from sd3serve.store.ledger import Ledger
 from sd3serve.store.ratelimit import RateLimiter
-from sd3serve.store.recovery import Heartbeat, Recovery, dedicated_engine
+from sd3serve.store.recovery import Heartbeat, Recovery
 from sd3serve.store.tasks import TaskStore
 from sd3serve.store.webhooks import WebhookStore
 
@@ -50,6 +51,7 @@ class Services:
     streams: StreamHub
     # What the services are made of
     engine: Engine
+    ledger: Ledger
     store: CreditStore
     tasks: TaskStore
     idempotency: IdempotencyStore
@@ -88,30 +90,25 @@ async def running(
     loading), and ``on_start_failure`` hears if it cannot; without it, the model is loaded before this yields."""
     from sd3serve.engine.batching import BatchingEngine
 
-    credit_store = store or CreditStore(settings.resolved_database_url)
-    tasks = TaskStore(credit_store.engine)
-    idempotency = IdempotencyStore(credit_store.engine)
-    webhooks = WebhookStore(credit_store.engine)
-    beat_engine = dedicated_engine(credit_store.engine)
-    recovery = Recovery(credit_store.engine, heartbeat_engine=beat_engine)
-    rate_limiter = RateLimiter(credit_store.engine)
-    await run_blocking(credit_store.create_schema)
-    await run_blocking(recovery.register)
+    ledger = Ledger(store, owns=False) if store is not None else Ledger.open(settings.resolved_database_url)
+    await run_blocking(ledger.start)
     the_engine = engine or BatchingEngine(settings, on_batch=metrics.observe_batch)
+    tasks, webhooks = ledger.tasks, ledger.webhooks
     services = Services(
         settings=settings, metrics=metrics,
-        service=GenerationService(engine=the_engine, store=credit_store, tasks=tasks, idempotency=idempotency,
-                                  webhooks=webhooks, recovery=recovery, settings=settings, metrics=metrics),
-        reads=TaskReads(tasks, the_engine), accounts=Accounts(credit_store, webhooks, rate_limiter, settings),
+        service=GenerationService(engine=the_engine, store=ledger.credits, tasks=tasks, idempotency=ledger.idempotency,
+                                  webhooks=webhooks, recovery=ledger.recovery, settings=settings, metrics=metrics),
+        reads=TaskReads(tasks, the_engine), accounts=Accounts(ledger.credits, webhooks, ledger.rate_limiter, settings),
         streams=StreamHub(tasks, per_key=settings.max_streams_per_key, total=stream_limit(settings)),
-        engine=the_engine, store=credit_store, tasks=tasks, idempotency=idempotency, webhooks=webhooks,
-        rate_limiter=rate_limiter, recovery=recovery,
+        engine=the_engine, ledger=ledger, store=ledger.credits, tasks=tasks, idempotency=ledger.idempotency,
+        webhooks=webhooks, rate_limiter=ledger.rate_limiter, recovery=ledger.recovery,
     )  # fmt: skip
     heartbeat = _start_heartbeat(services)
     loops = [
         asyncio.create_task(_housekeeping(services), name="housekeeping"),
         asyncio.create_task(services.streams.run(), name="stream-hub"),
-        asyncio.create_task(webhook_loop(webhooks, owner=recovery.instance_id, settings=settings), name="webhooks"),
+        asyncio.create_task(webhook_loop(webhooks, owner=ledger.recovery.instance_id, settings=settings),
+                            name="webhooks"),
     ]
     await run_blocking(_log_start, services, background=start_in_background)
     starting = None
@@ -134,12 +131,8 @@ async def running(
         await the_engine.close()
         await run_blocking(heartbeat.stop)  # no beat may re-register after the unregister below
         with contextlib.suppress(Exception):
-            await run_blocking(credit_store.retry_deferred)
-            await run_blocking(recovery.unregister)
-        if beat_engine is not credit_store.engine:
-            beat_engine.dispose()
-        if store is None:
-            credit_store.close()
+            await run_blocking(ledger.stop)
+        ledger.close()
 
 
 def _start_heartbeat(services: Services) -> Heartbeat:
@@ -160,20 +153,14 @@ def _start_heartbeat(services: Services) -> Heartbeat:
 
 
 async def _housekeeping(services: Services) -> None:
-    """Every heartbeat period: settle dead processes, stop tasks cancelled elsewhere, retry deferred refunds, expire
-    results. (The heartbeat itself runs on its own thread: ``_start_heartbeat``.)"""
-    settings, recovery, store = services.settings, services.recovery, services.store
+    """Every heartbeat period: the ledger's housekeeping (``Ledger.housekeep``), and the tasks running here that
+    were cancelled through another process stopped. (The heartbeat itself runs on its own thread.)"""
+    settings = services.settings
     dead_after = timedelta(seconds=3 * settings.heartbeat_s)
     while True:
         try:
-            await run_blocking(recovery.settle_dead, dead_after=dead_after)
+            await run_blocking(services.ledger.housekeep, dead_after=dead_after)
             await services.service.stop_cancelled()
-            await run_blocking(store.retry_deferred)
-            expired = await run_blocking(services.tasks.delete_expired)
-            expired += await run_blocking(services.idempotency.delete_expired)
-            if expired:
-                await run_blocking(store.reclaim)
-            await run_blocking(recovery.prune_rate_windows, before_window=int(time.time() // 60) - 1)
         except Exception as e:  # the database may be away; try again next beat
             log.warning("housekeeping failed: %s", e)
         await asyncio.sleep(settings.heartbeat_s)
