@@ -32,15 +32,16 @@ SRC = Path(sd3serve.__file__).parents[1]
 # must reach the second node's replica would never leave the head. Spread them (the proxy reads this at start).
 PREFER_LOCAL = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 # Routers keep each replica's queue length for 10 s and choose by it: a test that needs "the idle replica gets the
-# next run" needs the lengths probed at every choice (a few milliseconds each, on a local cluster).
+# next run" has its replicas' routers probe the lengths at every choice (``PROBE_EVERY_TIME``, in the replicas'
+# runtime_env: the proxy's router keeps its cache, whose probes miss their 0.1 s deadline on a loaded machine).
 QUEUE_CACHE = "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"
 # Workers of a local cluster get the driver's environment: the replicas import this checkout's sd3serve.
 RAY_ENV = {
     "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     "HF_HUB_OFFLINE": "1",
     PREFER_LOCAL: "0",
-    QUEUE_CACHE: "0",
 }
+PROBE_EVERY_TIME = {"env_vars": {**RAY_ENV, QUEUE_CACHE: "0"}}
 HEAD_CPUS = 2
 OBJECT_STORE = 100 * 2**20
 
@@ -68,8 +69,8 @@ def shared_cluster() -> RayCluster:
 
     from sd3serve.scaleout import HEALTH_APP, health_app
 
-    saved = {name: os.environ.get(name) for name in (PREFER_LOCAL, QUEUE_CACHE)}
-    os.environ.update({PREFER_LOCAL: "0", QUEUE_CACHE: "0"})  # the raylet, so every worker, inherits them
+    saved = {PREFER_LOCAL: os.environ.get(PREFER_LOCAL)}
+    os.environ[PREFER_LOCAL] = "0"  # the raylet, so every worker (Serve's proxy too), inherits it
     try:
         start_ray(num_cpus=HEAD_CPUS, resources={"slot": 1}, object_store_memory=OBJECT_STORE)
     finally:

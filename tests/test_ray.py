@@ -49,7 +49,8 @@ pytestmark = pytest.mark.timeout(300)
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 DEPLOY = Path(__file__).parents[1] / "deploy"
 SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
-LONG = {**SMALL, "width": 768, "height": 768, "steps": 70}  # tens of seconds on the demo model, with one thread
+# Long enough (~15 s quiet, one thread) for the replica reports, every heartbeat, to show it running
+LONG = {**SMALL, "width": 1024, "height": 1024, "steps": 70}
 HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
 
 

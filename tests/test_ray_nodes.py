@@ -24,7 +24,17 @@ import psutil
 import pytest
 
 from live_server import URL
-from ray_support import OBJECT_STORE, RAY_ENV, RayCluster, deployed, is_running, ledger, reports, task_row
+from ray_support import (
+    OBJECT_STORE,
+    PROBE_EVERY_TIME,
+    RAY_ENV,
+    RayCluster,
+    deployed,
+    is_running,
+    ledger,
+    reports,
+    task_row,
+)
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -116,6 +126,7 @@ def nodes(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> 
             second = next(n for n in alive_nodes() if n != ray_cluster.head)
             options = replica_options(settings, replicas=2, num_cpus=0.5, num_gpus=0)
             options["ray_actor_options"]["resources"] = {"slot": 1}  # one replica on each node
+            options["ray_actor_options"]["runtime_env"] = PROBE_EVERY_TIME  # v2 runs to the less loaded, always
             with deployed(build_app(settings, options=options), APP_NAME, "/"):
                 yield Nodes(url=ray_cluster.url, store=store, settings=settings, head=ray_cluster.head,
                             second=second, start_second=start_second, processes=processes)  # fmt: skip
@@ -184,9 +195,9 @@ def test_killing_the_node_running_a_task_fails_it_uncharged(nodes: Nodes) -> Non
     nothing charged, the head's replica answers meanwhile, and Serve places a replica again once the node is back.
 
     The victim is chosen, not hoped for: tasks are submitted one at a time, each followed until it is placed (its
-    runner took it over, or it runs); the first one that runs on the second node's replica is the victim. Routers
-    probe queue lengths at every choice here (``RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S=0``, tests/ray_support.py)
-    and send a run to the less loaded replica: once the head's replica runs one task, a later one goes to the
+    runner took it over, or it runs); the first one that runs on the second node's replica is the victim. The
+    replicas' routers probe queue lengths at every choice here (``PROBE_EVERY_TIME``, tests/ray_support.py) and
+    send a run to the less loaded replica: once the head's replica runs one task, a later one goes to the
     second node. When the node goes down, every task submitted is placed, so none can be taken over meanwhile."""
     ready = wait_for(lambda: len(nodes.ready()) == 2 and nodes.ready(), timeout=180)
     remote = next(r for r in ready if r.node == nodes.second)

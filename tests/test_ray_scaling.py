@@ -38,7 +38,9 @@ pytestmark = pytest.mark.timeout(400)
 TIGHT_APP = "sd3serve-tight"  # one replica, one request at a time, one queued
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
-WORK = {"prompt": "a red circle on a blue background", "width": 512, "height": 512, "steps": 30}
+SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
+WORK = {**SMALL, "width": 512, "height": 512, "steps": 30}
+LONG = {**SMALL, "width": 1024, "height": 1024, "steps": 40}  # outlasts the next requests' routing, loaded or not
 FLOOD = {**WORK, "width": 768, "height": 768, "steps": 50}  # 8 of them outlast a replica's start here
 AUTOSCALING = {
     "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
@@ -129,13 +131,13 @@ def test_past_the_queue_limit_503_with_retry_after(scaling: Scaling) -> None:
     h = {"x-api-key": key}
     wait_for(lambda: len(ready(TIGHT_APP)) == 1, timeout=120)
     with httpx.Client(base_url=scaling.url + "/tight", timeout=300) as c, ThreadPoolExecutor(3) as pool:
-        running = pool.submit(c.post, URL, json={**WORK, "seed": 1}, headers=h)
-        wait_for(lambda: any(r.running for r in ready(TIGHT_APP)))
+        running = pool.submit(c.post, URL, json={**LONG, "seed": 1}, headers=h)
+        wait_for(lambda: scaling.store.get_key(key_id=key_id).credits == 2)  # its hold: the replica runs it
         go = threading.Barrier(2)
 
         def post(seed: int) -> httpx.Response:
             go.wait()
-            return c.post(URL, json={**WORK, "seed": seed}, headers=h)
+            return c.post(URL, json={**SMALL, "seed": seed}, headers=h)
 
         rivals = [pool.submit(post, seed) for seed in (2, 3)]  # one of them is queued, the other refused
         answers = sorted((f.result() for f in rivals), key=lambda r: r.status_code)
