@@ -26,6 +26,11 @@ from live_server import free_port
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.models import Task
 
+try:
+    from sd3serve.scaleout import LOCAL_RAY_ENV
+except ImportError:  # Ray is not installed: the Ray tests skip themselves
+    LOCAL_RAY_ENV = {}
+
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SRC = Path(sd3serve.__file__).parents[1]
 # Serve's proxy sends requests to replicas on its own node while they have room: with two nodes, the reads that
@@ -41,6 +46,9 @@ RAY_ENV = {
     "HF_HUB_OFFLINE": "1",
     PREFER_LOCAL: "0",
 }
+# What every process of the cluster inherits from its raylet: Ray as `sd3serve serve --replicas` configures it
+# (workers at nice 0, ...), and the proxy's routing above.
+CLUSTER_ENV = {**LOCAL_RAY_ENV, PREFER_LOCAL: "0"}
 PROBE_EVERY_TIME = {"env_vars": {**RAY_ENV, QUEUE_CACHE: "0"}}
 HEAD_CPUS = 2
 OBJECT_STORE = 100 * 2**20
@@ -69,8 +77,8 @@ def shared_cluster() -> RayCluster:
 
     from sd3serve.scaleout import HEALTH_APP, health_app
 
-    saved = {PREFER_LOCAL: os.environ.get(PREFER_LOCAL)}
-    os.environ[PREFER_LOCAL] = "0"  # the raylet, so every worker (Serve's proxy too), inherits it
+    saved = {name: os.environ.get(name) for name in CLUSTER_ENV}
+    os.environ.update(CLUSTER_ENV)  # the raylet, so every worker (Serve's proxy too), inherits them
     try:
         start_ray(num_cpus=HEAD_CPUS, resources={"slot": 1}, object_store_memory=OBJECT_STORE)
     finally:

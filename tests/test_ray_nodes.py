@@ -25,6 +25,7 @@ import pytest
 
 from live_server import URL
 from ray_support import (
+    CLUSTER_ENV,
     OBJECT_STORE,
     PROBE_EVERY_TIME,
     RAY_ENV,
@@ -112,7 +113,7 @@ def nodes(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> 
         proc = subprocess.Popen(
             [str(RAY_CLI), "start", "--address", ray_cluster.gcs, "--num-cpus", "1", "--resources", resources,
              "--object-store-memory", str(OBJECT_STORE), "--disable-usage-stats", "--block"],
-            env={**os.environ, **RAY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, **CLUSTER_ENV, **RAY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         processes.append(psutil.Process(proc.pid))
         wait_for(lambda: set(alive_nodes()) - before, timeout=120)
