@@ -51,13 +51,22 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def system(name: str, data_dir: Path, log: Path, *, with_pid: bool = False) -> Iterator[Any]:
-    """The system's URL once ready (and its process id, ``with_pid``), until the block ends."""
-    args, threads = SYSTEMS[name]
+def system(
+    name: str,
+    data_dir: Path,
+    log: Path,
+    *,
+    with_pid: bool = False,
+    like: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Any]:
+    """The system's URL once ready (and its process id, ``with_pid``), until the block ends; ``like``: the entry
+    of ``SYSTEMS`` to run under this name (default: ``name``), with ``extra_env`` in its environment."""
+    args, threads = SYSTEMS[like or name]
     port = free_port()
     env = {**os.environ, "SD3SERVE_DATA_DIR": str(data_dir), "SD3SERVE_PORT": str(port), "SD3SERVE_DEVICE": "cpu",
            "SD3SERVE_LOG_LEVEL": "warning", "SD3SERVE_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
-           "HF_HUB_OFFLINE": "1", "SD3SERVE_MAX_QUEUE": "256"}  # fmt: skip
+           "HF_HUB_OFFLINE": "1", "SD3SERVE_MAX_QUEUE": "256", **(extra_env or {})}  # fmt: skip
     env.pop("RAY_ADDRESS", None)  # each Ray system starts a cluster of its own
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "sd3serve", "serve", *args], env=env, stdout=out, stderr=out)

@@ -2,7 +2,8 @@
 bend (CPU seconds and minor page faults per request, per process of each system's process tree) beside the
 latencies, interleaved request by request.
 
-Both systems run `sd3serve serve` with 2 torch threads on the demo model (the Ray one with `--replicas 1`). For
+Three systems run `sd3serve serve` with 2 torch threads on the demo model: plain, `--replicas 1` as it starts its
+own Ray cluster (sd3serve.scaleout.LOCAL_RAY_ENV), and `--replicas 1` with Ray's defaults instead. For
 each request size (a tiny one, 64² and 1 step, shows the fixed cost of the path; 512² and 4 steps the real one)
 it prints p50 latency per system and, for the Ray system, each kind of process's CPU milliseconds and minor
 faults per request (the replica, Serve's proxy and controller, Ray's raylet / GCS / agents, the driver).
@@ -27,6 +28,12 @@ import psutil
 from common import URL, rich_key
 from scaleout import system
 
+# Ray's own values of what sd3serve.scaleout.LOCAL_RAY_ENV changes: the third system runs with them.
+RAY_DEFAULTS = {
+    "RAY_worker_niceness": "15",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
+}
 SIZES = {"tiny": {"width": 64, "height": 64, "steps": 1}, "512² 4 steps": {"width": 512, "height": 512, "steps": 4}}
 
 
@@ -65,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=30, help="requests per system and size")
     a = parser.parse_args()
-    names = ("plain", "ray-1")
+    names = ("plain", "ray-1", "ray-1-defaults")
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         urls, keys, pids = {}, {}, {}
@@ -73,7 +80,10 @@ def main() -> None:
             data_dir = root / name
             data_dir.mkdir()
             keys[name] = rich_key(data_dir)
-            urls[name], pids[name] = stack.enter_context(system(name, data_dir, root / f"{name}.log", with_pid=True))
+            like, extra = ("ray-1", RAY_DEFAULTS) if name == "ray-1-defaults" else (name, {})
+            urls[name], pids[name] = stack.enter_context(
+                system(name, data_dir, root / f"{name}.log", with_pid=True, like=like, extra_env=extra)
+            )
         client = stack.enter_context(httpx.Client(timeout=300))
 
         def call(name: str, body: dict[str, object]) -> float:
@@ -94,8 +104,9 @@ def main() -> None:
             after = {n: counters(pids[n]) for n in names}
             p50 = {n: statistics.median(lat[n]) for n in names}
             print(f"\n{size}, c=1, {a.requests} requests per system, interleaved")
-            print(f"p50 latency: plain {p50['plain'] * 1e3:.0f} ms, ray-1 {p50['ray-1'] * 1e3:.0f} ms, "
-                  f"ray-1 / plain {p50['ray-1'] / p50['plain']:.2f}\n")  # fmt: skip
+            ratio = {n: p50[n] / p50["plain"] for n in names}
+            print("p50 latency: " + ", ".join(f"{n} {p50[n] * 1e3:.0f} ms" for n in names) + "; / plain: "
+                  + ", ".join(f"{n} {ratio[n]:.2f}" for n in names[1:]) + "\n")  # fmt: skip
             print("| system | process | CPU ms / request | minor faults / request |")
             print("| --- | --- | --- | --- |")
             for name in names:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any accidental hub call fails at once
 
@@ -14,6 +16,36 @@ from live_server import LiveServer, run_live_server
 from sd3demo.tiny import build_tiny_sd3
 from sd3serve.engine.loading import LoadedModel, load_model
 from sd3serve.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One local Ray cluster and Serve for every Ray test module (tests/ray_support.py): started by the first test
+    that needs it, stopped after the last one (``pytest_runtest_teardown`` below) or at the end of the session."""
+    pytest.importorskip("ray")
+    import ray_support
+
+    try:
+        yield ray_support.shared_cluster()
+    finally:
+        ray_support.stop_shared()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Once a module's fixtures are torn down, stop the shared Ray cluster if no test left needs it: its
+    processes would otherwise share the cores with every test that runs after the last Ray one."""
+    yield
+    if "ray_support" not in sys.modules or (
+        nextitem is not None and getattr(nextitem, "module", None) is getattr(item, "module", None)
+    ):
+        return
+    import ray_support
+
+    if ray_support.is_running():
+        rest = item.session.items[item.session.items.index(nextitem) :] if nextitem is not None else []
+        if not any("ray_cluster" in later.fixturenames for later in rest):  # type: ignore[attr-defined]
+            ray_support.stop_shared()
 
 
 @pytest.fixture(scope="session")

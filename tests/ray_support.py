@@ -1,5 +1,12 @@
-"""What the Ray test modules share: a PostgreSQL database of their own, a local Ray started for this checkout,
-the replica board of an application, and the replica counts Serve reports."""
+"""What the Ray test modules share: one local Ray cluster and Serve instance for the whole session (started by
+the first Ray test, stopped after the last), a PostgreSQL database per module, an application per module
+(deleted when the module ends), the replica board of an application, and the replica counts Serve reports.
+
+The session's cluster is one head node (2 CPUs and one ``slot``, which test_ray_nodes.py uses to place one
+replica per node), Serve's proxy on the head only (a second node started on this machine would bind the same
+port), and the model-free ``/healthz`` app. Each module deploys its own application under its own settings and
+deletes it at the end, so that the next module finds the cluster's CPUs free.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +22,117 @@ import psycopg
 from sqlalchemy import select
 
 import sd3serve
+from live_server import free_port
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.models import Task
 
+try:
+    from sd3serve.scaleout import LOCAL_RAY_ENV
+except ImportError:  # Ray is not installed: the Ray tests skip themselves
+    LOCAL_RAY_ENV = {}
+
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SRC = Path(sd3serve.__file__).parents[1]
+# Serve's proxy sends requests to replicas on its own node while they have room: with two nodes, the reads that
+# must reach the second node's replica would never leave the head. Spread them (the proxy reads this at start).
+PREFER_LOCAL = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
+# Routers keep each replica's queue length for 10 s and choose by it: a test that needs "the idle replica gets the
+# next run" has its replicas' routers probe the lengths at every choice (``PROBE_EVERY_TIME``, in the replicas'
+# runtime_env: the proxy's router keeps its cache, whose probes miss their 0.1 s deadline on a loaded machine).
+QUEUE_CACHE = "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"
 # Workers of a local cluster get the driver's environment: the replicas import this checkout's sd3serve.
-RAY_ENV = {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+RAY_ENV = {
+    "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    "HF_HUB_OFFLINE": "1",
+    PREFER_LOCAL: "0",
+}
+# What every process of the cluster inherits from its raylet: Ray as `sd3serve serve --replicas` configures it
+# (workers at nice 0, ...), and the proxy's routing above.
+CLUSTER_ENV = {**LOCAL_RAY_ENV, PREFER_LOCAL: "0"}
+PROBE_EVERY_TIME = {"env_vars": {**RAY_ENV, QUEUE_CACHE: "0"}}
+HEAD_CPUS = 2
+OBJECT_STORE = 100 * 2**20
+
+
+@dataclass
+class RayCluster:
+    """The session's local Ray: Serve's HTTP address, the head node and the GCS address to join it."""
+
+    url: str
+    head: str
+    gcs: str
+
+
+_cluster: RayCluster | None = None
+
+
+def shared_cluster() -> RayCluster:
+    """The session's cluster, started on first use: Ray (``HEAD_CPUS``, one ``slot``), Serve on a free port with
+    its proxy on the head only, and the model-free ``/healthz`` application."""
+    global _cluster
+    if _cluster is not None:
+        return _cluster
+    import ray
+    from ray import serve
+
+    from sd3serve.scaleout import HEALTH_APP, health_app
+
+    saved = {name: os.environ.get(name) for name in CLUSTER_ENV}
+    os.environ.update(CLUSTER_ENV)  # the raylet, so every worker (Serve's proxy too), inherits them
+    try:
+        start_ray(num_cpus=HEAD_CPUS, resources={"slot": 1}, object_store_memory=OBJECT_STORE)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    try:
+        port = free_port()
+        start_serve(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")
+        context = ray.get_runtime_context()
+        _cluster = RayCluster(url=f"http://127.0.0.1:{port}", head=context.get_node_id(), gcs=context.gcs_address)
+    except BaseException:
+        stop_ray()
+        raise
+    return _cluster
+
+
+def is_running() -> bool:
+    return _cluster is not None
+
+
+def stop_shared() -> None:
+    """Stop the session's cluster if it runs (after the last Ray test, or at the end of the session)."""
+    global _cluster
+    if _cluster is not None:
+        _cluster = None
+        stop_ray()
+
+
+def stop_ray() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def deployed(app: Any, name: str, route_prefix: str) -> Iterator[None]:
+    """``app`` running as ``name`` (``serve.run``: until its replicas are ready), deleted when the block ends."""
+    from ray import serve
+
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix)
+        yield
+    finally:
+        if _cluster is not None:  # else the cluster is gone, and the application with it
+            serve.delete(name)
 
 
 @contextlib.contextmanager
@@ -34,6 +146,18 @@ def pg_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def ledger() -> Iterator[tuple[str, CreditStore]]:
+    """A module's PostgreSQL database with sd3serve's schema: (its URL, a store on it)."""
+    with pg_database() as url:
+        store = CreditStore(url)
+        try:
+            store.create_schema()
+            yield url, store
+        finally:
+            store.close()
 
 
 def start_ray(**kwargs: Any) -> None:

@@ -3,8 +3,8 @@
 The seed request over HTTP and through the segmind SDK (v1 and v2), credits exact under 200 concurrent requests
 from keys that run dry, a v2 task submitted to one replica and read from the other, a replica killed mid-request
 (nothing lost, nothing charged twice, Serve brings it back), metrics labelled per replica, readiness counting
-replicas; the Serve config and the KubeRay manifest parse against Ray Serve's schema. Ray's processes are
-stopped by the fixture that started them.
+replicas; the Serve config and the KubeRay manifest parse against Ray Serve's schema. Ray and Serve are the
+session's (``ray_cluster``, tests/ray_support.py); this module's application is deleted when it ends.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import yaml
 
 import sd3serve
-from live_server import URL, free_port
-from ray_support import start_ray, start_serve, task_row
+from live_server import URL
+from ray_support import RayCluster, deployed, ledger, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -38,24 +36,21 @@ serve = pytest.importorskip("ray.serve")
 
 from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
     APP_NAME,
-    HEALTH_APP,
     REPLICA_HEADER,
     ReplicaReport,
     SQLiteAcrossHosts,
     build_app,
     check_database,
-    health_app,
     replica_options,
 )
 
 pytestmark = pytest.mark.timeout(300)
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
-SRC = Path(sd3serve.__file__).parents[1]
 DEPLOY = Path(__file__).parents[1] / "deploy"
 SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
-LONG = {**SMALL, "width": 768, "height": 768, "steps": 70}  # tens of seconds on the demo model, with one thread
+# Long enough (~15 s quiet, one thread) for the replica reports, every heartbeat, to show it running
+LONG = {**SMALL, "width": 1024, "height": 1024, "steps": 70}
 HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
 
 
@@ -82,36 +77,18 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    name = f"sd3serve_ray_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="module")
-def cluster(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Ray on this machine (2 CPUs), Serve on a free port, 2 replicas with 1 CPU (1 torch thread) each."""
-    port = free_port()
-    settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu",
-                        heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
-    start_ray(num_cpus=2, object_store_memory=100 * 2**20)  # the replicas import this checkout's sd3serve
-    store = CreditStore(pg_url)
-    store.create_schema()
-    try:
-        start_serve(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")
+def cluster(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The session's Ray (2 CPUs), 2 replicas with 1 CPU (1 torch thread) each, on a database of this module."""
+    with ledger() as (pg_url, store):
+        settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu",
+                            heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
         options = replica_options(settings, replicas=2, num_cpus=1, num_gpus=0)
-        url = f"http://127.0.0.1:{port}"
+        url = ray_cluster.url
         seen: list[int] = []
         starting = threading.Event()
         starting.set()
 
-        def probe() -> None:  # /healthz while serve.run below waits for the replicas to load the model
+        def probe() -> None:  # /healthz while the replicas load the model
             while starting.is_set():
                 with contextlib.suppress(httpx.HTTPError):
                     seen.append(httpx.get(f"{url}/healthz", timeout=5).status_code)
@@ -119,18 +96,13 @@ def cluster(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
 
         prober = threading.Thread(target=probe)
         prober.start()
-        try:
-            serve.run(build_app(settings, options=options), name=APP_NAME, route_prefix="/")
-        finally:
-            starting.clear()
-            prober.join()
-        yield Cluster(url=url, store=store, healthz_before_ready=seen)
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            store.close()
+        with contextlib.ExitStack() as app:
+            try:
+                app.enter_context(deployed(build_app(settings, options=options), APP_NAME, "/"))
+            finally:
+                starting.clear()
+                prober.join()
+            yield Cluster(url=url, store=store, healthz_before_ready=seen)
 
 
 def test_healthz_answers_while_the_replicas_start(cluster: Cluster) -> None:
@@ -272,8 +244,10 @@ def test_a_replica_killed_mid_request(cluster: Cluster) -> None:
 
         status = wait_for(failed, timeout=180)
         assert status["status"] == "FAILED" and "nothing was charged" in str(status["error"]), status
-        info = cluster.store.get_key(key_id=key_id)
-        assert info.spent == delivered and info.credits == 10 - delivered  # no hold left, nothing charged twice
+        # The victim's v1 hold is returned by the other replica's recovery (3 heartbeats after its last one); the
+        # task's, maybe sooner, by its submitter whose call failed. Then: no hold left, nothing charged twice.
+        info = wait_for(lambda: (k := cluster.store.get_key(key_id=key_id)).credits + k.spent == 10 and k)
+        assert info.spent == delivered and info.credits == 10 - delivered
 
         def replaced() -> list[ReplicaReport]:  # the victim's last report lingers on the board for 3 heartbeats
             ready = cluster.ready_replicas()

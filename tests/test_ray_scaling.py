@@ -2,7 +2,8 @@
 PostgreSQL ledger): v1 load scales 1 → 2 replicas and idleness back to 1; a v2 flood scales too, and the tasks
 submitted once two replicas run go to the idle one; requests past ``max_ongoing_requests`` and
 ``max_queued_requests`` get 503 with Retry-After (one queued at the edge is served). Slow-ish: about two minutes
-here (a replica loads the model at each scale-up). Ray is stopped by the fixture that started it.
+here (a replica loads the model at each scale-up). Ray and Serve are the session's (tests/ray_support.py); the
+applications are deleted when the module ends.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from live_server import URL, free_port
-from ray_support import pg_database, reports, running_replicas, start_ray, start_serve, task_row
+from live_server import URL
+from ray_support import RayCluster, deployed, ledger, reports, running_replicas, task_row
 from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from waiting import wait_for
@@ -27,10 +28,8 @@ serve = pytest.importorskip("ray.serve")
 
 from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
     APP_NAME,
-    HEALTH_APP,
     RETRY_AFTER_S,
     build_app,
-    health_app,
     replica_options,
 )
 
@@ -39,7 +38,9 @@ pytestmark = pytest.mark.timeout(400)
 TIGHT_APP = "sd3serve-tight"  # one replica, one request at a time, one queued
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
-WORK = {"prompt": "a red circle on a blue background", "width": 512, "height": 512, "steps": 30}
+SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
+WORK = {**SMALL, "width": 512, "height": 512, "steps": 30}
+LONG = {**SMALL, "width": 1024, "height": 1024, "steps": 40}  # outlasts the next requests' routing, loaded or not
 FLOOD = {**WORK, "width": 768, "height": 768, "steps": 50}  # 8 of them outlast a replica's start here
 AUTOSCALING = {
     "min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
@@ -58,31 +59,21 @@ class Scaling:
 
 
 @pytest.fixture(scope="module")
-def scaling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaling]:
-    with pg_database() as pg_url:
+def scaling(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaling]:
+    """On the session's Ray (2 CPUs): the autoscaled application at ``/`` and the tight one at ``/tight``."""
+    with ledger() as (pg_url, store):
         settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu", threads=1,
                             heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
-        start_ray(num_cpus=2, object_store_memory=100 * 2**20)
-        store = CreditStore(pg_url)
-        store.create_schema()
-        try:
-            port = free_port()
-            start_serve(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(health_app(), name=HEALTH_APP, route_prefix="/healthz")
-            autoscaled = replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0)
-            del autoscaled["num_replicas"]
-            autoscaled["autoscaling_config"] = AUTOSCALING
-            tight = {**replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0),
-                     "max_ongoing_requests": 1, "max_queued_requests": 1}  # fmt: skip
-            serve.run(build_app(settings, options=autoscaled), name=APP_NAME, route_prefix="/")
-            serve.run(build_app(settings, options=tight), name=TIGHT_APP, route_prefix="/tight")
-            yield Scaling(url=f"http://127.0.0.1:{port}", store=store)
-        finally:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-                store.close()
+        autoscaled = replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0)
+        del autoscaled["num_replicas"]
+        autoscaled["autoscaling_config"] = AUTOSCALING
+        tight = {**replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0),
+                 "max_ongoing_requests": 1, "max_queued_requests": 1}  # fmt: skip
+        with (
+            deployed(build_app(settings, options=autoscaled), APP_NAME, "/"),
+            deployed(build_app(settings, options=tight), TIGHT_APP, "/tight"),
+        ):
+            yield Scaling(url=ray_cluster.url, store=store)
 
 
 def ready(app: str = APP_NAME) -> list[object]:
@@ -140,13 +131,13 @@ def test_past_the_queue_limit_503_with_retry_after(scaling: Scaling) -> None:
     h = {"x-api-key": key}
     wait_for(lambda: len(ready(TIGHT_APP)) == 1, timeout=120)
     with httpx.Client(base_url=scaling.url + "/tight", timeout=300) as c, ThreadPoolExecutor(3) as pool:
-        running = pool.submit(c.post, URL, json={**WORK, "seed": 1}, headers=h)
-        wait_for(lambda: any(r.running for r in ready(TIGHT_APP)))
+        running = pool.submit(c.post, URL, json={**LONG, "seed": 1}, headers=h)
+        wait_for(lambda: scaling.store.get_key(key_id=key_id).credits == 2)  # its hold: the replica runs it
         go = threading.Barrier(2)
 
         def post(seed: int) -> httpx.Response:
             go.wait()
-            return c.post(URL, json={**WORK, "seed": seed}, headers=h)
+            return c.post(URL, json={**SMALL, "seed": seed}, headers=h)
 
         rivals = [pool.submit(post, seed) for seed in (2, 3)]  # one of them is queued, the other refused
         answers = sorted((f.result() for f in rivals), key=lambda r: r.status_code)

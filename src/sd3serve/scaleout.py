@@ -334,8 +334,27 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(settings)
 
 
+# Ray's settings for a cluster that ``sd3serve serve --replicas`` starts itself (one machine, where Ray's own
+# processes share the cores with the model): workers at nice 0 (Ray starts them at nice 15, so the replica, a whole
+# server, got the CPU only when nothing else wanted it), the request path without its two extra event-loop hops in
+# each process (user code and the router on the actor's own loop, as Ray's "throughput optimized" mode has them; its
+# direct ingress stays off, as it would take port 8000 whatever --port says), and the controller's reconciliation
+# every 0.5 s instead of 0.1 s (its CPU was the largest of Ray's idle processes). Set in the environment before Ray
+# starts, so every Ray process inherits them; a value already in the environment wins. docs/scale-out.md has the
+# measurements.
+LOCAL_RAY_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
+
 def serve_forever(settings: Settings, *, replicas: int) -> int:
     """``sd3serve serve --replicas N``: a local Ray cluster (or ``RAY_ADDRESS``'s), N replicas, until SIGTERM."""
+    if "RAY_ADDRESS" not in os.environ:
+        for name, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(name, value)
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=None if "RAY_ADDRESS" in os.environ
              else available_cores(), include_dashboard=False)  # fmt: skip
     try:
