@@ -187,7 +187,6 @@ def _add_noise(x: Tensor, noise: BatchNoise, scale: float, std: float) -> Tensor
 # ------------------------------------------------------------------------------------------ Euler family
 
 
-@torch.no_grad()
 def sample_euler(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                  eta: float = 0.0, s_noise: float = 1.0, cfg_pp: bool = False) -> Tensor:  # fmt: skip
     """Euler's method (Karras et al. 2022, Algorithm 2 without churn) at η = 0; at η > 0 ancestral Euler with
@@ -230,7 +229,6 @@ def _euler_cfg_pp(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise,
     return x
 
 
-@torch.no_grad()
 def sample_heun(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1); Euler on the last step to σ = 0."""
     sig, st = _floats(sigmas), _Sig(sigmas)
@@ -246,7 +244,6 @@ def sample_heun(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise
     return x
 
 
-@torch.no_grad()
 def sample_heunpp2(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Heun++ (Carzit's sd-webui-samplers-scheduler, as ComfyUI): 3-stage σ-weighted Heun."""
     sig, st = _floats(sigmas), _Sig(sigmas)
@@ -271,7 +268,6 @@ def sample_heunpp2(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNo
     return x
 
 
-@torch.no_grad()
 def sample_dpm_2(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                  eta: float = 0.0, s_noise: float = 1.0) -> Tensor:  # fmt: skip
     """DPM-Solver-2-style midpoint in log σ (Karras et al. 2022 / k-diffusion), Euler on the last step; at η > 0
@@ -327,7 +323,6 @@ def _solve(mat: list[list[float]], rhs: list[float]) -> list[float]:
     return out
 
 
-@torch.no_grad()
 def sample_lms(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                order: int = 4) -> Tensor:  # fmt: skip
     """Linear multistep (Adams–Bashforth in σ, order 4; k-diffusion's sample_lms, exact coefficients)."""
@@ -344,7 +339,6 @@ def sample_lms(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise,
     return x
 
 
-@torch.no_grad()
 def sample_ipndm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                  max_order: int = 4, variable_step: bool = False) -> Tensor:  # fmt: skip
     """Improved PNDM (Zhang & Chen 2023, DEIS paper): Adams–Bashforth in σ of order ≤ 4 with the fixed coefficients
@@ -401,7 +395,6 @@ def _ipndm_v_coeffs(t: list[float], i: int, order: int) -> tuple[float, ...]:
     )
 
 
-@torch.no_grad()
 def sample_deis(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                 max_order: int = 3) -> Tensor:  # fmt: skip
     """DEIS tAB (Zhang & Chen 2022): exponential integrator, x0 extrapolated by Lagrange polynomials in σ.
@@ -476,7 +469,6 @@ def _fast_range(sig: list[float]) -> tuple[float, float, bool]:
     return sig[0], sig[-1], False
 
 
-@torch.no_grad()
 def sample_dpm_fast(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                     eta: float = 0.0, s_noise: float = 1.0) -> Tensor:  # fmt: skip
     """DPM-Solver-Fast (Lu et al. 2022): orders 3,…,3,2,1 on a uniform log-σ grid, n model calls in all.
@@ -517,7 +509,6 @@ def sample_dpm_fast(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchN
     return x
 
 
-@torch.no_grad()
 def sample_dpm_adaptive(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                         rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, accept_safety: float = 0.81,
                         max_nfe: int = 120, eta: float = 0.0, s_noise: float = 1.0) -> Tensor:  # fmt: skip
@@ -591,7 +582,6 @@ def _midpoint_2s(s: float, s_down: float) -> float:
     return 0.9999 if s >= 1.0 else _mid_sigma_f32(s, s_down, 0.5)
 
 
-@torch.no_grad()
 def sample_dpmpp_2s_ancestral(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                               eta: float = 1.0, s_noise: float = 1.0, cfg_pp: bool = False) -> Tensor:  # fmt: skip
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022), λ = logit(1-σ), RF re-noising (ComfyUI's *_RF); ``cfg_pp``: as
@@ -643,7 +633,6 @@ def _brownian(noise: BatchNoise, x: Tensor, sigmas: Tensor, on_device: bool) -> 
     return noise.brownian(x, float(positive.min()), float(sigmas.max()), on_device=on_device)
 
 
-@torch.no_grad()
 def sample_dpmpp_sde(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                      eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5,
                      on_device: bool = False) -> Tensor:  # fmt: skip
@@ -679,7 +668,6 @@ def sample_dpmpp_sde(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: Batch
     return x
 
 
-@torch.no_grad()
 def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                     cfg_pp: bool = False) -> Tensor:  # fmt: skip
     """DPM-Solver++(2M) (Lu et al. 2022) on the flow ODE in t = -log σ, as k-diffusion and ComfyUI.
@@ -716,7 +704,6 @@ def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchN
     return x
 
 
-@torch.no_grad()
 def sample_dpmpp_multistep_sde(
     model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
     eta: float = 1.0, s_noise: float = 1.0, max_order: int = 2, on_device: bool = False,
@@ -768,7 +755,6 @@ def sample_dpmpp_multistep_sde(
 # ------------------------------------------------------------------------------------ DDPM, LCM, DDIM
 
 
-@torch.no_grad()
 def sample_ddpm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020): the exact posterior q(x_σ' | x_σ, x0) of the flow's α, σ."""
     sig, st = _floats(sigmas), _Sig(sigmas)
@@ -784,7 +770,6 @@ def sample_ddpm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise
     return x
 
 
-@torch.no_grad()
 def sample_lcm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): denoise, re-noise as (1-σ')·x0 + σ'·ε."""
     sig, st = _floats(sigmas), _Sig(sigmas)
@@ -795,7 +780,6 @@ def sample_lcm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise,
     return x
 
 
-@torch.no_grad()
 def sample_ddim(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                 eta: float = 0.0) -> Tensor:  # fmt: skip
     """DDIM (Song et al. 2021): x' = α'·x0 + sqrt(σ'² - c²)·ε̂ + c·z; for a rectified flow, η = 0 equals Euler."""
@@ -830,7 +814,6 @@ def _unipc_coeffs(rks: list[float], hh: float, order: int, bh2: bool) -> tuple[f
     return b_h, bs, h_phi_1
 
 
-@torch.no_grad()
 def sample_uni_pc(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                   bh2: bool = False, order: int = 3) -> Tensor:  # fmt: skip
     """UniPC (Zhao et al. 2023), order 3, data prediction in λ = logit(1-σ); B(h) = h (bh1) or, with ``bh2``,
@@ -901,6 +884,7 @@ SOLVERS: dict[str, Callable[..., Tensor]] = {
         sample_uni_pc,
     )
 }
+# Each sampler: its family's function with the options that make it that sampler, run without autograd.
 SAMPLERS: dict[str, Sampler] = {
-    info.name: partial(SOLVERS[info.solver], **dict(info.options)) for info in SAMPLER_INFO.values()
+    info.name: partial(torch.no_grad()(SOLVERS[info.solver]), **dict(info.options)) for info in SAMPLER_INFO.values()
 }
