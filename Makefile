@@ -67,8 +67,13 @@ test-stress: lint $(VENV)/.installed-ray $(JS_DEPS)
 # MODULE=store, MODULE=api.service, MODULE=engine.batching... (a dotted prefix under sd3serve). mutmut keeps its
 # results in mutants/ and reruns only what changed; `rm -rf mutants` starts over.
 MODULE ?=
+# Mutation testing with mutmut (docs/testing.md): `make mutate`, or one area with `make mutate MODULE=store.credits`;
+# MUTATE_CHILDREN=1 on a busy machine. The start, the end and the load average are printed for the record.
+MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
-	$(VENV)/bin/mutmut run --max-children 2 $(if $(MODULE),"sd3serve.$(MODULE)*") || true
+	@date -u +"start %H:%M:%S"; uptime
+	env -u PYTHONPATH $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(if $(MODULE),"sd3serve.$(MODULE)*") || true
+	@date -u +"end %H:%M:%S"; uptime
 	$(PY) bench/mutation_scores.py $(if $(MODULE),"sd3serve.$(MODULE)*")
 
 # The hand-planted mutants of bench/mutate.py: modules outside mutmut's selection, and what its operators cannot
