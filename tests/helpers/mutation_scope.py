@@ -17,6 +17,8 @@ STORE_API = ("tests/api/test_idempotency.py", "tests/api/test_money_truth.py", "
 MIDDLEWARE = ("tests/api/test_hardening.py", "tests/api/test_edges.py", "tests/api/test_security.py",
               "tests/api/test_streams_limits.py", "tests/api/test_routes.py", "tests/api/test_serving.py",
               "tests/api/test_heartbeat.py", "tests/api/test_flood.py", "tests/api/test_schema_limits.py")  # fmt: skip
+OPENAI = ("tests/api/test_openai.py", "tests/api/test_loras.py", "tests/api/test_img2img.py", "tests/api/test_edges.py",
+          "tests/api/test_schema_limits.py")  # fmt: skip
 
 SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd3serve.store.", ("tests/store/", ISOLATION, *STORE_API, "tests/test_faults.py")),
@@ -24,8 +26,7 @@ SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd3serve.api.routes.", ("tests/api/", ISOLATION)),
     ("sd3serve.api.webhook_delivery", ("tests/api/test_webhook", ISOLATION)),
     ("sd3serve.api.middleware", (*MIDDLEWARE, ISOLATION)),
-    ("sd3serve.api.openai_schemas", ("tests/api/test_openai.py", "tests/api/test_loras.py", "tests/api/test_img2img.py",
-                                     "tests/api/test_edges.py", "tests/api/test_schema_limits.py")),  # fmt: skip
+    ("sd3serve.api.openai_schemas", OPENAI),
     ("sd3serve.engine.", ("tests/engine/", "tests/api/test_one_path.py", "tests/api/test_serving.py")),
     ("sd3serve.scaleout", ("tests/",)),
 )
