@@ -118,3 +118,31 @@ def test_retry_now_makes_only_that_tasks_pending_deliveries_due(
     hooks.retry_now(task_id="t3")  # a delivered one stays delivered
     assert [s for _, s, _ in hooks.deliveries(task_id="t3")] == ["delivered"]
     assert len(hooks.due(limit=10, per_key=10)) == 1
+
+
+@pytest.mark.parametrize(("code", "state"), [(199, PENDING), (200, "delivered"), (201, "delivered"),
+                                             (299, "delivered"), (300, PENDING)])  # fmt: skip
+def test_only_a_2xx_answer_delivers(
+    env: tuple[CreditStore, TaskStore, WebhookStore, Clock, int], code: int, state: str
+) -> None:
+    credits, _tasks, hooks, _clock, key = env
+    _submit(credits, key, "t").fail(also=TaskStore.failure("t", error="x", ttl=TTL))
+    hooks.enqueue_finished()
+    assert hooks.record(_leased(hooks)["t"], status_code=code, error=None, duration_ms=1.0) == state
+
+
+def test_an_attempt_whose_lease_was_lost_changes_nothing(
+    env: tuple[CreditStore, TaskStore, WebhookStore, Clock, int],
+) -> None:
+    credits, _tasks, hooks, clock, key = env
+    _submit(credits, key, "t").fail(also=TaskStore.failure("t", error="x", ttl=TTL))
+    hooks.enqueue_finished()
+    first = _leased(hooks)["t"]
+    clock.now += timedelta(seconds=61)  # the lease ran out: another process takes the delivery over
+    (second,) = hooks.lease([first.id], owner="q", seconds=60)
+    hooks.record(first, status_code=200, error=None, duration_ms=1.0)  # the late answer of the first lease
+    assert hooks.deliveries(task_id="t")[0][1:] == (PENDING, 0)
+    assert hooks.record(second, status_code=200, error=None, duration_ms=1.0) == "delivered"
+    hooks.record(second, status_code=500, error=None, duration_ms=1.0)  # a delivered one stays delivered
+    assert hooks.deliveries(task_id="t")[0][1:] == ("delivered", 1)
+    assert [code for _, code, _ in hooks.attempts(delivery_id=first.id)] == [200, 200, 500]
