@@ -64,11 +64,16 @@ test-stress: lint $(VENV)/.installed-ray $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -p randomly $(PYTEST_ARGS); rc=$$?; kill $$load; wait $$load; exit $$rc
 
 # Mutation testing with mutmut ([tool.mutmut] in pyproject.toml; docs/testing.md): every module, or one area with
-# MODULE=store, MODULE=api.service, MODULE=engine.batching... (a dotted prefix under sd3serve). mutmut keeps its
+# MODULE=store, MODULE=service.generation, MODULE=engine.batching... (a dotted prefix under sd3serve). mutmut keeps its
 # results in mutants/ and reruns only what changed; `rm -rf mutants` starts over.
 MODULE ?=
+# Mutation testing with mutmut (docs/testing.md): `make mutate`, or one area with `make mutate MODULE=store.credits`;
+# MUTATE_CHILDREN=1 on a busy machine. The start, the end and the load average are printed for the record.
+MUTATE_CHILDREN ?= 2
 mutate: $(STAMP)
-	$(VENV)/bin/mutmut run --max-children 2 $(if $(MODULE),"sd3serve.$(MODULE)*") || true
+	@date -u +"start %H:%M:%S"; uptime
+	env -u PYTHONPATH $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(if $(MODULE),"sd3serve.$(MODULE)*") || true
+	@date -u +"end %H:%M:%S"; uptime
 	$(PY) bench/mutation_scores.py $(if $(MODULE),"sd3serve.$(MODULE)*")
 
 # The hand-planted mutants of bench/mutate.py: modules outside mutmut's selection, and what its operators cannot

@@ -81,3 +81,17 @@ def node_modules() -> Path:
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed in {modules}: run `make test`, or `cd tests/js && npm ci`")
     return modules
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under mutmut, run a mutant only against the tests of its area (helpers.mutation_scope)."""
+    from helpers.mutation_scope import in_scope, mutant_module
+
+    module = mutant_module(os.environ.get("MUTANT_UNDER_TEST", ""))
+    if module is None:
+        return
+    root = Path(str(config.rootpath))
+    keep = [i for i in items if in_scope(module, Path(str(i.path)).relative_to(root).as_posix())]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep

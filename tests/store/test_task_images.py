@@ -60,3 +60,11 @@ def test_the_owner_of_an_unknown_task_gets_not_found(stores: tuple[CreditStore, 
     owner = task_with_images(credits, tasks, "t1", [b"first"])
     with pytest.raises(NotFound, match="for this key"):
         tasks.image(task_id="t9", key_id=owner, index=0)
+
+
+def test_images_are_one_tasks_in_index_order(stores: tuple[CreditStore, TaskStore]) -> None:
+    credits, tasks = stores
+    task_with_images(credits, tasks, "t1", [b"i0", b"i1", b"i2"])
+    task_with_images(credits, tasks, "t2", [b"other"])
+    assert tasks.images(task_id="t1") == [b"i0", b"i1", b"i2"]
+    assert tasks.images(task_id="nope") == []

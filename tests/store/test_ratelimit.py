@@ -1,0 +1,49 @@
+"""The per-key limit per minute, counted by the database (SQLite and PostgreSQL): at its edge, one past it, per key
+and per minute."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from sd3serve.store.credits import CreditStore
+from sd3serve.store.ratelimit import RateLimiter
+
+LIMIT = 3
+MINUTE = 600 * 60  # the start of a minute, in unix seconds
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[CreditStore]:
+    s = CreditStore(store_url)
+    s.create_schema()
+    yield s
+    s.close()
+
+
+def test_the_limit_is_allowed_and_one_more_is_not_per_key_and_per_minute(store: CreditStore) -> None:
+    limiter = RateLimiter(store.engine)
+    (a, _), (b, _) = store.create_key(credits=1), store.create_key(credits=1)
+    hits = [limiter.hit(key_id=a.id, per_minute=LIMIT, now=MINUTE + 30) for _ in range(LIMIT + 1)]
+    assert [d.allowed for d in hits] == [True, True, True, False]
+    assert {d.reset_at for d in hits} == {MINUTE + 60.0}  # the end of this minute
+    assert limiter.hit(key_id=b.id, per_minute=LIMIT, now=MINUTE + 30).allowed  # B counts on its own
+    # The last second of the minute still counts in it; the next minute starts again at one.
+    assert not limiter.hit(key_id=a.id, per_minute=LIMIT, now=MINUTE + 59.9).allowed
+    nxt = limiter.hit(key_id=a.id, per_minute=LIMIT, now=MINUTE + 60)
+    assert nxt.allowed and nxt.reset_at == MINUTE + 120.0
+    assert [limiter.hit(key_id=a.id, per_minute=LIMIT, now=MINUTE + 61).allowed for _ in range(LIMIT)] == [
+        True, True, False]  # fmt: skip
+
+
+def test_without_now_the_clock_decides_the_minute(store: CreditStore) -> None:
+    import time
+
+    limiter = RateLimiter(store.engine)
+    (a, _) = store.create_key(credits=1)
+    before = time.time()
+    decision = limiter.hit(key_id=a.id, per_minute=1)
+    after = time.time()
+    assert decision.allowed
+    assert int(before // 60 + 1) * 60 <= decision.reset_at <= int(after // 60 + 1) * 60
