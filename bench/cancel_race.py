@@ -8,18 +8,16 @@ disagreed with the money, and how many database errors (deadlocks) reached a cal
 from __future__ import annotations
 
 import sys
-import threading
 import uuid
-from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-from sd3serve.errors import ReservationLost
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.races
+from helpers.races import race_cancel_and_completion
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.tasks import TaskStore
-
-TTL = timedelta(hours=1)
 
 
 def main(url: str, rounds: int) -> None:
@@ -33,28 +31,9 @@ def main(url: str, rounds: int) -> None:
         create = TaskStore.creation(task_id=tid, key_id=key, seed=1, base64=False, media_type="image/png",
                                     request_json="{}", owner="bench")  # fmt: skip
         res = credits.reserve(key_id=key, credits=Decimal(2), request_id=tid, owner="bench", with_hold=create)
-        start = threading.Barrier(2)
-        out: dict[str, object] = {}
-
-        def cancel(tid: str = tid, start: threading.Barrier = start, out: dict[str, object] = out) -> None:
-            start.wait()
-            try:
-                out["cancel"] = tasks.cancel(task_id=tid, key_id=key, ttl=TTL)
-            except DBAPIError as e:
-                out["cancel"] = e
-
-        worker = threading.Thread(target=cancel)
-        worker.start()
-        start.wait()
-        try:
-            res.capture(deliver=TaskStore.completion(tid, images=[b"x"], inference_time=0.1, steps=2, ttl=TTL))
-            completed = True
-        except ReservationLost:
-            completed = False
-        except DBAPIError:
-            completed, errors = False, errors + 1
-        worker.join()
-        answer = out["cancel"]
+        answer, complete = race_cancel_and_completion(tasks, res, task_id=tid, key_id=key)
+        completed = complete == "ok"
+        errors += isinstance(complete, DBAPIError)
         if isinstance(answer, DBAPIError):
             errors += 1
             continue

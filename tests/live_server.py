@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import uvicorn
@@ -41,28 +43,40 @@ class LiveServer:
         return self.store.create_key(credits=int(credits), name="test")[1]
 
 
-def run_live_server(settings: Settings, *, engine: Engine | None = None, ready: bool = True) -> Iterator[LiveServer]:
-    """uvicorn on a free port in a thread, with the real app, until the generator is closed; with ``ready``, once
-    the model is ready."""
+@contextlib.contextmanager
+def serving(
+    settings: Settings, *, engine: Engine | None = None, options: dict[str, Any] | None = None, ready: bool = True
+) -> Iterator[LiveServer]:
+    """The real app under uvicorn on a free loopback port, in a thread, until the block ends; ``options``: uvicorn's
+    (e.g. ``api.connections.uvicorn_options``, as ``sd3serve serve`` runs it); with ``ready``, once the model is
+    ready (HTTP answers first and the model loads after)."""
     store = CreditStore(settings.resolved_database_url)
     app = create_app(settings, engine=engine, store=store)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    config = {"log_level": "warning", "lifespan": "on"} | (options or {}) | {"host": "127.0.0.1", "port": port}
+    server = uvicorn.Server(uvicorn.Config(app, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    # HTTP answers first and the model loads after (api/app.py): wait until it is ready.
-    while ready and httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server's model did not become ready")
-        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app, store=store, settings=settings)
+        deadline = time.monotonic() + 120
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        ready_by = time.monotonic() + 600  # a liveness guard: the model may load slowly on a busy machine
+        while ready and httpx.get(f"{url}/readyz", timeout=30).status_code != 200:
+            if not thread.is_alive() or time.monotonic() > ready_by:
+                raise RuntimeError("the test server's model did not become ready")
+            time.sleep(0.05)
+        yield LiveServer(url=url, app=app, store=store, settings=settings)
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=60)
         store.close()
+
+
+def run_live_server(settings: Settings, *, engine: Engine | None = None, ready: bool = True) -> Iterator[LiveServer]:
+    """``serving`` as a generator, until it is closed."""
+    with serving(settings, engine=engine, ready=ready) as server:
+        yield server

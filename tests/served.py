@@ -9,22 +9,17 @@ import json
 import os
 import socket
 import threading
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import uvicorn
 from PIL import Image
 
-from live_server import LiveServer, free_port
-from sd3serve.api.app import create_app
+from live_server import LiveServer, serving
 from sd3serve.api.connections import uvicorn_options
 from sd3serve.api.state import app_state
 from sd3serve.engine.job import GenerationJob, GenerationResult
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 from stub_engine import StubEngine
 from waiting import wait_for
 
@@ -57,30 +52,9 @@ class NoiseEngine(StubEngine):
                                         for _ in range(job.batch_size)])  # fmt: skip
 
 
-@contextlib.contextmanager
-def serve(settings: Settings, engine: Engine) -> Iterator[LiveServer]:
+def serve(settings: Settings, engine: Engine) -> contextlib.AbstractContextManager[LiveServer]:
     """The app under uvicorn on a free loopback port, with ``sd3serve serve``'s options, until the block ends."""
-    store = CreditStore(settings.resolved_database_url)
-    app = create_app(settings, engine=engine, store=store)
-    options = uvicorn_options(settings) | {"host": "127.0.0.1", "port": free_port(), "log_level": "warning"}
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{options['port']}"
-    ready_by = time.monotonic() + 600  # the model loads in the background: wait until it answers (liveness guard)
-    while httpx.get(f"{url}/readyz", timeout=30).status_code != 200:
-        assert thread.is_alive() and time.monotonic() < ready_by, "the server did not become ready"
-        time.sleep(0.05)
-    try:
-        yield LiveServer(url=f"http://127.0.0.1:{options['port']}", app=app, store=store, settings=settings)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
-        store.close()
+    return serving(settings, engine=engine, options=uvicorn_options(settings))
 
 
 def key_id(server: LiveServer, api_key: str) -> int:

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -17,11 +16,10 @@ from typing import Any
 import pytest
 import uvicorn
 
-from live_server import URL, LiveServer, free_port
-from sd3serve.api.app import create_app
+from live_server import URL, LiveServer, serving
 from sd3serve.api.connections import uvicorn_options
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
+from served import read_head
 from stub_engine import StubEngine
 
 ADMIN_KEY = "adm-" + "Kq8ZpR3vT6wYb1NcF5hJ9mXs2LdG7uEa"
@@ -30,26 +28,10 @@ V2 = "/v2/stable-diffusion-3.5-turbo-txt2img"
 HUGE = "9999999999999999999999"
 
 
-@contextlib.contextmanager
-def serve(tmp_path: Path, **overrides: Any) -> Iterator[LiveServer]:
+def serve(tmp_path: Path, **overrides: Any) -> contextlib.AbstractContextManager[LiveServer]:
     """The app under uvicorn with the options of `sd3serve serve` (cli.cmd_serve), on a free port."""
     settings = Settings(data_dir=tmp_path, device="cpu", **overrides)
-    store = CreditStore(settings.resolved_database_url)
-    app = create_app(settings, engine=StubEngine(), store=store)
-    options = uvicorn_options(settings) | {"host": "127.0.0.1", "port": free_port(), "log_level": "warning"}
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield LiveServer(url=f"http://127.0.0.1:{options['port']}", app=app, store=store, settings=settings)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        store.close()
+    return serving(settings, engine=StubEngine(), options=uvicorn_options(settings), ready=False)
 
 
 @pytest.fixture
@@ -65,19 +47,12 @@ def connect(server: LiveServer, timeout: float = 20) -> socket.socket:
 
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 response from a raw socket (status, lower-cased headers, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before a response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    status, headers, body = read_head(sock)
     while len(body) < int(headers.get("content-length", 0)):
         chunk = sock.recv(65536)
         assert chunk
         body += chunk
-    return int(status_line.split()[1]), headers, body
+    return status, headers, body
 
 
 def closed_by_server(sock: socket.socket) -> bool:

@@ -10,6 +10,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from sd3serve.store.credits import CreditStore
+from sd3serve.store.tasks import TaskStore
+
 PG_ADMIN_URL = os.environ.get("SD3SERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -38,3 +41,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("DROP SCHEMA public CASCADE")
         conn.execute("CREATE SCHEMA public")
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[CreditStore]:
+    """The credit store on a fresh schema, closed after the test."""
+    s = CreditStore(store_url)
+    s.create_schema()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def stores(store: CreditStore) -> tuple[CreditStore, TaskStore]:
+    """The credit store and the task store on the same database."""
+    return store, TaskStore(store.engine)

@@ -7,7 +7,6 @@ The races are forced into their worst order (tests/interleave.py), then run free
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -17,6 +16,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
+from helpers.races import race_cancel_and_completion
 from interleave import first_write, interleave, statement
 from sd3serve.errors import NotFound, ReservationLost
 from sd3serve.store.credits import REVOKED_MESSAGE, CreditStore, Reservation
@@ -25,14 +25,6 @@ from sd3serve.store.recovery import DIED_MESSAGE, Recovery
 from sd3serve.store.tasks import CANCELLED_MESSAGE, TaskStore
 
 TTL = timedelta(hours=1)
-
-
-@pytest.fixture
-def stores(store_url: str) -> Iterator[tuple[CreditStore, TaskStore]]:
-    credits = CreditStore(store_url)
-    credits.create_schema()
-    yield credits, TaskStore(credits.engine)
-    credits.close()
 
 
 def _task(credits: CreditStore, task_id: str, key_id: int, *, owner: str = "me") -> Reservation:
@@ -226,36 +218,15 @@ def test_cancel_and_completion_race_freely(stores: tuple[CreditStore, TaskStore]
     for i in range(rounds):
         tid = f"race-{i}"
         res = _task(credits, tid, key)
-        start = threading.Barrier(2)
-        out: dict[str, object] = {}
-
-        def cancel(tid: str = tid, start: threading.Barrier = start, out: dict[str, object] = out) -> None:
-            start.wait()
-            try:
-                out["cancel"] = tasks.cancel(task_id=tid, key_id=key, ttl=TTL)
-            except BaseException as e:
-                out["cancel"] = e
-
-        worker = threading.Thread(target=cancel)
-        worker.start()
-        start.wait()
-        try:
-            _complete(res, tid)
-            out["complete"] = "ok"
-        except ReservationLost as e:
-            out["complete"] = e
-        except DBAPIError as e:
-            out["complete"] = e
-        worker.join()
-        answer = out["cancel"]
+        answer, complete = race_cancel_and_completion(tasks, res, task_id=tid, key_id=key)
         assert isinstance(answer, tuple), f"the cancel failed: {answer}"
         view, cancelled = answer
-        assert not isinstance(out["complete"], DBAPIError), out["complete"]
+        assert not isinstance(complete, DBAPIError), complete
         if cancelled:
             won += 1
-            assert view.status == "CANCELLED" and isinstance(out["complete"], ReservationLost)
+            assert view.status == "CANCELLED" and isinstance(complete, ReservationLost)
         else:
-            assert view.status == "COMPLETED" and out["complete"] == "ok"
+            assert view.status == "COMPLETED" and complete == "ok"
         assert tasks.get(task_id=tid, key_id=key).status == view.status
     assert _money(credits, key) == (won * 2, (rounds - won) * 2)
 

@@ -8,7 +8,6 @@ compare ``digest()`` with itself.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.orm import Session
@@ -22,14 +21,6 @@ VECTORS = {
     "": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
     "sk-ünïcödé": "f8291eb53892401cd8966c4ca5b7d7797628915177117cec0c383507d4fb0632",  # UTF-8 bytes
 }
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[CreditStore]:
-    s = CreditStore(store_url)
-    s.create_schema()
-    yield s
-    s.close()
 
 
 @pytest.mark.parametrize(("key", "hexdigest"), list(VECTORS.items()))

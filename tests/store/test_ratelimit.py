@@ -3,23 +3,11 @@ and per minute."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.ratelimit import RateLimiter
 
 LIMIT = 3
 MINUTE = 600 * 60  # the start of a minute, in unix seconds
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[CreditStore]:
-    s = CreditStore(store_url)
-    s.create_schema()
-    yield s
-    s.close()
 
 
 def test_the_limit_is_allowed_and_one_more_is_not_per_key_and_per_minute(store: CreditStore) -> None:

@@ -4,7 +4,6 @@ left alone (it beat between the first look and the transaction)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -15,14 +14,6 @@ from sqlalchemy.orm import Session
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.models import Instance
 from sd3serve.store.recovery import Recovery
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[CreditStore]:
-    s = CreditStore(store_url)
-    s.create_schema()
-    yield s
-    s.close()
 
 
 def _beat_at(store: CreditStore, instance_id: str, at: datetime) -> None:

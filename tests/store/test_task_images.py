@@ -3,7 +3,6 @@ that does not exist. Image rows are written through the ORM, so this does not de
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
@@ -13,14 +12,6 @@ from sd3serve.errors import NotFound
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.models import TaskImage
 from sd3serve.store.tasks import TaskStore
-
-
-@pytest.fixture
-def stores(store_url: str) -> Iterator[tuple[CreditStore, TaskStore]]:
-    credits = CreditStore(store_url)
-    credits.create_schema()
-    yield credits, TaskStore(credits.engine)
-    credits.close()
 
 
 def task_with_images(credits: CreditStore, tasks: TaskStore, task_id: str, images: list[bytes]) -> int:

@@ -3,7 +3,6 @@ refund, each in one transaction; a dead owner's tasks and holds are settled by a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 
@@ -18,14 +17,6 @@ from sd3serve.store.recovery import DIED_MESSAGE, Recovery
 from sd3serve.store.tasks import TaskStore
 
 TTL = timedelta(hours=1)
-
-
-@pytest.fixture
-def stores(store_url: str) -> Iterator[tuple[CreditStore, TaskStore]]:
-    credits = CreditStore(store_url)
-    credits.create_schema()
-    yield credits, TaskStore(credits.engine)
-    credits.close()
 
 
 def _task(
