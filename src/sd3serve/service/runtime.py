@@ -31,7 +31,6 @@ from sd3serve.settings import Settings
 from sd3serve.store.credits import CreditStore
 from sd3serve.store.idempotency import IdempotencyStore
 from sd3serve.store.ledger import Ledger
-from sd3serve.store.ratelimit import RateLimiter
 from sd3serve.store.recovery import Heartbeat, Recovery
 from sd3serve.store.tasks import TaskStore
 from sd3serve.store.webhooks import WebhookStore
@@ -52,12 +51,26 @@ class Services:
     # What the services are made of
     engine: Engine
     ledger: Ledger
-    store: CreditStore
-    tasks: TaskStore
-    idempotency: IdempotencyStore
-    webhooks: WebhookStore
-    rate_limiter: RateLimiter
-    recovery: Recovery
+
+    @property
+    def store(self) -> CreditStore:
+        return self.ledger.credits
+
+    @property
+    def tasks(self) -> TaskStore:
+        return self.ledger.tasks
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        return self.ledger.idempotency
+
+    @property
+    def webhooks(self) -> WebhookStore:
+        return self.ledger.webhooks
+
+    @property
+    def recovery(self) -> Recovery:
+        return self.ledger.recovery
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         """(ready, body of /readyz): loading until the model is loaded and warm; unhealthy if a check fails."""
@@ -100,8 +113,7 @@ async def running(
                                   webhooks=webhooks, recovery=ledger.recovery, settings=settings, metrics=metrics),
         reads=TaskReads(tasks, the_engine), accounts=Accounts(ledger.credits, webhooks, ledger.rate_limiter, settings),
         streams=StreamHub(tasks, per_key=settings.max_streams_per_key, total=stream_limit(settings)),
-        engine=the_engine, ledger=ledger, store=ledger.credits, tasks=tasks, idempotency=ledger.idempotency,
-        webhooks=webhooks, rate_limiter=ledger.rate_limiter, recovery=ledger.recovery,
+        engine=the_engine, ledger=ledger,
     )  # fmt: skip
     heartbeat = _start_heartbeat(services)
     loops = [
