@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/overhead.py [--runs 10] [--size 1024] [--steps 4] [--model PATH]
 
-"direct" is the engine's pipeline plus JPEG encoding in this process; "http" is POST
+"direct" is the engine's pipeline (built as the server builds it) plus JPEG encoding in this process; "http" is POST
 /v1/stable-diffusion-3.5-turbo-txt2img to `sd3serve serve` in another process (same model, same request),
 end to end with auth, credits and the response. Runs alternate so that machine noise hits both alike; the
 figure to read is the median of the per-pair ratios http / direct (target <= 1.05).
@@ -20,8 +20,7 @@ import httpx
 
 from common import URL, rich_key, sd3serve
 from sd3serve.api.schemas import parse_txt2img
-from sd3serve.engine.loading import load_model
-from sd3serve.engine.pipeline import SD3Pipeline
+from sd3serve.engine.pipeline import build_pipeline
 from sd3serve.imaging import encode_image
 from sd3serve.settings import Settings
 
@@ -44,7 +43,7 @@ def main() -> None:
         "seed": 1234,
     }
     req = parse_txt2img(body)
-    pipeline = SD3Pipeline(load_model(settings), exact_batches=settings.exact_batches)
+    pipeline = build_pipeline(settings)  # the engine's pipeline as the server builds it
 
     key = rich_key(data_dir)
     with sd3serve(data_dir, args.model) as server, httpx.Client(base_url=server.url, timeout=600) as client:
