@@ -14,22 +14,20 @@ from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.races
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.ledger, helpers.races
+from helpers.ledger import creation, open_store
 from helpers.races import race_cancel_and_completion
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.tasks import TaskStore
 
 
 def main(url: str, rounds: int) -> None:
-    credits = CreditStore(url)
+    credits = open_store(url)
     credits.create_schema()
-    tasks = TaskStore(credits.engine)
+    tasks = credits
     key = credits.create_key(credits=2 * rounds)[0].id
     wrong = errors = won = 0
     for _ in range(rounds):
         tid = f"race-{uuid.uuid4().hex}"
-        create = TaskStore.creation(task_id=tid, key_id=key, seed=1, base64=False, media_type="image/png",
-                                    request_json="{}", owner="bench")  # fmt: skip
+        create = creation(task_id=tid, key_id=key, seed=1, media_type="image/png", owner="bench")
         res = credits.reserve(key_id=key, credits=Decimal(2), request_id=tid, owner="bench", with_hold=create)
         answer, complete = race_cancel_and_completion(tasks, res, task_id=tid, key_id=key)
         completed = complete == "ok"

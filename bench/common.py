@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from sd3serve.ledger import Database
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 
 URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -54,10 +54,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) ->
 
 def rich_key(data_dir: Path) -> str:
     """A key with more credits than any benchmark spends, in the data dir's SQLite store."""
-    store = CreditStore(Settings(data_dir=data_dir).resolved_database_url)
-    store.create_schema()
-    key = store.create_key(credits=10**9, name="bench")[1]
-    store.close()
+    db = Database.open(Settings(data_dir=data_dir).resolved_database_url)
+    db.create_schema()
+    with db.transaction() as tx:
+        key = tx.keys.create(credits=10**9, name="bench")[1]
+    db.close()
     return key
 
 

@@ -51,10 +51,10 @@ def _m(name: str, file: str, original: str, replacement: str, *tests: str, equiv
     return Mutant(name, file, original, replacement, tests, equivalent)
 
 
-CREDITS_TESTS = ("tests/store/test_credits.py", "tests/store/test_key_digests.py", *SQLITE)
-TASK_TESTS = ("tests/store/test_tasks.py", "tests/store/test_task_images.py", "tests/store/test_mutants_store.py",
+CREDITS_TESTS = ("tests/ledger/test_credits.py", "tests/ledger/test_key_digests.py", *SQLITE)
+TASK_TESTS = ("tests/ledger/test_tasks.py", "tests/ledger/test_task_images.py", "tests/ledger/test_mutants_store.py",
               *SQLITE)  # fmt: skip
-IDEM_TESTS = ("tests/store/test_idempotency_store.py", "tests/store/test_mutants_store.py", *SQLITE)
+IDEM_TESTS = ("tests/ledger/test_idempotency_store.py", "tests/ledger/test_mutants_store.py", *SQLITE)
 SCHEMA_TESTS = ("tests/api/test_schemas.py", "tests/api/test_schema_limits.py")
 # The samplers that follow ComfyUI are checked against its reference outputs (test_comfy_parity.py); dpmpp_2m_cfg_pp,
 # which keeps this project's update, against its pins (test_sampler_pins.py).

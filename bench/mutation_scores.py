@@ -1,6 +1,6 @@
 """mutmut's verdicts per module, as a Markdown table (run after `mutmut run`; `make mutate` does).
 
-    .venv/bin/python bench/mutation_scores.py [PATTERN]     e.g. "sd3serve.store*"
+    .venv/bin/python bench/mutation_scores.py [PATTERN]     e.g. "sd3serve.ledger*"
 
 Score = killed / (killed + survived + no tests): a mutant with no test reaching its function counts as surviving.
 Timeouts count as killed (the mutant made the tests hang); mutants not run yet ("not checked") are left out.
@@ -31,7 +31,7 @@ def verdicts() -> dict[str, str]:
 
 
 def module_of(mutant: str) -> str:
-    """sd3serve.store.credits.xǁCreditStoreǁhold__mutmut_3 -> sd3serve.store.credits"""
+    """sd3serve.ledger.credits.xǁCreditStoreǁhold__mutmut_3 -> sd3serve.ledger.credits"""
     parts = mutant.split(".")
     return ".".join(p for p in parts[:-1])
 

@@ -24,7 +24,7 @@ import ray
 from ray import serve
 
 from sd3serve.api.schemas import Txt2ImgRequest
-from sd3serve.store.credits import CreditHold
+from sd3serve.ledger.credits import CreditHold
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -45,11 +45,11 @@ from ray import serve
 from sqlalchemy import Engine, text
 from starlette.types import ASGIApp
 
+from sd3serve.ledger import Database, Reservation
 from sd3serve.scaleout import QUIET, ReplicaBoard, SD3Replica, build_app, overrides, replica_options
 from sd3serve.scaleout_tasks import run_dispatched
 from sd3serve.service.order import Order
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore, Reservation
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
@@ -93,13 +93,12 @@ async def pull_forever(state: Any) -> None:
     """Claim tasks while fewer than ``CLAIM_AHEAD`` of this replica's claims are unfinished; run each one."""
     running: set[asyncio.Task[None]] = set()
     while True:
-        payload = await run_in_threadpool(claim, state.store.engine) if len(running) < CLAIM_AHEAD else None
+        payload = await run_in_threadpool(claim, state.ledger.db.engine) if len(running) < CLAIM_AHEAD else None
         if payload is None:
             await asyncio.sleep(POLL_S)
             continue
         hold, submitter, order, task_id = pickle.loads(payload)
-        run = asyncio.create_task(run_dispatched(state.service, state.store, owner=submitter,
-                                                 new_owner=state.recovery.instance_id, hold=hold, order=order,
+        run = asyncio.create_task(run_dispatched(state.service, owner=submitter, hold=hold, order=order,
                                                  task_id=task_id))  # fmt: skip
         running.add(run)
         run.add_done_callback(running.discard)
@@ -117,9 +116,9 @@ class QueueReplica(SD3Replica):
         async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
             async with started(a) as st:
                 state = self._state()
-                with state.store.engine.begin() as conn:
+                with state.ledger.db.engine.begin() as conn:
                     conn.execute(text(QUEUE_DDL))
-                state.service.dispatch = QueueDispatch(state.store.engine, lambda: state.recovery.instance_id)
+                state.service.dispatch = QueueDispatch(state.ledger.db.engine, lambda: state.ledger.instance_id)
                 puller = asyncio.create_task(pull_forever(state), name="queue-puller")
                 try:
                     yield st
@@ -177,9 +176,10 @@ def main() -> None:
         for name, (design, replicas) in SYSTEMS.items():
             settings = Settings(database_url=urls[name], device="cpu", threads=2 // replicas, log_level="warning",
                                 max_queue=256)  # fmt: skip
-            stores[name] = CreditStore(urls[name])
-            stores[name].create_schema()
-            keys[name] = stores[name].create_key(credits=10**9, name="bench")[1]
+            stores[name] = db = Database.open(urls[name])
+            db.create_schema()
+            with db.transaction() as tx:
+                keys[name] = tx.keys.create(credits=10**9, name="bench")[1]
             options = replica_options(settings, replicas=replicas, num_cpus=2 // replicas, num_gpus=0)
             app = build_app(settings, options=options) if design == "handle" else queue_app(settings, options)
             serve.run(app, name=name, route_prefix=f"/{name}")

@@ -14,10 +14,10 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from helpers.ledger import Store, open_store
 from sd3serve.api.app import create_app
 from sd3serve.engine.protocol import Engine
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 
 URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
 SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
@@ -33,7 +33,7 @@ def free_port() -> int:
 class LiveServer:
     url: str
     app: FastAPI
-    store: CreditStore
+    store: Store
     settings: Settings
 
     def client(self, timeout: float = 120) -> httpx.Client:
@@ -50,8 +50,8 @@ def serving(
     """The real app under uvicorn on a free loopback port, in a thread, until the block ends; ``options``: uvicorn's
     (e.g. ``api.connections.uvicorn_options``, as ``sd3serve serve`` runs it); with ``ready``, once the model is
     ready (HTTP answers first and the model loads after)."""
-    store = CreditStore(settings.resolved_database_url)
-    app = create_app(settings, engine=engine, store=store)
+    store = open_store(settings.resolved_database_url)
+    app = create_app(settings, model_engine=engine, database=store.db)
     port = free_port()
     config = {"log_level": "warning", "lifespan": "on"} | (options or {}) | {"host": "127.0.0.1", "port": port}
     server = uvicorn.Server(uvicorn.Config(app, **config))

@@ -22,9 +22,9 @@ import psycopg
 from sqlalchemy import select
 
 import sd3serve
+from helpers.ledger import Store, open_store
 from live_server import free_port
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.models import Task
+from sd3serve.ledger.schema import Task
 
 try:
     from sd3serve.scaleout import LOCAL_RAY_ENV
@@ -149,10 +149,10 @@ def pg_database() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def ledger() -> Iterator[tuple[str, CreditStore]]:
+def ledger() -> Iterator[tuple[str, Store]]:
     """A module's PostgreSQL database with sd3serve's schema: (its URL, a store on it)."""
     with pg_database() as url:
-        store = CreditStore(url)
+        store = open_store(url)
         try:
             store.create_schema()
             yield url, store
@@ -212,7 +212,7 @@ def running_replicas(app_name: str, deployment: str = "SD3Replica", states: tupl
     return sum(int(counts.get(state, 0)) for state in states)  # type: ignore[call-overload]
 
 
-def task_row(store: CreditStore, task: str) -> tuple[str, int, str]:
+def task_row(store: Store, task: str) -> tuple[str, int, str]:
     """The task's owner (a ledger instance), its progress step and its status, from the database."""
     with store.engine.connect() as conn:
         row = conn.execute(select(Task.owner, Task.progress_step, Task.status).where(Task.id == task)).one()

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.ledger import open_store
 from helpers.same_code import same_code_env
 from sd3demo.judge import judge, striped
 from sd3demo.world import Scene, render
 from sd3serve.cli import main
-from sd3serve.store.credits import CreditStore
 
 
 def test_keys_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -23,7 +23,7 @@ def test_keys_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     key = capsys.readouterr().out
     assert key.count("\n") == 1 and key.startswith("sk-")  # the key alone on stdout
     key = key.strip()
-    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'sd3serve.db'}")
     key_id = store.authenticate(api_key=key).id
 
     assert main([*args, "list"]) == 0
@@ -84,7 +84,7 @@ def test_amounts_out_of_bounds_or_finer_than_a_micro_credit_are_refused(tmp_path
 def test_add_credits_cannot_overflow_the_balance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from decimal import Decimal
 
-    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'sd3serve.db'}")
     store.create_schema()
     key_id = store.create_key(credits=Decimal(9 * 10**12) - 1)[0].id
     args = ["keys", "--data-dir", str(tmp_path), "add-credits", str(key_id)]

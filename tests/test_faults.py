@@ -13,6 +13,7 @@ import httpx
 import psycopg
 import pytest
 
+from helpers.ledger import open_store
 from live_server import SMALL, URL, run_live_server
 from procs import TcpProxy, start_server
 from sd3serve.engine.batching import BatchingEngine
@@ -20,7 +21,6 @@ from sd3serve.engine.job import GenerationJob
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import SD3Pipeline
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 from stub_engine import StubEngine
 from waiting import wait_for
 
@@ -66,7 +66,7 @@ def test_failure_mid_generation_is_500_and_free(tiny_model: LoadedModel, tmp_pat
 def test_sigkill_mid_generation_loses_and_double_charges_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
     settings = {"heartbeat_s": 0.3}
     first = start_server(model_dir=tiny_model_dir, data_dir=tmp_path, log_dir=tmp_path, **settings)
-    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'sd3serve.db'}")
     key = store.create_key(credits=10)[1]
     key_id = store.authenticate(api_key=key).id
     h = {"x-api-key": key}
@@ -103,7 +103,7 @@ def test_sigkill_mid_generation_loses_and_double_charges_nothing(tiny_model_dir:
 
 def test_sigterm_finishes_in_flight_then_exits(tiny_model_dir: Path, tmp_path: Path) -> None:
     server = start_server(model_dir=tiny_model_dir, data_dir=tmp_path, log_dir=tmp_path)
-    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'sd3serve.db'}")
     key = store.create_key(credits=5)[1]
     h = {"x-api-key": key}
     with ThreadPoolExecutor(1) as pool:

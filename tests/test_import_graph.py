@@ -65,7 +65,7 @@ def test_the_package_has_no_import_circle() -> None:
 def test_the_api_reaches_the_engine_and_the_ledger_only_through_the_service() -> None:
     """Routes decode the wire into an order or a read and encode the answer: whatever they need of the model engine
     or the database comes through ``sd3serve.service``."""
-    below = ("sd3serve.engine", "sd3serve.store")
+    below = ("sd3serve.engine", "sd3serve.ledger")
     reaching = {
         module: sorted(dep for dep in deps if dep.startswith(below))
         for module, deps in import_graph().items()
@@ -78,3 +78,22 @@ def test_the_api_reaches_the_engine_and_the_ledger_only_through_the_service() ->
 def test_the_import_walk_sees_imports_inside_functions() -> None:
     graph = import_graph()
     assert "sd3serve.engine.batching" in graph["sd3serve.service.runtime"]  # imported inside running()
+
+
+def test_the_database_is_reached_only_through_the_ledger() -> None:
+    """Outside ``sd3serve.ledger`` nothing opens a SQLAlchemy session, connection or transaction of its own (the
+    service goes through ``Ledger.run`` / ``Ledger.call``): of SQLAlchemy, only its error types and ``make_url`` are
+    imported there. And nothing calls ``run_in_threadpool``."""
+    src = Path(sd3serve.__file__).parent
+    used: dict[str, set[str]] = {}
+    for path in src.rglob("*.py"):
+        if path.relative_to(src).parts[0] == "ledger":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy"):
+                used.setdefault(str(path.relative_to(src)), set()).update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import) and any(a.name.startswith("sqlalchemy") for a in node.names):
+                used.setdefault(str(path.relative_to(src)), set()).add("import sqlalchemy")
+    allowed = {"sqlalchemy.exc.DBAPIError", "sqlalchemy.engine.make_url"}
+    assert {module: names - allowed for module, names in used.items() if names - allowed} == {}
+    assert [p for p in src.rglob("*.py") if "run_in_threadpool" in p.read_text()] == []

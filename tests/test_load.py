@@ -17,9 +17,9 @@ import httpx
 import psycopg
 import pytest
 
+from helpers.ledger import open_store
 from live_server import URL
 from procs import ServerProcess, start_server
-from sd3serve.store.credits import CreditStore
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PROCESSES = 4
@@ -42,7 +42,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 def test_credits_are_exact_under_load(tiny_model_dir: Path, tmp_path: Path, database_url: str) -> None:
-    store = CreditStore(database_url)
+    store = open_store(database_url)
     store.create_schema()
     keys = [store.create_key(credits=b, name=f"k{i}")[1] for i, b in enumerate(BALANCES)]
     servers: list[ServerProcess] = []

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 
+from helpers.ledger import open_store
 from live_server import SMALL, URL
 from procs import start_server
-from sd3serve.store.credits import CreditStore
 from waiting import wait_for
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
@@ -26,7 +26,7 @@ def test_a_paused_peer_presumed_dead_delivers_nothing_unpaid(tiny_model_dir: Pat
     settings = {"heartbeat_s": 0.4}
     a = start_server(model_dir=tiny_model_dir, data_dir=tmp_path, log_dir=tmp_path, **settings)
     b = start_server(model_dir=tiny_model_dir, data_dir=tmp_path, log_dir=tmp_path, **settings)
-    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    store = open_store(f"sqlite:///{tmp_path / 'sd3serve.db'}")
     key = store.create_key(credits=10)[1]
     key_id = store.authenticate(api_key=key).id
     h = {"x-api-key": key}

@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 import sd3serve
+from helpers.ledger import Store
 from live_server import URL
 from ray_support import RayCluster, deployed, ledger, task_row
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 from waiting import wait_for
 
 ray = pytest.importorskip("ray")
@@ -57,7 +57,7 @@ HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here,
 @dataclass
 class Cluster:
     url: str
-    store: CreditStore
+    store: Store
     healthz_before_ready: list[int]  # /healthz statuses seen while the model replicas were starting
 
     def client(self, timeout: float = 120) -> httpx.Client:

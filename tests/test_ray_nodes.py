@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 
+from helpers.ledger import Store
 from live_server import URL
 from ray_support import (
     CLUSTER_ENV,
@@ -37,7 +38,6 @@ from ray_support import (
     task_row,
 )
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 from waiting import wait_for
 
 ray = pytest.importorskip("ray")
@@ -62,7 +62,7 @@ RAY_CLI = Path(sys.executable).with_name("ray")
 @dataclass
 class Nodes:
     url: str
-    store: CreditStore
+    store: Store
     settings: Settings
     head: str  # node ids
     second: str

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from helpers.ledger import Store
 from live_server import URL
 from ray_support import RayCluster, deployed, ledger, reports, running_replicas, task_row
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
 from waiting import wait_for
 
 ray = pytest.importorskip("ray")
@@ -51,7 +51,7 @@ AUTOSCALING = {
 @dataclass
 class Scaling:
     url: str
-    store: CreditStore
+    store: Store
 
     def key(self, credits: int) -> tuple[str, int]:
         key = self.store.create_key(credits=credits, name="scaling")[1]

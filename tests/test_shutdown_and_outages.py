@@ -13,13 +13,12 @@ import psycopg
 import pytest
 
 from gated import CountingGate
+from helpers.ledger import open_store
 from helpers.two_keys import V2, h
 from live_server import SMALL, run_live_server
 from procs import TcpProxy
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.tasks import TaskStore
 from waiting import wait_for
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -47,7 +46,7 @@ def balances(name: str) -> dict[int, tuple[int, int]]:
 def test_a_refund_during_an_outage_is_made_once_when_the_database_returns(pg_name: str) -> None:
     proxy = TcpProxy(5432)
     proxy.start()
-    store = CreditStore(f"postgresql://postgres@127.0.0.1:{proxy.port}/{pg_name}")
+    store = open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/{pg_name}")
     try:
         store.create_schema()
         (a, _), (b, _) = store.create_key(credits=5), store.create_key(credits=5)
@@ -97,10 +96,10 @@ def _shutdown(tiny_model: LoadedModel, tmp_path: Path, grace_s: float, caplog: p
         engine.gate.set()
         if closer.is_alive():
             closer.join(120)
-    store = CreditStore(settings.resolved_database_url)
+    store = open_store(settings.resolved_database_url)
     try:
         key_id = store.authenticate(api_key=key).id
-        task = TaskStore(store.engine).get(task_id=task_id, key_id=key_id)
+        task = store.get(task_id=task_id, key_id=key_id)
         info = store.get_key(key_id=key_id)
         return task.status, task.error, (info.credits, info.spent)
     finally:

@@ -1,17 +1,18 @@
-"""The one way blocking work leaves the event loop: database calls, image codecs and name lookups run on the
-thread pool (Starlette's, bounded by AnyIO's limiter), so that the loop only ever waits on them."""
+"""Image codecs, adapter files and name lookups off the event loop (the database has its own way: ``Ledger.run`` and
+``Ledger.call``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import ParamSpec, TypeVar
 
-from starlette.concurrency import run_in_threadpool
+import anyio
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 async def run_blocking(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-    """``fn(*args, **kwargs)`` on a worker thread; its result or its exception."""
-    return await run_in_threadpool(fn, *args, **kwargs)
+    """``fn(*args, **kwargs)`` on a worker thread (AnyIO's default limiter); its result or its exception."""
+    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))

@@ -9,10 +9,13 @@ import sys
 import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd3serve.settings import Settings
 from sd3serve.threads import configure_threads
+
+if TYPE_CHECKING:
+    from sd3serve.ledger.keys import Keys
 
 DESCRIPTION = """\
 Stable Diffusion 3.5 Turbo text-to-image with Segmind's hosted HTTP API.
@@ -265,46 +268,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from sd3serve.errors import InvalidRequest, NotFound
-    from sd3serve.store.credits import CreditStore
+    from sd3serve.ledger import Database
 
     settings = _settings(args)
-    store = CreditStore(settings.resolved_database_url)
-    store.create_schema()
+    db = Database.open(settings.resolved_database_url)
     where = _database_name(settings)
     try:
-        if args.keys_cmd == "create":
-            k, plaintext = store.create_key(credits=args.credits, name=args.name or "")
-            print(plaintext)  # alone on stdout: `KEY=$(sd3serve keys create --credits 100)`
-            print(f"key {k.id} created in {where}: a server must use the same database", file=sys.stderr)
-        elif args.keys_cmd == "list":
-            keys = store.list_keys()
-            if not keys:
-                print(f"no keys in {where}; create one with `sd3serve keys create --credits 100`", file=sys.stderr)
-                return 0
-            print(f"{'id':>4}  {'prefix':<12} {'credits':>12} {'spent':>12}  {'status':<8} name")
-            for k in keys:
-                status = "revoked" if k.revoked else "active"
-                print(f"{k.id:>4}  {k.prefix:<12} {k.credits:>12g} {k.spent:>12g}  {status:<8} {k.name}")
-        elif args.keys_cmd == "add-credits":
-            try:
-                k = store.add_credits(key_id=args.key_id, credits=args.credits)
-            except InvalidRequest as e:  # the balance would overflow
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(f"key {k.id}: {k.credits:g} credits")
-            if k.revoked:
-                print(f"warning: key {k.id} is revoked: it cannot spend these credits", file=sys.stderr)
-        elif args.keys_cmd == "revoke":
-            if store.get_key(key_id=args.key_id).revoked:
-                print(f"warning: key {args.key_id} was already revoked; nothing changed", file=sys.stderr)
-                return 0
-            k = store.revoke(key_id=args.key_id)
-            print(f"key {k.id} revoked")
+        db.create_schema()
+        with db.transaction() as tx:
+            return _keys(args, tx.keys, where)
+    except InvalidRequest as e:  # an amount the ledger cannot keep, or a balance that would overflow
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except NotFound as e:
         print(f"error: {e} (in {where})", file=sys.stderr)
         return 1
     finally:
-        store.close()
+        db.close()
+
+
+def _keys(args: argparse.Namespace, keys: Keys, where: str) -> int:
+    """One `keys` command, in one transaction."""
+    if args.keys_cmd == "create":
+        k, plaintext = keys.create(credits=args.credits, name=args.name or "")
+        print(plaintext)  # alone on stdout: `KEY=$(sd3serve keys create --credits 100)`
+        print(f"key {k.id} created in {where}: a server must use the same database", file=sys.stderr)
+    elif args.keys_cmd == "list":
+        listed = keys.all()
+        if not listed:
+            print(f"no keys in {where}; create one with `sd3serve keys create --credits 100`", file=sys.stderr)
+            return 0
+        print(f"{'id':>4}  {'prefix':<12} {'credits':>12} {'spent':>12}  {'status':<8} name")
+        for k in listed:
+            status = "revoked" if k.revoked else "active"
+            print(f"{k.id:>4}  {k.prefix:<12} {k.credits:>12g} {k.spent:>12g}  {status:<8} {k.name}")
+    elif args.keys_cmd == "add-credits":
+        k = keys.add_credits(args.key_id, args.credits)
+        print(f"key {k.id}: {k.credits:g} credits")
+        if k.revoked:
+            print(f"warning: key {k.id} is revoked: it cannot spend these credits", file=sys.stderr)
+    elif args.keys_cmd == "revoke":
+        if keys.get(args.key_id).revoked:
+            print(f"warning: key {args.key_id} was already revoked; nothing changed", file=sys.stderr)
+            return 0
+        k = keys.revoke(args.key_id)
+        print(f"key {k.id} revoked")
     return 0
 
 

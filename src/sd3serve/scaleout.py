@@ -189,7 +189,7 @@ class SD3Replica:
             async with started(a) as st:
                 state = self._state()
                 state.service.dispatch = HandleDispatch(self._deployment, state.service,
-                                                        lambda: state.recovery.instance_id)  # fmt: skip
+                                                        lambda: state.ledger.instance_id)  # fmt: skip
                 yield st
 
         app.router.lifespan_context = lifespan
@@ -209,15 +209,14 @@ class SD3Replica:
         state = self._state()
         if state is None:
             raise RuntimeError("the application has not started")
-        await run_dispatched(state.service, state.store, owner=owner, new_owner=state.recovery.instance_id,
-                             hold=hold, order=order, task_id=task_id)  # fmt: skip
+        await run_dispatched(state.service, owner=owner, hold=hold, order=order, task_id=task_id)
 
     async def check_health(self) -> None:
         """Ray's health check: a replica whose engine stopped is restarted."""
         state = self._state()
         if state is None:
             raise RuntimeError("the application has not started")
-        await state.engine.check_health()
+        await state.model_engine.check_health()
 
     def _state(self) -> Any:
         return getattr(self.api.state, "sd3", None) if self.api is not None else None
@@ -229,10 +228,10 @@ class SD3Replica:
         report = ReplicaReport(replica=self.replica, node=self.node, pid=os.getpid(), ready=False,
                                package=sd3serve.__file__ or "", threads=self.threads)  # fmt: skip
         if state is not None:
-            stats = state.engine.stats()
+            stats = state.model_engine.stats()
             state.metrics.observe_engine(stats)
             report.ready, report.queued, report.running = stats.ready, stats.queued, stats.running
-            report.instance = state.recovery.instance_id
+            report.instance = state.ledger.instance_id
             report.metrics = labelled(list(state.metrics.registry.collect()), self.replica)
         return report
 

@@ -22,30 +22,15 @@ from datetime import timedelta
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError
-from sqlalchemy import Engine, update
 
-from sd3serve.blocking import run_blocking
+from sd3serve.ledger import CreditHold, Reservation, Tx
 from sd3serve.service.generation import GenerationService
 from sd3serve.service.order import Order
-from sd3serve.store.credits import CreditHold, CreditStore, Reservation
-from sd3serve.store.models import Hold, Task
-from sd3serve.store.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 
 BACKPRESSURE_RETRY_S = 0.5  # an accepted task the router cannot queue yet (QUEUED meanwhile) tries again this often
 LOST = "the replica running this task stopped before it finished; nothing was charged, retry"
-
-
-def take_over(engine: Engine, *, task_id: str, hold_id: int, owner: str, new_owner: str) -> bool:
-    """Make ``new_owner`` the owner of the task and its hold if ``owner`` still has both; False if the hold was
-    settled meanwhile (the submitter was presumed dead, or the task was cancelled)."""
-    with engine.begin() as conn:
-        held = conn.execute(update(Hold).where(Hold.id == hold_id, Hold.owner == owner).values(owner=new_owner))
-        if held.rowcount != 1:
-            return False
-        conn.execute(update(Task).where(Task.id == task_id, Task.owner == owner).values(owner=new_owner))
-        return True
 
 
 class HandleDispatch:
@@ -69,17 +54,22 @@ class HandleDispatch:
         except Exception as e:
             log.warning("task %s: the replica running it failed: %s", task_id, e)
             ttl = timedelta(seconds=self.service.settings.task_ttl_s)
-            await run_blocking(reservation.fail, also=TaskStore.failure(task_id, error=LOST, ttl=ttl))
+
+            def failed(tx: Tx, _hold: CreditHold) -> None:
+                tx.tasks.fail(task_id, error=LOST, ttl=ttl)
+
+            await self.service.ledger.call(reservation.fail, also=failed)
 
 
 async def run_dispatched(
-    service: GenerationService, store: CreditStore, *, owner: str, new_owner: str, hold: CreditHold,
-    order: Order, task_id: str,
-) -> None:  # fmt: skip
-    """On the replica Ray routed the task to: take it over and run it (until done, failed or cancelled)."""
-    if not await run_blocking(take_over, store.engine, task_id=task_id, hold_id=hold.id, owner=owner,
-                                   new_owner=new_owner):  # fmt: skip
+    service: GenerationService, *, owner: str, hold: CreditHold, order: Order, task_id: str
+) -> None:
+    """On the replica Ray routed the task to: take it and its hold over from ``owner`` (the submitter) and run it
+    (until done, failed or cancelled)."""
+    ledger = service.ledger
+    here = ledger.instance_id
+    if not await ledger.run(lambda tx: tx.tasks.hand_over(task_id, hold=hold, owner=owner, new_owner=here)):
         log.info("task %s was settled before it could run here", task_id)
         return
-    runner = service.run_here(Reservation(store, hold), order, task_id)
+    runner = service.run_here(Reservation(ledger, hold), order, task_id)
     await asyncio.shield(runner)  # a cancelled call (its caller stopped) leaves the run going here

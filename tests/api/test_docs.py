@@ -223,12 +223,9 @@ def test_without_background_start_the_model_loads_before_requests(tmp_path: Path
     from fastapi.testclient import TestClient
 
     from sd3serve.api.app import create_app
-    from sd3serve.store.credits import CreditStore
 
     engine = SlowStartEngine()
     engine.release.set()
-    store = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
-    app = create_app(Settings(data_dir=tmp_path, device="cpu"), engine=engine, store=store, start_in_background=False)
+    app = create_app(Settings(data_dir=tmp_path, device="cpu"), model_engine=engine, start_in_background=False)
     with TestClient(app) as c:
         assert engine.ready and c.get("/readyz").json() == {"status": "ready"}
-    store.close()

@@ -28,7 +28,6 @@ from live_server import LiveServer, run_live_server
 from sd3serve.api.app import create_app
 from sd3serve.service import webhook_delivery
 from sd3serve.settings import Settings
-from sd3serve.store.webhooks import WebhookStore
 from stub_engine import StubEngine
 
 EXAMPLES = int(os.environ.get("SD3SERVE_FUZZ_EXAMPLES", "60"))
@@ -80,7 +79,7 @@ async def _not_sent(*_: object) -> webhook_delivery.Outcome:
 @pytest.fixture(scope="module")
 def fuzz_key(fuzz_server: LiveServer) -> str:
     info, key = fuzz_server.store.create_key(credits=10**9, name="fuzz")
-    WebhookStore(fuzz_server.store.engine).rotate_secret(key_id=info.id)  # so that webhook_url is accepted
+    fuzz_server.store.rotate_secret(key_id=info.id)  # so that webhook_url is accepted
     return key
 
 

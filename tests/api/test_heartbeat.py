@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from helpers.ledger import sharing
 from live_server import URL, LiveServer
 from sd3serve.api.state import app_state
 from sd3serve.engine.job import GenerationJob, GenerationResult
+from sd3serve.ledger.schema import Instance
 from sd3serve.settings import Settings
-from sd3serve.store.models import Instance
-from sd3serve.store.recovery import Recovery
 from served import FLAT, connect, read_head, serve
 from stub_engine import StubEngine
 from waiting import wait_for
@@ -39,7 +39,7 @@ class LoopBlockingEngine(StubEngine):
 
 
 def heartbeat_at(server: LiveServer) -> datetime | None:
-    instance_id = app_state(server.app).recovery.instance_id
+    instance_id = app_state(server.app).ledger.instance_id
     with Session(server.store.engine) as s:
         return s.scalar(select(Instance.heartbeat_at).where(Instance.id == instance_id))
 
@@ -59,7 +59,7 @@ def test_the_heartbeat_goes_on_while_the_event_loop_is_blocked(tmp_path: Path) -
                 for _ in range(4):  # 4 beats while blocked: longer than the 3 after which peers presume it dead
                     beats.append(wait_for(lambda: (b := heartbeat_at(server)) is not None and b > beats[-1] and b, 20))
                 assert not engine.release.is_set() and engine.blocking.is_set()  # still blocked all along
-                peer = Recovery(server.store.engine)
+                peer = sharing(server.store)
                 assert peer.settle_dead(dead_after=timedelta(seconds=3 * HEARTBEAT_S)) == 0
                 assert heartbeat_at(server) is not None  # still registered, its holds untouched
             finally:

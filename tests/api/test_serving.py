@@ -39,7 +39,7 @@ def test_healthz_answers_fast_while_generating(live_server: LiveServer) -> None:
     body = {**SMALL, "width": 1024, "height": 1024, "steps": 8}
     with ThreadPoolExecutor(1) as pool, live_server.client() as c:
         busy = pool.submit(lambda: c.post(URL, json=body, headers={"x-api-key": key}).status_code)
-        wait_for(lambda: live_server.app.state.sd3.engine.in_flight)
+        wait_for(lambda: live_server.app.state.sd3.model_engine.in_flight)
         latencies = []
         with live_server.client() as probe:
             for _ in range(9):

@@ -18,7 +18,6 @@ from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.service import generation
 from sd3serve.settings import Settings
-from sd3serve.store.tasks import TaskStore
 from stub_engine import FailingEngine
 
 SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
@@ -167,7 +166,7 @@ def test_results_expire(live_server: LiveServer, client: httpx.Client) -> None:
     key = live_server.new_key(2)
     task_id = submit(client, key, SMALL)["request_id"]
     wait_done(client, key, task_id)
-    tasks = TaskStore(live_server.store.engine)
+    tasks = live_server.store
     assert tasks.delete_expired() == 0  # kept for task_ttl_s (an hour by default)
     with live_server.store.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE tasks SET expires_at = '2000-01-01 00:00:00' WHERE id = ?", (task_id,))

@@ -20,12 +20,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from helpers.ledger import Store, open_store, sharing
 from helpers.webhook_receiver import Receiver
+from sd3serve.ledger.schema import WebhookDelivery
+from sd3serve.ledger.webhooks import RETRY_DELAYS_S
 from sd3serve.service.webhook_delivery import WebhookSender
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.models import WebhookDelivery
-from sd3serve.store.webhooks import RETRY_DELAYS_S, WebhookStore
 
 
 class Clock:
@@ -43,8 +43,8 @@ class Clock:
 class Env:
     tmp_path: Path
     clock: Clock
-    credits: CreditStore
-    store: WebhookStore
+    credits: Store
+    store: Store
     key_a: int
     key_b: int
     receiver: Receiver
@@ -75,10 +75,10 @@ class Env:
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    credits = CreditStore(f"sqlite:///{tmp_path / 'sd3serve.db'}")
+    credits = open_store(f"sqlite:///{tmp_path / 'sd3serve.db'}")
     credits.create_schema()
     clock = Clock()
-    store = WebhookStore(credits.engine, clock=clock)
+    store = sharing(credits, clock=clock)
     key_a = credits.create_key(credits=1, name="a")[0].id
     key_b = credits.create_key(credits=1, name="b")[0].id
     store.rotate_secret(key_id=key_a)
@@ -124,7 +124,7 @@ def test_the_documented_schedule_is_kept_to_the_second_and_the_last_retry_is_sen
     fine = env.add(env.key_b, env.receiver.url("/ok"))
 
     async def main() -> None:
-        sender = WebhookSender(env.store, owner="p1", settings=env.settings())
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=env.settings())
         try:
             assert await one_round(sender) == 2  # both keys' first attempts
             assert env.state(fine) == ("delivered", 1)
@@ -152,7 +152,7 @@ def test_a_success_on_the_last_retry_is_delivered(env: Env) -> None:
     last = env.add(env.key_a, env.receiver.url(f"/fail-first/{len(RETRY_DELAYS_S)}"))
 
     async def main() -> None:
-        sender = WebhookSender(env.store, owner="p1", settings=env.settings())
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=env.settings())
         try:
             await one_round(sender)
             for delay in RETRY_DELAYS_S:
@@ -172,7 +172,7 @@ def test_trickling_and_hanging_receivers_cost_one_deadline_and_never_hold_anothe
     other = env.add(env.key_b, env.receiver.url("/ok", "b.test"))
 
     async def main() -> None:
-        sender = WebhookSender(env.store, owner="p1", settings=env.settings(webhook_timeout_s=1.5),
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=env.settings(webhook_timeout_s=1.5),
                                resolve=local_names())  # fmt: skip
         try:
             assert await sender.round() == 3
@@ -193,7 +193,7 @@ def test_one_keys_slow_receivers_hold_at_most_its_own_slots(env: Env) -> None:
 
     async def main() -> None:
         settings = env.settings(webhook_timeout_s=120, webhook_per_key=4, webhook_per_host=8)
-        sender = WebhookSender(env.store, owner="p1", settings=settings, resolve=local_names())
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=settings, resolve=local_names())
         try:
             assert await sender.round() == 2
             env.clock.advance(1)  # four more of key A, and one of key B, after A's first two
@@ -219,7 +219,7 @@ def test_one_host_gets_at_most_its_bound_from_all_keys(env: Env) -> None:
 
     async def main() -> None:
         settings = env.settings(webhook_timeout_s=120, webhook_per_key=4, webhook_per_host=4)
-        sender = WebhookSender(env.store, owner="p1", settings=settings, resolve=local_names())
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=settings, resolve=local_names())
         try:
             assert await sender.round() == 4
             await until(lambda: env.receiver.active[shared] == 4)
@@ -239,8 +239,8 @@ def test_the_lease_outlives_the_attempt_and_a_dead_process_is_taken_over(env: En
     settings = env.settings(webhook_timeout_s=100)
 
     async def main() -> None:
-        first = WebhookSender(env.store, owner="p1", settings=settings)
-        second = WebhookSender(env.store, owner="p2", settings=settings)
+        first = WebhookSender(env.store.ledger, owner="p1", settings=settings)
+        second = WebhookSender(env.store.ledger, owner="p2", settings=settings)
         try:
             assert first.lease_s > settings.webhook_timeout_s
             assert await first.round() == 1
@@ -283,7 +283,7 @@ def test_the_connection_goes_to_the_checked_address(env: Env, monkeypatch: pytes
     settings = env.settings(webhook_allow_private=False, webhook_timeout_s=3)
 
     async def main() -> None:
-        sender = WebhookSender(env.store, owner="p1", settings=settings)  # the system resolver
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=settings)  # the system resolver
         try:
             assert await one_round(sender) == 1
         finally:
@@ -300,7 +300,7 @@ def test_the_original_host_goes_in_the_host_header(env: Env) -> None:
     calls: list[str] = []
 
     async def main() -> None:
-        sender = WebhookSender(env.store, owner="p1", settings=env.settings(), resolve=local_names(calls))
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=env.settings(), resolve=local_names(calls))
         try:
             await one_round(sender)
         finally:
@@ -323,7 +323,7 @@ def test_any_error_is_a_failed_attempt_and_an_unsendable_url_is_given_up(env: En
         return ["127.0.0.1"]
 
     async def main() -> None:
-        sender = WebhookSender(env.store, owner="p1", settings=env.settings(), resolve=resolve)
+        sender = WebhookSender(env.store.ledger, owner="p1", settings=env.settings(), resolve=resolve)
         try:
             assert await one_round(sender) == 3
         finally:
@@ -389,7 +389,7 @@ def test_tls_to_the_pinned_address_names_the_host_and_checks_its_certificate(env
         wrong = env.add(env.key_b, f"https://other.test:{tls_receiver.port}/ok")  # the certificate is not for it
 
         async def main() -> None:
-            sender = WebhookSender(env.store, owner="p1", settings=env.settings(), resolve=local_names(),
+            sender = WebhookSender(env.store.ledger, owner="p1", settings=env.settings(), resolve=local_names(),
                                    verify=client_tls)  # fmt: skip
             try:
                 assert await one_round(sender) == 2

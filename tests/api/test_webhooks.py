@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from helpers.ledger import Store, open_store
 from helpers.webhook_receiver import Receiver
 from live_server import SMALL, run_live_server
 from sd3serve.settings import Settings
-from sd3serve.store.webhooks import WebhookStore
 from stub_engine import StubEngine
 from waiting import wait_for
 
@@ -41,7 +41,7 @@ def test_signed_delivery_survives_failures_and_a_restart(tmp_path: Path, receive
         assert secret.startswith("whsec_")
         body = {**SMALL, "webhook_url": receiver.url("/fail-first/2")}
         task_id = c.post(SUBMIT, json=body, headers=h).json()["request_id"]
-        store = WebhookStore(_engine(tmp_path))
+        store = _store(tmp_path)
         wait_for(lambda: _state(store, task_id) == ("pending", 1))  # the first attempt got 500
     first.close()  # the server goes away between attempts; the delivery lives in the database
 
@@ -66,13 +66,12 @@ def test_signed_delivery_survives_failures_and_a_restart(tmp_path: Path, receive
         second.close()
 
 
-def _engine(tmp_path: Path) -> Any:
-    from sd3serve.store.credits import make_engine
+def _store(tmp_path: Path) -> Store:
+    """The server's ledger, as another process opens it."""
+    return open_store(f"sqlite:///{tmp_path / 'sd3serve.db'}")
 
-    return make_engine(f"sqlite:///{tmp_path / 'sd3serve.db'}")
 
-
-def _state(store: WebhookStore, task_id: str) -> tuple[str, int] | None:
+def _state(store: Store, task_id: str) -> tuple[str, int] | None:
     """(status, attempts) of the task's one delivery, None before it exists."""
     found = store.deliveries(task_id=task_id)
     return found[0][1:] if found else None
@@ -81,7 +80,7 @@ def _state(store: WebhookStore, task_id: str) -> tuple[str, int] | None:
 def _enqueued(engine: Any, task_id: str) -> bool:
     from sqlalchemy.orm import Session
 
-    from sd3serve.store.models import TaskWebhook
+    from sd3serve.ledger.schema import TaskWebhook
 
     with Session(engine) as s:
         return s.get_one(TaskWebhook, task_id).enqueued
@@ -125,9 +124,8 @@ def test_only_the_chosen_events_are_sent(tmp_path: Path) -> None:
                            headers=h).json()["request_id"]  # fmt: skip
             loud = c.post(SUBMIT, json={**SMALL, "webhook_url": receiver.url("/ok")}, headers=h).json()["request_id"]
             wait_for(lambda: len(receiver.requests) == 1)
-            engine = _engine(tmp_path)
-            store = WebhookStore(engine)
-            wait_for(lambda: _enqueued(engine, quiet))  # its outcome was looked at: completed, not wanted
+            store = _store(tmp_path)
+            wait_for(lambda: _enqueued(store.engine, quiet))  # its outcome was looked at: completed, not wanted
             assert store.deliveries(task_id=quiet) == []
             assert len(receiver.requests) == 1
             assert json.loads(receiver.requests[0].body)["data"]["request_id"] == loud

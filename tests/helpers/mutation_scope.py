@@ -27,7 +27,7 @@ OPENAI = ("tests/api/test_openai.py", "tests/api/test_loras.py", "tests/api/test
           "tests/api/test_schema_limits.py")  # fmt: skip
 
 SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("sd3serve.store.", ("tests/store/", ISOLATION, *STORE_API, "tests/test_faults.py")),
+    ("sd3serve.ledger.", ("tests/ledger/", ISOLATION, *STORE_API, "tests/test_faults.py")),
     ("sd3serve.service.webhook_delivery", ("tests/api/test_webhook", ISOLATION)),
     ("sd3serve.service.", (*SERVICE, ISOLATION, "tests/test_faults.py")),
     ("sd3serve.api.routes.", ("tests/api/", ISOLATION)),
@@ -39,7 +39,7 @@ SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def mutant_module(mutant_under_test: str) -> str | None:
-    """``sd3serve.store.credits`` for ``sd3serve.store.credits.xǁCreditStoreǁhold__mutmut_3``; None for mutmut's
+    """``sd3serve.ledger.credits`` for ``sd3serve.ledger.credits.xǁCreditStoreǁhold__mutmut_3``; None for mutmut's
     other modes ("", "stats", "fail", "list_all_tests", ...)."""
     module, _, name = mutant_under_test.rpartition(".")
     return module if "__mutmut_" in name else None

@@ -1,4 +1,4 @@
-"""Cancel racing completion: two threads released together on one accepted task (tests/store/test_cancel_races.py
+"""Cancel racing completion: two threads released together on one accepted task (tests/ledger/test_cancel_races.py
 and bench/cancel_race.py)."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError
 
+from helpers.ledger import Store, completion
 from sd3serve.errors import ReservationLost
-from sd3serve.store.credits import Reservation
-from sd3serve.store.tasks import TaskStore
+from sd3serve.ledger import Reservation
 
 TTL = timedelta(hours=1)
 
 
 def race_cancel_and_completion(
-    tasks: TaskStore, reservation: Reservation, *, task_id: str, key_id: int
+    tasks: Store, reservation: Reservation, *, task_id: str, key_id: int
 ) -> tuple[object, object]:
     """(the cancel's answer or its exception, "ok" or the completion's ReservationLost / DBAPIError)."""
     start = threading.Barrier(2)
@@ -33,8 +33,7 @@ def race_cancel_and_completion(
     worker.start()
     start.wait()
     try:
-        reservation.capture(deliver=TaskStore.completion(task_id, images=[b"png"], inference_time=0.1, steps=2,
-                                                         ttl=TTL))  # fmt: skip
+        reservation.capture(deliver=completion(task_id, images=[b"png"], inference_time=0.1, steps=2, ttl=TTL))
         out["complete"] = "ok"
     except (ReservationLost, DBAPIError) as e:
         out["complete"] = e

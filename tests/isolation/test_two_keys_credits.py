@@ -5,11 +5,11 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
-from sd3serve.store.credits import CreditStore
+from helpers.ledger import open_store
 
 
 def test_adding_holding_and_revoking_touch_one_key(tmp_path: Path) -> None:
-    store = CreditStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.create_schema()
     try:
         (a, _), (b, _) = store.create_key(credits=5), store.create_key(credits=5)

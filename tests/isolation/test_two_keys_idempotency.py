@@ -6,15 +6,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session
 
 from gated import paused_server
+from helpers.ledger import open_store
 from helpers.two_keys import V1, V2, credits, h
 from live_server import SMALL, LiveServer
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.errors import IdempotencyInProgress
-from sd3serve.store.credits import CreditHold, CreditStore
-from sd3serve.store.idempotency import Claim, IdempotencyStore
+from sd3serve.ledger.idempotency import Claim
 
 
 def test_the_same_idempotency_key_under_two_api_keys(stub_server: LiveServer) -> None:
@@ -33,22 +32,20 @@ def test_the_same_idempotency_key_under_two_api_keys(stub_server: LiveServer) ->
 
 
 def test_an_answer_is_never_written_to_another_keys_claim(tmp_path: Path) -> None:
-    store = CreditStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.create_schema()
     try:
-        idem = IdempotencyStore(store.engine)
         (a, _), (b, _) = store.create_key(credits=1), store.create_key(credits=1)
-        assert idem.begin(key_id=a.id, idem_key="same", fingerprint="fa") is None
-        assert idem.begin(key_id=b.id, idem_key="same", fingerprint="fb") is None
-        with Session(store.engine) as s, s.begin():  # A's charging transaction records A's answer
-            IdempotencyStore.answered(Claim(a.id, "same"), b"answer of A")(s, CreditHold(id=0, key_id=a.id,
-                                                                                         amount_micro=0))
-        assert idem.begin(key_id=a.id, idem_key="same", fingerprint="fa") == b"answer of A"
+        assert store.begin(key_id=a.id, idem_key="same", fingerprint="fa") is None
+        assert store.begin(key_id=b.id, idem_key="same", fingerprint="fb") is None
+        with store.db.transaction() as tx:  # A's charging transaction records A's answer
+            tx.idempotency.answer(Claim(a.id, "same"), b"answer of A")
+        assert store.begin(key_id=a.id, idem_key="same", fingerprint="fa") == b"answer of A"
         with pytest.raises(IdempotencyInProgress):  # B's request is still running: no answer for it yet
-            idem.begin(key_id=b.id, idem_key="same", fingerprint="fb")
-        idem.abandon(Claim(b.id, "same"))  # B's request failed: its claim goes, A's answer stays
-        assert idem.begin(key_id=a.id, idem_key="same", fingerprint="fa") == b"answer of A"
-        assert idem.begin(key_id=b.id, idem_key="same", fingerprint="fb") is None
+            store.begin(key_id=b.id, idem_key="same", fingerprint="fb")
+        store.abandon(Claim(b.id, "same"))  # B's request failed: its claim goes, A's answer stays
+        assert store.begin(key_id=a.id, idem_key="same", fingerprint="fa") == b"answer of A"
+        assert store.begin(key_id=b.id, idem_key="same", fingerprint="fb") is None
     finally:
         store.close()
 
@@ -77,17 +74,16 @@ def test_a_running_claim_of_one_key_does_not_get_another_keys_answer(tiny_model:
 
 
 def test_giving_a_claim_back_leaves_other_claims_alone(tmp_path: Path) -> None:
-    store = CreditStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.create_schema()
     try:
-        idem = IdempotencyStore(store.engine)
         (a, _), (b, _) = store.create_key(credits=1), store.create_key(credits=1)
         for key_id, name in ((a.id, "same"), (b.id, "same"), (a.id, "other")):
-            assert idem.begin(key_id=key_id, idem_key=name, fingerprint="f") is None
-        idem.abandon(Claim(a.id, "same"))  # A's request failed
-        assert idem.begin(key_id=a.id, idem_key="same", fingerprint="f") is None  # A may retry at once
+            assert store.begin(key_id=key_id, idem_key=name, fingerprint="f") is None
+        store.abandon(Claim(a.id, "same"))  # A's request failed
+        assert store.begin(key_id=a.id, idem_key="same", fingerprint="f") is None  # A may retry at once
         for key_id, name in ((b.id, "same"), (a.id, "other")):  # B's claim and A's other claim still run
             with pytest.raises(IdempotencyInProgress):
-                idem.begin(key_id=key_id, idem_key=name, fingerprint="f")
+                store.begin(key_id=key_id, idem_key=name, fingerprint="f")
     finally:
         store.close()

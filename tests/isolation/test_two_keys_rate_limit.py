@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers.ledger import open_store
 from helpers.two_keys import V1, h
 from live_server import SMALL, LiveServer, run_live_server
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.ratelimit import RateLimiter
 from stub_engine import StubEngine
 
 LIMIT = 3
@@ -25,10 +24,10 @@ def server(tmp_path: Path) -> Iterator[LiveServer]:
 
 
 def test_limit_at_its_edge_per_key(tmp_path: Path) -> None:
-    store = CreditStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     store.create_schema()
     try:
-        limiter = RateLimiter(store.engine)
+        limiter = store
         (a, _), (b, _) = store.create_key(credits=1), store.create_key(credits=1)
         now = 600.0 * 60 + 30  # the middle of a minute
         assert [limiter.hit(key_id=a.id, per_minute=LIMIT, now=now).allowed for _ in range(LIMIT + 1)] == [

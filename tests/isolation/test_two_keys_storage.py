@@ -9,7 +9,6 @@ import pytest
 
 from helpers.two_keys import V2, credits, h, status
 from live_server import SMALL, LiveServer, run_live_server
-from sd3serve.api.state import app_state
 from sd3serve.settings import Settings
 from stub_engine import StubEngine
 from waiting import wait_for
@@ -27,7 +26,7 @@ def server(tmp_path: Path) -> Iterator[LiveServer]:
 
 def test_one_key_at_its_budget_does_not_stop_another(server: LiveServer) -> None:
     a, b = server.new_key(50), server.new_key(50)
-    tasks = app_state(server.app).tasks
+    tasks = server.store
     a_id, b_id = (server.store.authenticate(api_key=k).id for k in (a, b))
     with server.client() as c:
         accepted = 0

@@ -22,7 +22,7 @@ from sd3serve.api.routes import admin, credits, events, generate, img2img, loras
 from sd3serve.api.routes import webhooks as webhooks_routes
 from sd3serve.api.routes.img2img import IMAGE_INPUT_PATHS
 from sd3serve.api.schemas import openapi_request_schemas
-from sd3serve.service import CreditStore, Engine, Metrics, running
+from sd3serve.service import Database, Engine, Metrics, running
 from sd3serve.settings import Settings
 
 
@@ -61,12 +61,12 @@ def _publish_request_schemas(app: FastAPI) -> None:
 def create_app(
     settings: Settings,
     *,
-    engine: Engine | None = None,
-    store: CreditStore | None = None,
+    model_engine: Engine | None = None,
+    database: Database | None = None,
     on_start_failure: Callable[[BaseException], None] | None = None,
     start_in_background: bool = True,
 ) -> FastAPI:
-    """The app; ``engine`` and ``store`` may be given (tests), else they are built from the settings.
+    """The app; ``model_engine`` and ``database`` may be given (tests), else they are built from the settings.
 
     With ``start_in_background`` HTTP answers while the model loads, and ``on_start_failure`` is called if it
     cannot be loaded (``serve`` stops the server then); without it the lifespan loads the model before the app
@@ -75,7 +75,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services_running = running(settings, metrics=metrics, engine=engine, store=store,
+        services_running = running(settings, metrics=metrics, model_engine=model_engine, database=database,
                                    start_in_background=start_in_background, on_start_failure=on_start_failure)
         async with services_running as services:
             app.state.sd3 = services

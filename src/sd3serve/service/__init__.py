@@ -2,11 +2,12 @@
 
 Routes decode their wire format into an :class:`Order` (or a read) and encode what comes back; everything else —
 admission, holds and charges, idempotency, running on the engine, progress, webhooks, reads of tasks and accounts —
-happens here. ``api/`` imports from this package only, never from ``engine/`` or ``store/`` (a test walks the
+happens here. ``api/`` imports from this package only, never from ``engine/`` or ``ledger/`` (a test walks the
 imports); the domain types the wire needs are exported here.
 """
 
 from sd3serve.engine.protocol import Engine
+from sd3serve.ledger import MAX_BALANCE, Database
 from sd3serve.service.accounts import Accounts, KeyInfo
 from sd3serve.service.generation import ClientGone, Delivery, GenerationService, Submission
 from sd3serve.service.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -14,7 +15,6 @@ from sd3serve.service.order import GenerationJob, InitImage, Order, Output, Webh
 from sd3serve.service.reads import CANCELLED, COMPLETED, FAILED, QUEUED, TaskProgress, TaskReads, TaskView
 from sd3serve.service.runtime import Services, running
 from sd3serve.service.streams import StreamHub, StreamSlot, stream_limit
-from sd3serve.store.credits import MAX_BALANCE, CreditStore
 
 __all__ = [
     "CANCELLED",
@@ -25,7 +25,7 @@ __all__ = [
     "QUEUED",
     "Accounts",
     "ClientGone",
-    "CreditStore",
+    "Database",
     "Delivery",
     "Engine",
     "GenerationJob",

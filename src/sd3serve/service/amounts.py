@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sd3serve.store.credits import MAX_BALANCE
+from sd3serve.ledger.credits import MAX_BALANCE
 
 CREDIT_DECIMALS = 6  # one micro-credit, the store's unit
 MAX_CREDITS_PER_CALL = Decimal(10**9)  # one `keys create` or `add-credits`

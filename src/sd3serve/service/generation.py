@@ -1,10 +1,10 @@
 """The one generation path: every route (v1, v2, image-to-image, OpenAI) decodes its wire format into an
 :class:`~sd3serve.service.order.Order` and calls this service.
 
-For each order: check that the engine would admit it, reserve its cost in the store (406 if short), run it on
-the engine, encode its images, and settle the reservation: captured with the delivery, or returned on any
-failure, abort, disconnect or shutdown. The engine reports progress to a channel; only this side writes to the
-database.
+For each order: check that the model engine would admit it, reserve its cost in the ledger (406 if short), run it
+on the model engine, encode its images, and settle the reservation: captured with the delivery, or returned on any
+failure, abort, disconnect or shutdown. The model engine reports progress to a channel; only this side writes to
+the ledger, through its async façade (``Ledger.run`` / ``Ledger.call``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from sd3serve.blocking import run_blocking
 from sd3serve.engine.job import GenerationJob
@@ -30,16 +29,14 @@ from sd3serve.engine.lora_names import check_adapters, lora_dir
 from sd3serve.engine.protocol import Aborted, Engine
 from sd3serve.errors import GenerationFailed, InvalidRequest, ReservationLost, SD3ServeError, StorageFull
 from sd3serve.imaging import encode_image
+from sd3serve.ledger import CreditHold, HoldWork, KeyInfo, Ledger, Reservation, Tx
+from sd3serve.ledger.idempotency import Claim
+from sd3serve.ledger.tasks import TaskView
 from sd3serve.service.metrics import Metrics
 from sd3serve.service.order import Order, Webhook
 from sd3serve.service.progress import PreviewBoard, ProgressChannel
 from sd3serve.service.webhook_delivery import target_problem
 from sd3serve.settings import Settings
-from sd3serve.store.credits import CreditHold, CreditStore, KeyInfo, Reservation, SessionStep
-from sd3serve.store.idempotency import Claim, IdempotencyStore
-from sd3serve.store.recovery import Recovery
-from sd3serve.store.tasks import TaskStore, TaskView
-from sd3serve.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +105,9 @@ class _Generated:
 
 
 class GenerationService:
-    def __init__(
-        self, *, engine: Engine, store: CreditStore, tasks: TaskStore, idempotency: IdempotencyStore,
-        webhooks: WebhookStore, recovery: Recovery, settings: Settings, metrics: Metrics,
-    ) -> None:  # fmt: skip
-        self.engine = engine
-        self.store = store
-        self.tasks = tasks
-        self.idempotency = idempotency
-        self.webhooks = webhooks
-        self.recovery = recovery
+    def __init__(self, *, model_engine: Engine, ledger: Ledger, settings: Settings, metrics: Metrics) -> None:
+        self.model_engine = model_engine
+        self.ledger = ledger
         self.settings = settings
         self.metrics = metrics
         self._background: dict[str, asyncio.Task[None]] = {}  # v2 tasks running in this process, by id
@@ -139,7 +129,7 @@ class GenerationService:
         job = order.job
         claim, answer = await self._claim(key, idempotency_key, order)
         if answer is not None:
-            return Delivery.replay(answer, await run_blocking(self.store.balance, key_id=key.id))
+            return Delivery.replay(answer, await self._balance(key))
         try:
             if claim is not None:  # its answer will be stored for retries: it counts against the budget
                 await self._check_storage(key, synchronous=True)
@@ -149,14 +139,14 @@ class GenerationService:
                 out = await _first_or_gone(self._generate(order, request_id=request_id), disconnected())
                 delivery = Delivery(files=out.files, seed=job.seed, seconds=out.seconds, cost=reservation.credits,
                                     remaining=0.0, prompt_truncated=out.prompt_truncated)  # fmt: skip
-                record = IdempotencyStore.answered(claim, delivery.answer()) if claim else None
-                remaining = await run_blocking(reservation.capture, deliver=record)
+                record = _answering(claim, delivery.answer()) if claim else None
+                remaining = await self.ledger.call(reservation.capture, deliver=record)
                 claim = None  # answered: kept
             finally:
-                await run_blocking(reservation.close)
+                await self.ledger.call(reservation.close)
         finally:
             if claim is not None:
-                await run_blocking(self.idempotency.abandon, claim)
+                await self._abandon(claim)
         self._count(job, reservation)
         return dataclasses.replace(delivery, remaining=remaining)
 
@@ -171,29 +161,34 @@ class GenerationService:
         job, webhook = order.job, order.webhook
         claim, answer = await self._claim(key, idempotency_key, order)
         if answer is not None:  # a retry gets its task whatever the server's state now
-            return Submission.replay(answer, await run_blocking(self.store.balance, key_id=key.id))
+            return Submission.replay(answer, await self._balance(key))
         try:
             await self._check_storage(key)
-            subscribe = await self._webhook_step(key, webhook, request_id, base_url) if webhook else None
+            if webhook is not None:
+                await self._check_webhook(key, webhook)
             self._admit(job)  # a full queue is a 503 at submission, not a task that fails later
-            create = TaskStore.creation(
-                task_id=request_id, key_id=key.id, seed=job.seed, base64=order.output.base64,
-                media_type=order.output.media_type, request_json=order.request,
-                owner=self.recovery.instance_id,
-            )  # fmt: skip
             submission = Submission(task_id=request_id, cost=float(self.price(job)), remaining=0.0)
-            if subscribe is not None:
-                create = _both(create, subscribe)
-            if claim is not None:
-                record = IdempotencyStore.answered(claim, submission.answer())
-                create = _both(create, record)
+            answered = claim
+            owner = self.ledger.instance_id
+
+            def create(tx: Tx, hold: CreditHold) -> None:
+                """The task, its webhook and its idempotent answer: in the hold's transaction, or none of them."""
+                tx.tasks.create(task_id=request_id, key_id=key.id, hold=hold, seed=job.seed, owner=owner,
+                                base64=order.output.base64, media_type=order.output.media_type,
+                                request_json=order.request)  # fmt: skip
+                if webhook is not None:
+                    tx.webhooks.subscribe(task_id=request_id, key_id=key.id, url=webhook.url,
+                                          events=list(webhook.events), base_url=base_url)  # fmt: skip
+                if answered is not None:
+                    tx.idempotency.answer(answered, submission.answer())
+
             reservation = await self._reserve(key, job, request_id, with_hold=create)
             claim = None  # the task exists, with its answer
         finally:
             if claim is not None:
-                await run_blocking(self.idempotency.abandon, claim)
+                await self._abandon(claim)
         self._track(request_id, (self.dispatch or self._run_task)(reservation, order, request_id))
-        remaining = await run_blocking(self.store.balance, key_id=key.id)
+        remaining = await self._balance(key)
         return dataclasses.replace(submission, remaining=remaining)
 
     def run_here(self, reservation: Reservation, order: Order, task_id: str) -> asyncio.Task[None]:
@@ -218,9 +213,9 @@ class GenerationService:
         writer = asyncio.create_task(self._write_progress(task_id, channel), name=f"progress-{task_id}")
 
         async def fail(error: str) -> None:
-            also = TaskStore.failure(task_id, error=error, ttl=ttl)
-            if not await _persist(f"fail task {task_id}", reservation.fail, also=also):
-                await run_blocking(reservation.close)  # the refund at least, retried by housekeeping
+            also = _failing(task_id, error=error, ttl=ttl)
+            if not await self._persist(f"fail task {task_id}", reservation.fail, also=also):
+                await self.ledger.call(reservation.close)  # the refund at least, retried by housekeeping
 
         try:
             out = await self._generate(order, request_id=task_id, progress=channel)
@@ -240,9 +235,12 @@ class GenerationService:
         finally:
             writer.cancel()
             self.previews.forget(task_id)
-        deliver = TaskStore.completion(task_id, images=out.files, inference_time=out.seconds, steps=out.steps, ttl=ttl)
+        def deliver(tx: Tx, hold: CreditHold) -> None:
+            tx.tasks.complete(task_id, hold=hold, images=out.files, inference_time=out.seconds, steps=out.steps,
+                              ttl=ttl)  # fmt: skip
+
         try:
-            await _persist(f"complete task {task_id}", reservation.capture, deliver=deliver)
+            await self._persist(f"complete task {task_id}", reservation.capture, deliver=deliver)
         except ReservationLost as e:
             log.warning("task %s: %s", task_id, e)
             return
@@ -253,7 +251,7 @@ class GenerationService:
         while True:
             step, steps = await channel.changed()
             try:
-                await run_blocking(self.tasks.set_progress, task_id, step=step, total=steps)
+                await self.ledger.run(_progress(task_id, step, steps))
             except Exception as e:
                 log.warning("task %s: could not record progress: %s", task_id, e)
             await asyncio.sleep(PROGRESS_WRITE_INTERVAL_S)
@@ -262,16 +260,17 @@ class GenerationService:
         """Cancel the caller's task: CANCELLED and refunded at once; a run here stops at its next step, a run in
         another process when that process next checks (``stop_cancelled``, every heartbeat)."""
         ttl = timedelta(seconds=self.settings.task_ttl_s)
-        view, cancelled = await run_blocking(self.tasks.cancel, task_id=task_id, key_id=key.id, ttl=ttl)
+        view, cancelled = await self.ledger.run(lambda tx: tx.tasks.cancel(task_id=task_id, key_id=key.id, ttl=ttl))
         if cancelled:
-            await self.engine.abort(task_id)
+            await self.model_engine.abort(task_id)
         return view, cancelled
 
     async def stop_cancelled(self) -> int:
         """Stop the tasks running here that were cancelled through another process; returns how many."""
-        cancelled = await run_blocking(self.tasks.cancelled_among, list(self._background))
+        running = list(self._background)
+        cancelled = await self.ledger.run(lambda tx: tx.tasks.cancelled_among(running))
         for task_id in cancelled:
-            await self.engine.abort(task_id)
+            await self.model_engine.abort(task_id)
         return len(cancelled)
 
     async def drain(self, grace_s: float) -> None:
@@ -294,7 +293,7 @@ class GenerationService:
             instead = "or send this request without an Idempotency-Key (its answer is then not stored)"
         else:
             instead = "or use the synchronous v1 endpoint without an Idempotency-Key, which stores nothing"
-        if per_key and await run_blocking(self.tasks.stored_bytes, key_id=key.id) >= per_key:
+        if per_key and await self.ledger.run(lambda tx: tx.tasks.stored_bytes(key_id=key.id)) >= per_key:
             raise StorageFull(
                 f"this key's stored results (v2 images and answers kept for Idempotency-Key retries) reached "
                 f"{self.settings.storage_per_key_mb:g} MB (SD3SERVE_STORAGE_PER_KEY_MB): fetch them and let them "
@@ -302,27 +301,23 @@ class GenerationService:
                 f"24 hours), {instead}",
                 server_wide=False,
             )
-        if total and await run_blocking(self.tasks.stored_bytes) >= total:
+        if total and await self.ledger.run(lambda tx: tx.tasks.stored_bytes()) >= total:
             raise StorageFull(
                 f"the server's stored results reached {self.settings.storage_total_mb:g} MB "
                 "(SD3SERVE_STORAGE_TOTAL_MB); retry later",
                 server_wide=True,
             )
 
-    async def _webhook_step(self, key: KeyInfo, webhook: Webhook, task_id: str, base_url: str) -> SessionStep:
-        """The subscription to create with the task, once the target and the key's secret are known good."""
+    async def _check_webhook(self, key: KeyInfo, webhook: Webhook) -> None:
+        """Refuse a webhook whose target may not be called, or a key with no secret to sign it with."""
         problem = await run_blocking(target_problem, webhook.url, allow_private=self.settings.webhook_allow_private)
         if problem is not None:
             raise InvalidRequest(problem)
-        if not await run_blocking(self.webhooks.has_secret, key_id=key.id):
+        if not await self.ledger.run(lambda tx: tx.webhooks.has_secret(key_id=key.id)):
             raise InvalidRequest(
                 "webhook_url: this key has no webhook secret yet; create one with POST /v1/webhook-secret "
                 "(it is shown once) and verify deliveries with it"
             )
-        return WebhookStore.subscription(
-            task_id=task_id, key_id=key.id, url=webhook.url, events=list(webhook.events),
-            base_url=base_url,
-        )  # fmt: skip
 
     async def _claim(
         self, key: KeyInfo, idempotency_key: str | None, order: Order
@@ -331,10 +326,15 @@ class GenerationService:
         fingerprint covers everything it asks for: the generation and, for v2, where and what to POST."""
         if idempotency_key is None:
             return None, None
-        answer = await run_blocking(
-            self.idempotency.begin, key_id=key.id, idem_key=idempotency_key, fingerprint=order.fingerprint
-        )
-        return (None, answer) if answer is not None else (Claim(key.id, idempotency_key), None)
+        claim = Claim(key.id, idempotency_key)
+        answer = await self.ledger.call(self.ledger.claim, claim, fingerprint=order.fingerprint)
+        return (None, answer) if answer is not None else (claim, None)
+
+    async def _abandon(self, claim: Claim) -> None:
+        await self.ledger.run(lambda tx: tx.idempotency.abandon(claim))
+
+    async def _balance(self, key: KeyInfo) -> float:
+        return await self.ledger.run(lambda tx: tx.keys.balance(key.id))
 
     def _admit(self, job: GenerationJob) -> None:
         """Refuse, before any credit is held, what the server will not run: too much work for one request (400),
@@ -347,20 +347,34 @@ class GenerationService:
                 f"{job.model_calls} model calls each = {job.work:.0f} megapixel model evaluations; this server allows "
                 f"{limit:g} (SD3SERVE_MAX_REQUEST_WORK): use fewer steps, images or pixels"
             )
-        self.engine.admit()
+        self.model_engine.admit()
 
-    async def _reserve(self, key: KeyInfo, job: GenerationJob, request_id: str, **kwargs: Any) -> Reservation:
-        return await run_blocking(
-            self.store.reserve, key_id=key.id, credits=self.price(job), request_id=request_id,
-            owner=self.recovery.instance_id, **kwargs,
-        )  # fmt: skip
+    async def _reserve(
+        self, key: KeyInfo, job: GenerationJob, request_id: str, with_hold: HoldWork | None = None
+    ) -> Reservation:
+        return await self.ledger.call(self.ledger.reserve, key_id=key.id, credits=self.price(job),
+                                      request_id=request_id, with_hold=with_hold)  # fmt: skip
+
+    async def _persist(self, what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
+        """Write a task's outcome; if the database is away, keep trying (the images wait in memory). False if it
+        never could; other errors (ReservationLost) propagate."""
+        for attempt in range(PERSIST_ATTEMPTS):
+            try:
+                await self.ledger.call(fn, *args, **kwargs)
+                return True
+            except DBAPIError as e:
+                if attempt == PERSIST_ATTEMPTS - 1:
+                    log.error("could not %s: %s", what, e)
+                    return False
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+        return False
 
     async def _generate(self, order: Order, *, request_id: str, progress: Any = None) -> _Generated:
         """The order's encoded images. Engine failures become GenerationFailed; domain errors pass through."""
         job, output = order.job, order.output
         start = time.perf_counter()
         try:
-            result = await self.engine.generate(job, request_id=request_id, progress=progress)
+            result = await self.model_engine.generate(job, request_id=request_id, progress=progress)
         except Aborted:
             raise
         except SD3ServeError:
@@ -381,12 +395,29 @@ class GenerationService:
         self.metrics.credits_charged.inc(reservation.credits)
 
 
-def _both(first: SessionStep, second: SessionStep) -> SessionStep:
-    def both(s: Session, hold: CreditHold) -> None:
-        first(s, hold)
-        second(s, hold)
+def _answering(claim: Claim, answer: bytes) -> HoldWork:
+    """Record the claimed request's answer, in the transaction that charges it."""
 
-    return both
+    def record(tx: Tx, _hold: CreditHold) -> None:
+        tx.idempotency.answer(claim, answer)
+
+    return record
+
+
+def _failing(task_id: str, *, error: str, ttl: timedelta) -> HoldWork:
+    """Mark the task FAILED, in the transaction that refunds it."""
+
+    def fail(tx: Tx, _hold: CreditHold) -> None:
+        tx.tasks.fail(task_id, error=error, ttl=ttl)
+
+    return fail
+
+
+def _progress(task_id: str, step: int, steps: int) -> Callable[[Tx], None]:
+    def record(tx: Tx) -> None:
+        tx.tasks.set_progress(task_id, step=step, total=steps)
+
+    return record
 
 
 async def _first_or_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
@@ -406,18 +437,3 @@ async def _first_or_gone(work: Awaitable[T], gone: Awaitable[None]) -> T:
         return work_task.result()
     except Aborted:
         raise ReservationLost(STOPPED) from None
-
-
-async def _persist(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
-    """Write a task's outcome; if the database is away, keep trying (the images wait in memory). False if it
-    never could; other errors (ReservationLost) propagate."""
-    for attempt in range(PERSIST_ATTEMPTS):
-        try:
-            await run_blocking(fn, *args, **kwargs)
-            return True
-        except DBAPIError as e:
-            if attempt == PERSIST_ATTEMPTS - 1:
-                log.error("could not %s: %s", what, e)
-                return False
-            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
-    return False

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sd3serve.engine.init_image import InitImage
 from sd3serve.engine.job import GenerationJob
 from sd3serve.imaging import ImageFormat
-from sd3serve.store.idempotency import fingerprint
+from sd3serve.ledger.idempotency import fingerprint
 
 __all__ = ["GenerationJob", "InitImage", "Order", "Output", "Webhook"]
 

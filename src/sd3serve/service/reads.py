@@ -3,27 +3,26 @@ here. Every read names the key, so another key's task is a 404."""
 
 from __future__ import annotations
 
-from sd3serve.blocking import run_blocking
 from sd3serve.engine.protocol import Engine
-from sd3serve.store.credits import KeyInfo
-from sd3serve.store.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, TaskProgress, TaskStore, TaskView
+from sd3serve.ledger import KeyInfo, Ledger
+from sd3serve.ledger.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, TaskProgress, TaskView
 
 __all__ = ["CANCELLED", "COMPLETED", "FAILED", "QUEUED", "TaskProgress", "TaskReads", "TaskView"]
 
 
 class TaskReads:
-    def __init__(self, tasks: TaskStore, engine: Engine) -> None:
-        self._tasks = tasks
-        self._engine = engine
+    def __init__(self, ledger: Ledger, model_engine: Engine) -> None:
+        self._ledger = ledger
+        self._model_engine = model_engine
 
     async def get(self, key: KeyInfo, task_id: str) -> TaskView:
         """The key's task: NotFound (404) if it has none of that id."""
-        return await run_blocking(self._tasks.get, task_id=task_id, key_id=key.id)
+        return await self._ledger.run(lambda tx: tx.tasks.get(task_id=task_id, key_id=key.id))
 
     async def image(self, key: KeyInfo, task_id: str, index: int) -> tuple[bytes, str]:
         """(file bytes, media type) of one image of the key's finished task."""
-        return await run_blocking(self._tasks.image, task_id=task_id, key_id=key.id, index=index)
+        return await self._ledger.run(lambda tx: tx.tasks.image(task_id=task_id, key_id=key.id, index=index))
 
     def position(self, task_id: str) -> int | None:
         """Where a task waits in this process's queue (0: next), or None if it does not wait here."""
-        return self._engine.position(task_id)
+        return self._model_engine.position(task_id)

@@ -6,7 +6,7 @@ against the process (``max_streams``, never more than half of ``max_connections`
 take the connections that every other key needs.
 
 Event streams do not read the database themselves: each watches its task through the hub, and one poller per
-process reads the status and progress of every watched task in a single query (``TaskStore.progress_of``) a few
+process reads the status and progress of every watched task in a single query (``Tasks.progress_of``) a few
 times a second, then wakes the streams whose task changed. The database load of N streams is that of one; a task
 run by another process is followed the same way, through its row.
 """
@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 
-from sd3serve.blocking import run_blocking
 from sd3serve.errors import Overloaded, TooManyStreams
+from sd3serve.ledger import Ledger, Tx
+from sd3serve.ledger.tasks import TaskProgress
 from sd3serve.settings import Settings
-from sd3serve.store.tasks import TaskProgress, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class Watch:
 
 
 class StreamHub:
-    def __init__(self, tasks: TaskStore, *, per_key: int, total: int, poll_s: float = POLL_S) -> None:
-        self._tasks = tasks
+    def __init__(self, ledger: Ledger, *, per_key: int, total: int, poll_s: float = POLL_S) -> None:
+        self._ledger = ledger
         self.per_key = per_key
         self.total = total
         self.poll_s = poll_s
@@ -157,7 +158,7 @@ class StreamHub:
                 await self._watched.wait()
             task_ids = list(self._watches)
             try:
-                states = await run_blocking(self._tasks.progress_of, task_ids)
+                states = await self._ledger.run(_progress_of(task_ids))
             except Exception as e:  # the database may be away: the streams wait, and the next poll tries again
                 log.warning("event streams: could not read task progress: %s", e)
             else:
@@ -166,3 +167,7 @@ class StreamHub:
                     for w in list(self._watches.get(task_id, ())):
                         w._update(states.get(task_id))
             await asyncio.sleep(self.poll_s)
+
+
+def _progress_of(task_ids: list[str]) -> Callable[[Tx], dict[str, TaskProgress]]:
+    return lambda tx: tx.tasks.progress_of(task_ids)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from sd3serve.blocking import run_blocking
+from sd3serve.ledger import Ledger
+from sd3serve.ledger.webhooks import Delivery
 from sd3serve.settings import Settings
-from sd3serve.store.webhooks import Delivery, WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,12 @@ class WebhookSender:
     """This process's sending: picks due deliveries within its limits each round and sends each in its own task."""
 
     def __init__(
-        self, store: WebhookStore, *, owner: str, settings: Settings, resolve: Resolver = system_resolve,
+        self, ledger: Ledger, *, settings: Settings, owner: str | None = None, resolve: Resolver = system_resolve,
         verify: ssl.SSLContext | bool = True,
     ) -> None:  # fmt: skip
-        self.store, self.owner, self.settings, self.resolve = store, owner, settings, resolve
+        """``owner``: the name its leases go by (this process's instance id by default)."""
+        self.ledger, self.settings, self.resolve = ledger, settings, resolve
+        self.owner = ledger.instance_id if owner is None else owner
         self.deadline_s = settings.webhook_timeout_s
         # Longer than an attempt can take, with room to record it: no other process sends the same attempt.
         self.lease_s = 2 * self.deadline_s + 60
@@ -214,13 +216,13 @@ class WebhookSender:
 
     async def round(self) -> int:
         """Enqueue what finished and start what is due and fits the limits; returns how many attempts started."""
-        await run_blocking(self.store.enqueue_finished)
+        await self.ledger.run(lambda tx: tx.webhooks.enqueue_finished())
         free = self.settings.webhook_concurrency - len(self._tasks)
         if free <= 0:
             return 0
         per_key, per_host = self.settings.webhook_per_key, self.settings.webhook_per_host
         full = [k for k, n in self._per_key.items() if n >= per_key]
-        due = await run_blocking(self.store.due, limit=CANDIDATES, per_key=per_key, skip_keys=full)
+        due = await self.ledger.run(lambda tx: tx.webhooks.due(limit=CANDIDATES, per_key=per_key, skip_keys=full))
         picked: dict[str, tuple[int, str]] = {}
         for d in due:
             host = _host_of(d.url)
@@ -232,7 +234,8 @@ class WebhookSender:
             if len(picked) == free:
                 break
         try:
-            leased = await run_blocking(self.store.lease, list(picked), owner=self.owner, seconds=self.lease_s)
+            ids = list(picked)
+            leased = await self.ledger.run(lambda tx: tx.webhooks.lease(ids, owner=self.owner, seconds=self.lease_s))
         except BaseException:
             for key_id, host in picked.values():
                 self._release(key_id, host)
@@ -283,8 +286,10 @@ class WebhookSender:
             start = time.perf_counter()
             outcome = await self.attempt(d)
             duration_ms = (time.perf_counter() - start) * 1000
-            await run_blocking(self.store.record, d, status_code=outcome.status_code, error=outcome.error,
-                                    duration_ms=duration_ms, give_up=outcome.permanent)  # fmt: skip
+            await self.ledger.run(lambda tx: tx.webhooks.record(
+                d, status_code=outcome.status_code, error=outcome.error, duration_ms=duration_ms,
+                give_up=outcome.permanent,
+            ))  # fmt: skip
             if outcome.error or not (outcome.status_code and 200 <= outcome.status_code < 300):
                 log.info("webhook %s to %s: attempt %d failed (%s)", d.id, d.url, d.attempts + 1,
                          outcome.error or outcome.status_code)  # fmt: skip
@@ -348,5 +353,5 @@ def _host_of(url: str) -> str:
         return ""
 
 
-async def webhook_loop(store: WebhookStore, *, owner: str, settings: Settings) -> None:
-    await WebhookSender(store, owner=owner, settings=settings).run()
+async def webhook_loop(ledger: Ledger, *, settings: Settings) -> None:
+    await WebhookSender(ledger, settings=settings).run()

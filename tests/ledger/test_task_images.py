@@ -1,4 +1,4 @@
-"""``TaskStore.image``: only the task's own key reads its images; anyone else gets the same NotFound as for a task
+"""``Store.image``: only the task's own key reads its images; anyone else gets the same NotFound as for a task
 that does not exist. Image rows are written through the ORM, so this does not depend on how a task is completed."""
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ from decimal import Decimal
 import pytest
 from sqlalchemy.orm import Session
 
+from helpers.ledger import Store, creation
 from sd3serve.errors import NotFound
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.models import TaskImage
-from sd3serve.store.tasks import TaskStore
+from sd3serve.ledger.schema import TaskImage
 
 
-def task_with_images(credits: CreditStore, tasks: TaskStore, task_id: str, images: list[bytes]) -> int:
+def task_with_images(credits: Store, tasks: Store, task_id: str, images: list[bytes]) -> int:
     key, _ = credits.create_key(credits=5)
-    create = TaskStore.creation(task_id=task_id, key_id=key.id, seed=1, base64=False, media_type="image/webp",
+    create = creation(task_id=task_id, key_id=key.id, seed=1, base64=False, media_type="image/webp",
                                 request_json="{}", owner="me")  # fmt: skip
     credits.reserve(key_id=key.id, credits=Decimal(1), request_id=task_id, owner="me", with_hold=create)
     with Session(credits.engine) as s, s.begin():
@@ -24,7 +23,7 @@ def task_with_images(credits: CreditStore, tasks: TaskStore, task_id: str, image
     return key.id
 
 
-def test_the_owner_reads_each_image_with_its_media_type(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_the_owner_reads_each_image_with_its_media_type(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     owner = task_with_images(credits, tasks, "t1", [b"first", b"second"])
     assert tasks.image(task_id="t1", key_id=owner, index=0) == (b"first", "image/webp")
@@ -33,7 +32,7 @@ def test_the_owner_reads_each_image_with_its_media_type(stores: tuple[CreditStor
         tasks.image(task_id="t1", key_id=owner, index=2)
 
 
-def test_another_key_cannot_read_the_images(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_another_key_cannot_read_the_images(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     task_with_images(credits, tasks, "t1", [b"first"])
     stranger, _ = credits.create_key(credits=5)
@@ -46,14 +45,14 @@ def test_another_key_cannot_read_the_images(stores: tuple[CreditStore, TaskStore
     assert str(foreign.value).replace("t1", "?") == str(missing.value).replace("nope", "?")  # nothing leaks
 
 
-def test_the_owner_of_an_unknown_task_gets_not_found(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_the_owner_of_an_unknown_task_gets_not_found(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     owner = task_with_images(credits, tasks, "t1", [b"first"])
     with pytest.raises(NotFound, match="for this key"):
         tasks.image(task_id="t9", key_id=owner, index=0)
 
 
-def test_images_are_one_tasks_in_index_order(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_images_are_one_tasks_in_index_order(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     task_with_images(credits, tasks, "t1", [b"i0", b"i1", b"i2"])
     task_with_images(credits, tasks, "t2", [b"other"])

@@ -6,19 +6,20 @@ from decimal import Decimal
 
 import pytest
 
+from helpers.ledger import Store, open_store
 from sd3serve.errors import InsufficientCredits, InvalidApiKey, NotFound, ReservationLost
-from sd3serve.store.credits import CreditStore, digest
+from sd3serve.ledger.keys import digest
 
 
 @pytest.fixture
-def store(store_url: str) -> CreditStore:
-    s = CreditStore(store_url)
+def store(store_url: str) -> Store:
+    s = open_store(store_url)
     s.create_schema()
     yield s
     s.close()
 
 
-def test_key_is_stored_only_as_digest(store: CreditStore) -> None:
+def test_key_is_stored_only_as_digest(store: Store) -> None:
     info, key = store.create_key(credits=5, name="alice")
     assert key.startswith("sk-") and len(key) > 40
     with store.engine.connect() as conn:
@@ -28,13 +29,13 @@ def test_key_is_stored_only_as_digest(store: CreditStore) -> None:
 
 
 @pytest.mark.parametrize("bad", [None, "", "sk-nope", "x" * 500])
-def test_unknown_or_missing_key_is_refused(store: CreditStore, bad: str | None) -> None:
+def test_unknown_or_missing_key_is_refused(store: Store, bad: str | None) -> None:
     store.create_key(credits=1)
     with pytest.raises(InvalidApiKey):
         store.authenticate(api_key=bad)
 
 
-def test_revoked_key_is_refused_and_cannot_hold(store: CreditStore) -> None:
+def test_revoked_key_is_refused_and_cannot_hold(store: Store) -> None:
     info, key = store.create_key(credits=5)
     store.revoke(key_id=info.id)
     with pytest.raises(InvalidApiKey):
@@ -44,7 +45,7 @@ def test_revoked_key_is_refused_and_cannot_hold(store: CreditStore) -> None:
     assert store.list_keys()[0].revoked
 
 
-def test_hold_capture_release(store: CreditStore) -> None:
+def test_hold_capture_release(store: Store) -> None:
     info, _ = store.create_key(credits=3)
     h1 = store.hold(key_id=info.id, credits=Decimal(2), request_id="a")
     assert store.balance(key_id=info.id) == 1
@@ -63,7 +64,7 @@ def test_hold_capture_release(store: CreditStore) -> None:
     assert (key.credits, key.spent) == (1, 2)
 
 
-def test_fractional_prices_add_up_exactly(store: CreditStore) -> None:
+def test_fractional_prices_add_up_exactly(store: Store) -> None:
     info, _ = store.create_key(credits=1)
     for i in range(10):
         store.capture(store.hold(key_id=info.id, credits=Decimal("0.1"), request_id=f"r{i}"))
@@ -71,7 +72,7 @@ def test_fractional_prices_add_up_exactly(store: CreditStore) -> None:
     assert (key.credits, key.spent) == (0, 1)
 
 
-def test_add_credits_and_unknown_ids(store: CreditStore) -> None:
+def test_add_credits_and_unknown_ids(store: Store) -> None:
     info, _ = store.create_key(credits=0)
     assert store.add_credits(key_id=info.id, credits=Decimal("2.5")).credits == 2.5
     with pytest.raises(NotFound):
@@ -80,7 +81,7 @@ def test_add_credits_and_unknown_ids(store: CreditStore) -> None:
         store.revoke(key_id=999)
 
 
-def test_reservation_captures_once_or_refunds_on_close(store: CreditStore) -> None:
+def test_reservation_captures_once_or_refunds_on_close(store: Store) -> None:
     info, _ = store.create_key(credits=5)
     r = store.reserve(key_id=info.id, credits=Decimal(2), request_id="a", owner="me")
     assert (r.credits, store.balance(key_id=info.id)) == (2, 3)
@@ -104,7 +105,7 @@ def test_reservation_captures_once_or_refunds_on_close(store: CreditStore) -> No
     assert store.balance(key_id=info.id) == 3
 
 
-def test_capture_after_the_hold_was_returned_delivers_nothing(store: CreditStore) -> None:
+def test_capture_after_the_hold_was_returned_delivers_nothing(store: Store) -> None:
     """Another process presumed this one dead and returned its hold: the late capture must not charge or deliver."""
     info, _ = store.create_key(credits=5)
     r = store.reserve(key_id=info.id, credits=Decimal(2), request_id="a", owner="me")
@@ -117,7 +118,7 @@ def test_capture_after_the_hold_was_returned_delivers_nothing(store: CreditStore
     assert (key.credits, key.spent) == (5, 0)
 
 
-def test_concurrent_holds_never_overdraw(store: CreditStore) -> None:
+def test_concurrent_holds_never_overdraw(store: Store) -> None:
     info, _ = store.create_key(credits=7)
     start = threading.Barrier(24)
 
@@ -136,9 +137,9 @@ def test_concurrent_holds_never_overdraw(store: CreditStore) -> None:
     assert (key.credits, key.spent) == (0, 7)
 
 
-def test_balances_stay_64_bit_integers_and_micro_credit_exact(store: CreditStore) -> None:
+def test_balances_stay_64_bit_integers_and_micro_credit_exact(store: Store) -> None:
     from sd3serve.errors import InvalidRequest
-    from sd3serve.store.credits import MAX_BALANCE
+    from sd3serve.ledger.credits import MAX_BALANCE
 
     info, _ = store.create_key(credits=MAX_BALANCE - 1)
     assert store.add_credits(key_id=info.id, credits=1).credits == float(MAX_BALANCE)

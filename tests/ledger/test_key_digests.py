@@ -12,9 +12,10 @@ import hashlib
 import pytest
 from sqlalchemy.orm import Session
 
+from helpers.ledger import Store
 from sd3serve.errors import InvalidApiKey
-from sd3serve.store.credits import CreditStore, digest
-from sd3serve.store.models import ApiKey
+from sd3serve.ledger.keys import digest
+from sd3serve.ledger.schema import ApiKey
 
 VECTORS = {
     "sk-test-key": "0d62f396c1317066f55a96086517047c737087c61eb2bf016b72e6298927b15b",
@@ -28,7 +29,7 @@ def test_digest_is_sha256_hex_of_utf8(key: str, hexdigest: str) -> None:
     assert digest(key) == hexdigest
 
 
-def test_a_key_row_written_with_a_known_digest_authenticates(store: CreditStore) -> None:
+def test_a_key_row_written_with_a_known_digest_authenticates(store: Store) -> None:
     """A row holding only the literal digest (as an older release or another process wrote it) matches its key."""
     with Session(store.engine) as s, s.begin():
         s.add(ApiKey(name="known", digest=VECTORS["sk-test-key"], prefix="sk-test-ke", balance_micro=0, spent_micro=0))
@@ -37,7 +38,7 @@ def test_a_key_row_written_with_a_known_digest_authenticates(store: CreditStore)
         store.authenticate(api_key=VECTORS["sk-test-key"])  # the digest itself is not a key
 
 
-def test_created_keys_are_stored_as_their_sha256(store: CreditStore) -> None:
+def test_created_keys_are_stored_as_their_sha256(store: Store) -> None:
     _, key = store.create_key(credits=1, name="new")
     with store.engine.connect() as conn:
         stored = conn.exec_driver_sql("SELECT digest FROM api_keys").scalar_one()

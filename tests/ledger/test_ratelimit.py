@@ -3,15 +3,14 @@ and per minute."""
 
 from __future__ import annotations
 
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.ratelimit import RateLimiter
+from helpers.ledger import Store
 
 LIMIT = 3
 MINUTE = 600 * 60  # the start of a minute, in unix seconds
 
 
-def test_the_limit_is_allowed_and_one_more_is_not_per_key_and_per_minute(store: CreditStore) -> None:
-    limiter = RateLimiter(store.engine)
+def test_the_limit_is_allowed_and_one_more_is_not_per_key_and_per_minute(store: Store) -> None:
+    limiter = store
     (a, _), (b, _) = store.create_key(credits=1), store.create_key(credits=1)
     hits = [limiter.hit(key_id=a.id, per_minute=LIMIT, now=MINUTE + 30) for _ in range(LIMIT + 1)]
     assert [d.allowed for d in hits] == [True, True, True, False]
@@ -25,10 +24,10 @@ def test_the_limit_is_allowed_and_one_more_is_not_per_key_and_per_minute(store: 
         True, True, False]  # fmt: skip
 
 
-def test_without_now_the_clock_decides_the_minute(store: CreditStore) -> None:
+def test_without_now_the_clock_decides_the_minute(store: Store) -> None:
     import time
 
-    limiter = RateLimiter(store.engine)
+    limiter = store
     (a, _) = store.create_key(credits=1)
     before = time.time()
     decision = limiter.hit(key_id=a.id, per_minute=1)

@@ -10,31 +10,31 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from helpers.ledger import Store, completion, creation, failure, sharing
 from sd3serve.errors import InsufficientCredits, NotFound, ReservationLost
-from sd3serve.store.credits import CreditStore, Reservation
-from sd3serve.store.models import Hold, Instance
-from sd3serve.store.recovery import DIED_MESSAGE, Recovery
-from sd3serve.store.tasks import TaskStore
+from sd3serve.ledger import Reservation
+from sd3serve.ledger.recovery import DIED_MESSAGE
+from sd3serve.ledger.schema import Hold, Instance
 
 TTL = timedelta(hours=1)
 
 
 def _task(
-    credits: CreditStore, task_id: str, amount: int = 2, *, owner: str = "me", key_id: int | None = None
+    credits: Store, task_id: str, amount: int = 2, *, owner: str = "me", key_id: int | None = None
 ) -> tuple[int, Reservation]:
     if key_id is None:
         key_id = credits.create_key(credits=5)[0].id
-    create = TaskStore.creation(task_id=task_id, key_id=key_id, seed=1, base64=False, media_type="image/png",
+    create = creation(task_id=task_id, key_id=key_id, seed=1, base64=False, media_type="image/png",
                                 request_json="{}", owner=owner)  # fmt: skip
     return key_id, credits.reserve(key_id=key_id, credits=Decimal(amount), request_id=task_id, owner=owner,
                                    with_hold=create)  # fmt: skip
 
 
 def _complete(task_id: str, images: list[bytes], ttl: timedelta = TTL) -> object:
-    return TaskStore.completion(task_id, images=images, inference_time=0.5, steps=4, ttl=ttl)
+    return completion(task_id, images=images, inference_time=0.5, steps=4, ttl=ttl)
 
 
-def test_complete_charges_once(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_complete_charges_once(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     key_id, res = _task(credits, "t1")
     assert tasks.get(task_id="t1", key_id=key_id).status == "QUEUED"
@@ -47,22 +47,22 @@ def test_complete_charges_once(stores: tuple[CreditStore, TaskStore]) -> None:
     assert tasks.image(task_id="t1", key_id=key_id, index=1) == (b"bb", "image/png")
     key = credits.get_key(key_id=key_id)
     assert (key.credits, key.spent) == (3, 2)
-    res.fail(also=TaskStore.failure("t1", error="late", ttl=TTL))  # a finished task stays so
+    res.fail(also=failure("t1", error="late", ttl=TTL))  # a finished task stays so
     assert tasks.get(task_id="t1", key_id=key_id).status == "COMPLETED"
     assert credits.get_key(key_id=key_id).credits == 3
 
 
-def test_fail_refunds(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_fail_refunds(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     key_id, res = _task(credits, "t2")
-    res.fail(also=TaskStore.failure("t2", error="boom", ttl=TTL))
+    res.fail(also=failure("t2", error="boom", ttl=TTL))
     view = tasks.get(task_id="t2", key_id=key_id)
     assert (view.status, view.error) == ("FAILED", "boom")
     key = credits.get_key(key_id=key_id)
     assert (key.credits, key.spent) == (5, 0)
 
 
-def test_no_task_without_its_hold(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_no_task_without_its_hold(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     key_id, _ = _task(credits, "t4", amount=5)
     with pytest.raises(InsufficientCredits):
@@ -71,7 +71,7 @@ def test_no_task_without_its_hold(stores: tuple[CreditStore, TaskStore]) -> None
         tasks.get(task_id="t5", key_id=key_id)
 
 
-def test_foreign_and_expired(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_foreign_and_expired(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     key_id, res = _task(credits, "t3")
     other, _ = credits.create_key(credits=1)
@@ -87,7 +87,7 @@ def test_foreign_and_expired(stores: tuple[CreditStore, TaskStore]) -> None:
         tasks.get(task_id="t3", key_id=key_id)
 
 
-def _age(credits: CreditStore, instance_id: str, seconds: float) -> None:
+def _age(credits: Store, instance_id: str, seconds: float) -> None:
     from datetime import UTC, datetime
 
     with Session(credits.engine) as s, s.begin():
@@ -98,10 +98,10 @@ def _age(credits: CreditStore, instance_id: str, seconds: float) -> None:
         )
 
 
-def test_a_paused_process_presumed_dead_delivers_nothing_unpaid(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_a_paused_process_presumed_dead_delivers_nothing_unpaid(stores: tuple[Store, Store]) -> None:
     """A settles B (heartbeat stale); B resumes and completes its task: refused, no images, nothing charged."""
     credits, tasks = stores
-    a, b = Recovery(credits.engine), Recovery(credits.engine)
+    a, b = sharing(credits), sharing(credits)
     a.register()
     b.register()
     key_id, res = _task(credits, "paused", owner=b.instance_id)
@@ -126,12 +126,12 @@ def test_a_paused_process_presumed_dead_delivers_nothing_unpaid(stores: tuple[Cr
     assert b.heartbeat() is True and a.heartbeat() is True
 
 
-def test_live_peers_keep_their_old_holds_and_orphans_are_returned(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_live_peers_keep_their_old_holds_and_orphans_are_returned(stores: tuple[Store, Store]) -> None:
     """Only holds of dead or unknown owners go back; a live peer's hold stays however old it is."""
     from datetime import UTC, datetime
 
     credits, tasks = stores
-    a, b = Recovery(credits.engine), Recovery(credits.engine)
+    a, b = sharing(credits), sharing(credits)
     a.register()
     b.register()
     key_id, _ = _task(credits, "live", owner=b.instance_id)
@@ -145,7 +145,7 @@ def test_live_peers_keep_their_old_holds_and_orphans_are_returned(stores: tuple[
     assert tasks.get(task_id="live", key_id=key_id).status == "QUEUED"
 
 
-def test_cancel_refunds_at_once_and_a_late_completion_delivers_nothing(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_cancel_refunds_at_once_and_a_late_completion_delivers_nothing(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     key_id, res = _task(credits, "c1")
     other = credits.create_key(credits=1)[0].id
@@ -161,11 +161,11 @@ def test_cancel_refunds_at_once_and_a_late_completion_delivers_nothing(stores: t
     assert (credits.get_key(key_id=key_id).credits, credits.get_key(key_id=key_id).spent) == (5, 0)
 
 
-def test_settling_a_dead_process_touches_only_its_unfinished_work(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_settling_a_dead_process_touches_only_its_unfinished_work(stores: tuple[Store, Store]) -> None:
     """B dies with a finished task and a running one; A lives. Only B's running task fails and is refunded, and
     A's work is untouched although A's heartbeat is fresh (the re-check inside the transaction is B's)."""
     credits, tasks = stores
-    a, b = Recovery(credits.engine), Recovery(credits.engine)
+    a, b = sharing(credits), sharing(credits)
     a.register()
     b.register()
     key_id, finished = _task(credits, "b-done", owner=b.instance_id)

@@ -10,8 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.tasks import TaskStore
+from helpers.ledger import Store, open_store
 
 PG_ADMIN_URL = os.environ.get("SD3SERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -44,15 +43,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[CreditStore]:
+def store(store_url: str) -> Iterator[Store]:
     """The credit store on a fresh schema, closed after the test."""
-    s = CreditStore(store_url)
+    s = open_store(store_url)
     s.create_schema()
     yield s
     s.close()
 
 
 @pytest.fixture
-def stores(store: CreditStore) -> tuple[CreditStore, TaskStore]:
+def stores(store: Store) -> tuple[Store, Store]:
     """The credit store and the task store on the same database."""
-    return store, TaskStore(store.engine)
+    return store, store

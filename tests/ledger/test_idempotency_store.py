@@ -10,20 +10,20 @@ from decimal import Decimal
 
 import pytest
 
+from helpers.ledger import Store, answered, open_store
 from sd3serve.errors import IdempotencyConflict, IdempotencyInProgress
-from sd3serve.store.credits import CreditStore
-from sd3serve.store.idempotency import Claim, IdempotencyStore, fingerprint
+from sd3serve.ledger.idempotency import Claim, fingerprint
 
 
 @pytest.fixture
-def stores(store_url: str) -> Iterator[tuple[CreditStore, IdempotencyStore]]:
-    credits = CreditStore(store_url)
+def stores(store_url: str) -> Iterator[tuple[Store, Store]]:
+    credits = open_store(store_url)
     credits.create_schema()
-    yield credits, IdempotencyStore(credits.engine)
+    yield credits, credits
     credits.close()
 
 
-def test_concurrent_duplicates_claim_once(stores: tuple[CreditStore, IdempotencyStore]) -> None:
+def test_concurrent_duplicates_claim_once(stores: tuple[Store, Store]) -> None:
     credits, idem = stores
     key_id = credits.create_key(credits=5)[0].id
     body = fingerprint("v1", '{"prompt": "a red circle"}')
@@ -42,14 +42,14 @@ def test_concurrent_duplicates_claim_once(stores: tuple[CreditStore, Idempotency
 
     # The winner is charged and answered in one transaction; retries then get that answer.
     reservation = credits.reserve(key_id=key_id, credits=Decimal(1), request_id="r", owner="me")
-    reservation.capture(deliver=IdempotencyStore.answered(Claim(key_id, "k"), b"the first answer"))
+    reservation.capture(deliver=answered(Claim(key_id, "k"), b"the first answer"))
     assert idem.begin(key_id=key_id, idem_key="k", fingerprint=body) == b"the first answer"
     with pytest.raises(IdempotencyConflict):
         idem.begin(key_id=key_id, idem_key="k", fingerprint=fingerprint("v1", '{"prompt": "a blue square"}'))
     assert credits.get_key(key_id=key_id).spent == 1
 
 
-def test_a_failed_request_gives_its_claim_back(stores: tuple[CreditStore, IdempotencyStore]) -> None:
+def test_a_failed_request_gives_its_claim_back(stores: tuple[Store, Store]) -> None:
     credits, idem = stores
     key_id = credits.create_key(credits=5)[0].id
     body = fingerprint("v2", "{}")

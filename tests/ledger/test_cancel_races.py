@@ -16,29 +16,31 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
+from helpers.ledger import Store, completion, creation, open_store, sharing
 from helpers.races import race_cancel_and_completion
 from interleave import first_write, interleave, statement
 from sd3serve.errors import NotFound, ReservationLost
-from sd3serve.store.credits import REVOKED_MESSAGE, CreditStore, Reservation
-from sd3serve.store.models import Task
-from sd3serve.store.recovery import DIED_MESSAGE, Recovery
-from sd3serve.store.tasks import CANCELLED_MESSAGE, TaskStore
+from sd3serve.ledger import Reservation
+from sd3serve.ledger.keys import REVOKED_MESSAGE
+from sd3serve.ledger.recovery import DIED_MESSAGE
+from sd3serve.ledger.schema import Task
+from sd3serve.ledger.tasks import CANCELLED_MESSAGE
 
 TTL = timedelta(hours=1)
 
 
-def _task(credits: CreditStore, task_id: str, key_id: int, *, owner: str = "me") -> Reservation:
-    create = TaskStore.creation(task_id=task_id, key_id=key_id, seed=1, base64=False, media_type="image/png",
+def _task(credits: Store, task_id: str, key_id: int, *, owner: str = "me") -> Reservation:
+    create = creation(task_id=task_id, key_id=key_id, seed=1, base64=False, media_type="image/png",
                                 request_json="{}", owner=owner)  # fmt: skip
     return credits.reserve(key_id=key_id, credits=Decimal(2), request_id=task_id, owner=owner, with_hold=create)
 
 
 def _complete(reservation: Reservation, task_id: str) -> float:
-    deliver = TaskStore.completion(task_id, images=[b"png"], inference_time=0.1, steps=2, ttl=TTL)
+    deliver = completion(task_id, images=[b"png"], inference_time=0.1, steps=2, ttl=TTL)
     return reservation.capture(deliver=deliver)
 
 
-def _money(credits: CreditStore, key_id: int) -> tuple[float, float]:
+def _money(credits: Store, key_id: int) -> tuple[float, float]:
     key = credits.get_key(key_id=key_id)
     return key.credits, key.spent
 
@@ -52,7 +54,7 @@ def _no_database_error(*outcomes: object) -> None:
 # --- the answer of a cancel that lost the race -------------------------------------------------------------
 
 
-def test_a_cancel_that_lost_to_completion_says_so(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_a_cancel_that_lost_to_completion_says_so(stores: tuple[Store, Store]) -> None:
     """Completion commits after the cancel looked but before it wrote: the cancel must answer cancelled=false
     with COMPLETED, and the task stays charged (was: cancelled=true, 'nothing was charged', while charged)."""
     credits, tasks = stores
@@ -74,12 +76,12 @@ def test_a_cancel_that_lost_to_completion_says_so(stores: tuple[CreditStore, Tas
 
 
 @pytest.fixture
-def pg(pg_database: str) -> Iterator[tuple[CreditStore, TaskStore]]:
+def pg(pg_database: str) -> Iterator[tuple[Store, Store]]:
     """The stores on PostgreSQL only: row locks, and so deadlocks, are PostgreSQL's (SQLite has one writer)."""
-    credits = CreditStore(pg_database)
+    credits = open_store(pg_database)
     credits.create_schema()
     try:
-        yield credits, TaskStore(credits.engine)
+        yield credits, credits
     finally:
         credits.close()
         with psycopg.connect(pg_database, autocommit=True) as conn:
@@ -88,7 +90,7 @@ def pg(pg_database: str) -> Iterator[tuple[CreditStore, TaskStore]]:
 
 
 def test_a_cancel_that_won_refunds_and_the_completion_delivers_nothing(
-    pg: tuple[CreditStore, TaskStore],
+    pg: tuple[Store, Store],
 ) -> None:
     """The cancel holds the key (PostgreSQL) when the completion comes: the completion waits, then finds the
     task cancelled and its hold returned, and delivers and charges nothing."""
@@ -107,7 +109,7 @@ def test_a_cancel_that_won_refunds_and_the_completion_delivers_nothing(
     assert _money(credits, key) == (5, 0)
 
 
-def test_completion_holding_its_locks_then_cancel(pg: tuple[CreditStore, TaskStore]) -> None:
+def test_completion_holding_its_locks_then_cancel(pg: tuple[Store, Store]) -> None:
     """Completion is about to mark the task while the cancel comes in: the cancel waits, then says it lost."""
     credits, tasks = pg
     key = credits.create_key(credits=5)[0].id
@@ -125,7 +127,7 @@ def test_completion_holding_its_locks_then_cancel(pg: tuple[CreditStore, TaskSto
     assert _money(credits, key) == (3, 2)
 
 
-def test_revoke_holding_its_locks_then_completion(pg: tuple[CreditStore, TaskStore]) -> None:
+def test_revoke_holding_its_locks_then_completion(pg: tuple[Store, Store]) -> None:
     credits, tasks = pg
     key = credits.create_key(credits=5)[0].id
     res = _task(credits, "t", key)
@@ -140,7 +142,7 @@ def test_revoke_holding_its_locks_then_completion(pg: tuple[CreditStore, TaskSto
     assert _money(credits, key) == (5, 0)
 
 
-def test_completion_holding_its_locks_then_revoke(pg: tuple[CreditStore, TaskStore]) -> None:
+def test_completion_holding_its_locks_then_revoke(pg: tuple[Store, Store]) -> None:
     credits, tasks = pg
     key = credits.create_key(credits=5)[0].id
     res = _task(credits, "t", key)
@@ -153,11 +155,11 @@ def test_completion_holding_its_locks_then_revoke(pg: tuple[CreditStore, TaskSto
     assert _money(credits, key) == (3, 2)
 
 
-def _settle(credits: CreditStore) -> Callable[[], int]:
-    return lambda: Recovery(credits.engine, instance_id="live").settle_dead(dead_after=timedelta(0))
+def _settle(credits: Store) -> Callable[[], int]:
+    return lambda: sharing(credits, instance_id="live").settle_dead(dead_after=timedelta(0))
 
 
-def test_completion_of_a_presumed_dead_process_then_recovery(pg: tuple[CreditStore, TaskStore]) -> None:
+def test_completion_of_a_presumed_dead_process_then_recovery(pg: tuple[Store, Store]) -> None:
     """A process that was presumed dead (not registered) completes its task while another settles it."""
     credits, tasks = pg
     key = credits.create_key(credits=5)[0].id
@@ -169,7 +171,7 @@ def test_completion_of_a_presumed_dead_process_then_recovery(pg: tuple[CreditSto
     assert _money(credits, key) == (3, 2)
 
 
-def test_recovery_holding_its_locks_then_completion(pg: tuple[CreditStore, TaskStore]) -> None:
+def test_recovery_holding_its_locks_then_completion(pg: tuple[Store, Store]) -> None:
     credits, tasks = pg
     key = credits.create_key(credits=5)[0].id
     res = _task(credits, "t", key, owner="paused")
@@ -182,8 +184,8 @@ def test_recovery_holding_its_locks_then_completion(pg: tuple[CreditStore, TaskS
     assert _money(credits, key) == (5, 0)
 
 
-def test_recovery_of_two_keys_racing_both_completions(pg: tuple[CreditStore, TaskStore]) -> None:
-    """Recovery locks several keys (lowest id first); completions of each key in the middle never deadlock."""
+def test_recovery_of_two_keys_racing_both_completions(pg: tuple[Store, Store]) -> None:
+    """Store locks several keys (lowest id first); completions of each key in the middle never deadlock."""
     credits, tasks = pg
     k1, k2 = (credits.create_key(credits=5)[0].id for _ in range(2))
     r1, r2 = _task(credits, "t1", k1, owner="paused"), _task(credits, "t2", k2, owner="paused")
@@ -210,7 +212,7 @@ def test_recovery_of_two_keys_racing_both_completions(pg: tuple[CreditStore, Tas
 
 
 @pytest.mark.parametrize("rounds", [40])
-def test_cancel_and_completion_race_freely(stores: tuple[CreditStore, TaskStore], rounds: int) -> None:
+def test_cancel_and_completion_race_freely(stores: tuple[Store, Store], rounds: int) -> None:
     """Two threads released together, ``rounds`` times: every cancel answer matches the money, no database error."""
     credits, tasks = stores
     key = credits.create_key(credits=2 * rounds)[0].id
@@ -234,7 +236,7 @@ def test_cancel_and_completion_race_freely(stores: tuple[CreditStore, TaskStore]
 # --- two keys ------------------------------------------------------------------------------------------------
 
 
-def test_one_key_cannot_cancel_or_read_another_keys_task(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_one_key_cannot_cancel_or_read_another_keys_task(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     a, b = (credits.create_key(credits=5)[0].id for _ in range(2))
     _task(credits, "a-task", a)
@@ -244,7 +246,7 @@ def test_one_key_cannot_cancel_or_read_another_keys_task(stores: tuple[CreditSto
     assert _money(credits, a) == (3, 0) and _money(credits, b) == (5, 0)
 
 
-def test_revoking_one_key_leaves_another_keys_tasks_and_credits(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_revoking_one_key_leaves_another_keys_tasks_and_credits(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     a, b = (credits.create_key(credits=5)[0].id for _ in range(2))
     _task(credits, "a1", a)
@@ -258,7 +260,7 @@ def test_revoking_one_key_leaves_another_keys_tasks_and_credits(stores: tuple[Cr
     assert _money(credits, b) == (1, 2)
 
 
-def test_a_revoked_key_gets_no_credits_and_another_key_still_does(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_a_revoked_key_gets_no_credits_and_another_key_still_does(stores: tuple[Store, Store]) -> None:
     from sd3serve.errors import InvalidRequest
 
     credits, _ = stores
@@ -270,7 +272,7 @@ def test_a_revoked_key_gets_no_credits_and_another_key_still_does(stores: tuple[
     assert credits.add_credits(key_id=b, credits=Decimal(1)).credits == 6
 
 
-def test_cancel_of_a_finished_task_changes_nothing(stores: tuple[CreditStore, TaskStore]) -> None:
+def test_cancel_of_a_finished_task_changes_nothing(stores: tuple[Store, Store]) -> None:
     credits, tasks = stores
     key = credits.create_key(credits=5)[0].id
     _complete(_task(credits, "t", key), "t")

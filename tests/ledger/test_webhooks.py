@@ -11,9 +11,9 @@ from decimal import Decimal
 
 import pytest
 
-from sd3serve.store.credits import CreditStore, Reservation
-from sd3serve.store.tasks import TaskStore
-from sd3serve.store.webhooks import GAVE_UP, PENDING, RETRY_DELAYS_S, Delivery, WebhookStore
+from helpers.ledger import Store, completion, creation, failure, open_store, sharing, subscription
+from sd3serve.ledger import Reservation
+from sd3serve.ledger.webhooks import GAVE_UP, PENDING, RETRY_DELAYS_S, Delivery
 
 TTL = timedelta(hours=1)
 BASE = "http://sd3.example"
@@ -29,19 +29,19 @@ class Clock:
 
 
 @pytest.fixture
-def env(store_url: str) -> Iterator[tuple[CreditStore, TaskStore, WebhookStore, Clock, int]]:
-    credits = CreditStore(store_url)
+def env(store_url: str) -> Iterator[tuple[Store, Store, Store, Clock, int]]:
+    credits = open_store(store_url)
     credits.create_schema()
     clock = Clock()
     key = credits.create_key(credits=10)[0].id
-    yield credits, TaskStore(credits.engine), WebhookStore(credits.engine, clock=clock), clock, key
+    yield credits, credits, sharing(credits, clock=clock), clock, key
     credits.close()
 
 
-def _submit(credits: CreditStore, key: int, task_id: str, seed: int = 7) -> Reservation:
-    create = TaskStore.creation(task_id=task_id, key_id=key, seed=seed, base64=False, media_type="image/png",
+def _submit(credits: Store, key: int, task_id: str, seed: int = 7) -> Reservation:
+    create = creation(task_id=task_id, key_id=key, seed=seed, base64=False, media_type="image/png",
                                 request_json="{}", owner="me")  # fmt: skip
-    subscribe = WebhookStore.subscription(task_id=task_id, key_id=key, url=f"http://hook.example/{task_id}",
+    subscribe = subscription(task_id=task_id, key_id=key, url=f"http://hook.example/{task_id}",
                                           events=["completed", "failed", "cancelled"], base_url=BASE)  # fmt: skip
 
     def both(s, hold):  # type: ignore[no-untyped-def]
@@ -51,18 +51,18 @@ def _submit(credits: CreditStore, key: int, task_id: str, seed: int = 7) -> Rese
     return credits.reserve(key_id=key, credits=Decimal(1), request_id=task_id, owner="me", with_hold=both)
 
 
-def _leased(hooks: WebhookStore) -> dict[str, Delivery]:
+def _leased(hooks: Store) -> dict[str, Delivery]:
     due = hooks.due(limit=10, per_key=10)
     return {json.loads(d.payload)["data"]["request_id"]: d for d in hooks.lease([d.id for d in due], owner="p",
                                                                                    seconds=60)}  # fmt: skip
 
 
-def test_each_event_body_is_the_documented_one(env: tuple[CreditStore, TaskStore, WebhookStore, Clock, int]) -> None:
+def test_each_event_body_is_the_documented_one(env: tuple[Store, Store, Store, Clock, int]) -> None:
     credits, tasks, hooks, _clock, key = env
     done = _submit(credits, key, "t-done", seed=11)
-    done.capture(deliver=TaskStore.completion("t-done", images=[b"a", b"b"], inference_time=1.234567, steps=4,
+    done.capture(deliver=completion("t-done", images=[b"a", b"b"], inference_time=1.234567, steps=4,
                                               ttl=TTL))  # fmt: skip
-    _submit(credits, key, "t-failed", seed=12).fail(also=TaskStore.failure("t-failed", error="it broke", ttl=TTL))
+    _submit(credits, key, "t-failed", seed=12).fail(also=failure("t-failed", error="it broke", ttl=TTL))
     _submit(credits, key, "t-cancelled", seed=13)
     tasks.cancel(task_id="t-cancelled", key_id=key, ttl=TTL)
     assert hooks.enqueue_finished() == 3
@@ -86,11 +86,11 @@ def test_each_event_body_is_the_documented_one(env: tuple[CreditStore, TaskStore
 
 
 def test_a_failed_attempt_is_retried_after_the_first_delay_unless_given_up(
-    env: tuple[CreditStore, TaskStore, WebhookStore, Clock, int],
+    env: tuple[Store, Store, Store, Clock, int],
 ) -> None:
     credits, _tasks, hooks, clock, key = env
     for task in ("t1", "t2"):
-        _submit(credits, key, task).fail(also=TaskStore.failure(task, error="x", ttl=TTL))
+        _submit(credits, key, task).fail(also=failure(task, error="x", ttl=TTL))
     hooks.enqueue_finished()
     leased = _leased(hooks)
     assert hooks.record(leased["t1"], status_code=500, error=None, duration_ms=1.0) == PENDING
@@ -102,11 +102,11 @@ def test_a_failed_attempt_is_retried_after_the_first_delay_unless_given_up(
 
 
 def test_retry_now_makes_only_that_tasks_pending_deliveries_due(
-    env: tuple[CreditStore, TaskStore, WebhookStore, Clock, int],
+    env: tuple[Store, Store, Store, Clock, int],
 ) -> None:
     credits, _tasks, hooks, clock, key = env
     for task in ("t1", "t2", "t3"):
-        _submit(credits, key, task).fail(also=TaskStore.failure(task, error="x", ttl=TTL))
+        _submit(credits, key, task).fail(also=failure(task, error="x", ttl=TTL))
     hooks.enqueue_finished()
     leased = _leased(hooks)
     for task in ("t1", "t2"):
@@ -123,19 +123,19 @@ def test_retry_now_makes_only_that_tasks_pending_deliveries_due(
 @pytest.mark.parametrize(("code", "state"), [(199, PENDING), (200, "delivered"), (201, "delivered"),
                                              (299, "delivered"), (300, PENDING)])  # fmt: skip
 def test_only_a_2xx_answer_delivers(
-    env: tuple[CreditStore, TaskStore, WebhookStore, Clock, int], code: int, state: str
+    env: tuple[Store, Store, Store, Clock, int], code: int, state: str
 ) -> None:
     credits, _tasks, hooks, _clock, key = env
-    _submit(credits, key, "t").fail(also=TaskStore.failure("t", error="x", ttl=TTL))
+    _submit(credits, key, "t").fail(also=failure("t", error="x", ttl=TTL))
     hooks.enqueue_finished()
     assert hooks.record(_leased(hooks)["t"], status_code=code, error=None, duration_ms=1.0) == state
 
 
 def test_an_attempt_whose_lease_was_lost_changes_nothing(
-    env: tuple[CreditStore, TaskStore, WebhookStore, Clock, int],
+    env: tuple[Store, Store, Store, Clock, int],
 ) -> None:
     credits, _tasks, hooks, clock, key = env
-    _submit(credits, key, "t").fail(also=TaskStore.failure("t", error="x", ttl=TTL))
+    _submit(credits, key, "t").fail(also=failure("t", error="x", ttl=TTL))
     hooks.enqueue_finished()
     first = _leased(hooks)["t"]
     clock.now += timedelta(seconds=61)  # the lease ran out: another process takes the delivery over

@@ -1,4 +1,4 @@
-"""Tables of the credit store.
+"""The ledger's tables.
 
 Credits are kept as integer micro-credits (1 credit = 1 000 000) so that fractional prices add up exactly
 on every database.
