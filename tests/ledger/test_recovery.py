@@ -1,4 +1,4 @@
-"""Settling a dead process (store/recovery.py): a synchronous request's hold alone is returned, another process's
+"""Settling a dead process (ledger/recovery.py): a synchronous request's hold alone is returned, another process's
 hold is not, and an owner whose heartbeat is at or after the cutoff when the settling transaction looks again is
 left alone (it beat between the first look and the transaction)."""
 

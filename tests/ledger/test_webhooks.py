@@ -1,4 +1,4 @@
-"""The webhook outbox (store/webhooks.py) on SQLite and PostgreSQL: the body of each event as docs/webhooks.md gives
+"""The webhook outbox (ledger/webhooks.py) on SQLite and PostgreSQL: the body of each event as docs/webhooks.md gives
 it, a failed attempt that is retried (not given up) by default, and ``retry_now`` touching only one task's pending
 deliveries."""
 
