@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny SD3 model built once per session, a live uvicorn server, a credit store."""
+"""Shared fixtures: a tiny SD3 model built once per session, a live uvicorn server, a ledger."""
 
 from __future__ import annotations
 

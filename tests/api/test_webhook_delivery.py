@@ -1,4 +1,4 @@
-"""Webhook sending against local receivers, driven round by round with the store's clock injected: the documented
+"""Webhook sending against local receivers, driven round by round with the database's clock injected: the documented
 retry schedule and its last retry, back-off respected, one deadline per attempt (trickling and hanging receivers),
 per-key and per-host bounds with two keys, leases that outlive an attempt, and the connection pinned to the checked
 address."""

@@ -1,4 +1,4 @@
-"""The credit store on SQLite and on the PostgreSQL that runs on this machine (a database of its own)."""
+"""The ledger on SQLite and on the PostgreSQL that runs on this machine (a database of its own)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[Store]:
-    """The credit store on a fresh schema, closed after the test."""
+    """The ledger on a fresh schema, closed after the test."""
     s = open_store(store_url)
     s.create_schema()
     yield s
@@ -53,5 +53,5 @@ def store(store_url: str) -> Iterator[Store]:
 
 @pytest.fixture
 def stores(store: Store) -> tuple[Store, Store]:
-    """The credit store and the task store on the same database."""
+    """The ledger twice, for tests that name its credit and task sides apart."""
     return store, store

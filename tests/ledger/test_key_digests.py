@@ -42,5 +42,5 @@ def test_created_keys_are_stored_as_their_sha256(store: Store) -> None:
     _, key = store.create_key(credits=1, name="new")
     with store.engine.connect() as conn:
         stored = conn.exec_driver_sql("SELECT digest FROM api_keys").scalar_one()
-    assert stored == hashlib.sha256(key.encode()).hexdigest()  # hashlib, not the store's own digest()
+    assert stored == hashlib.sha256(key.encode()).hexdigest()  # hashlib, not the ledger's own digest()
     assert key not in stored
