@@ -51,6 +51,14 @@ def _m(name: str, file: str, original: str, replacement: str, *tests: str, equiv
     return Mutant(name, file, original, replacement, tests, equivalent)
 
 
+def _without_owner_check(name: str, then: str) -> Mutant:
+    """A read of store/tasks.py that no longer checks the task's key; ``then``: the start of the line after the
+    check, which tells the reads apart."""
+    check = '            if task is None{}:\n                raise NotFound(f"no task {{task_id!r}} for this key")\n'
+    return _m(name, "store/tasks.py", check.format(" or task.key_id != key_id") + "            " + then,
+              check.format("") + "            " + then, *TASK_TESTS)  # fmt: skip
+
+
 CREDITS_TESTS = ("tests/store/test_credits.py", "tests/store/test_key_digests.py", *SQLITE)
 TASK_TESTS = ("tests/store/test_tasks.py", "tests/store/test_task_images.py", "tests/store/test_mutants_store.py",
               *SQLITE)  # fmt: skip
@@ -71,7 +79,7 @@ MUTANTS: list[Mutant] = [
     _m("steps le=70 -> lt=70", "api/schemas.py",
        "Field(ge=1, le=70)", "Field(ge=1, lt=70)", *SCHEMA_TESTS),
     _m("dpmpp_2m_cfg_pp keeps the guided x0 as history", "engine/samplers.py",
-       "        old = uncond\n", "        old = denoised\n", *PINS_2M_CFG_PP),
+       "        old, h_last = at.uncond, h\n", "        old, h_last = at.denoised, h\n", *PINS_2M_CFG_PP),
     _m("pipeline noise from seed + 1", "engine/pipeline.py",
        "BatchNoise([seed for j in jobs for seed in j.seeds])",
        "BatchNoise([seed + 1 for j in jobs for seed in j.seeds])",
@@ -79,14 +87,7 @@ MUTANTS: list[Mutant] = [
     _m("job seeds are seed + i + 1", "engine/job.py",
        "[self.seed + i for i in range(self.batch_size)]", "[self.seed + i + 1 for i in range(self.batch_size)]",
        "tests/engine/test_job.py"),
-    _m("image() without the owner check", "store/tasks.py",
-       "            if task is None or task.key_id != key_id:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            row = s.get(TaskImage",
-       "            if task is None:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            row = s.get(TaskImage",
-       *TASK_TESTS),
+    _without_owner_check("image() without the owner check", "row = s.get(TaskImage"),
     # --- store/credits.py -------------------------------------------------------------------------------
     _m("a revoked key still authenticates", "store/credits.py",
        "compare_digest(row.digest, wanted) or row.revoked_at is not None:", "compare_digest(row.digest, wanted):",
@@ -111,22 +112,8 @@ MUTANTS: list[Mutant] = [
        "        pass\n    return ids",
        *TASK_TESTS),
     # --- store/tasks.py ---------------------------------------------------------------------------------
-    _m("get() without the owner check", "store/tasks.py",
-       "            if task is None or task.key_id != key_id:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            count",
-       "            if task is None:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            count",
-       *TASK_TESTS),
-    _m("cancel() without the owner check", "store/tasks.py",
-       "            if task is None or task.key_id != key_id:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            cancelled",
-       "            if task is None:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            cancelled",
-       *TASK_TESTS),
+    _without_owner_check("get() without the owner check", "count"),
+    _without_owner_check("cancel() without the owner check", "cancelled"),
     _m("image() always returns image 0", "store/tasks.py",
        "s.get(TaskImage, (task_id, index))", "s.get(TaskImage, (task_id, 0))", *TASK_TESTS),
     # --- store/recovery.py ------------------------------------------------------------------------------
@@ -158,7 +145,8 @@ MUTANTS: list[Mutant] = [
        "x = _comb((c, x), (-c * a_s, uncond), (a_t, guided))",
        "x = _comb((c, x), (-c * a_s, guided), (a_t, guided))", COMFY),
     _m("dpmpp_2s_ancestral_cfg_pp: plain second stage", "engine/samplers.py",
-       "_, uncond_2 = model.with_uncond(u, st.at(s_mid))", "uncond_2 = model(u, st.at(s_mid))", COMFY),
+       "torch.lerp(model.with_uncond(u, st.at(s_mid))[1], x, s_down / s)",
+       "torch.lerp(model(u, st.at(s_mid)), x, s_down / s)", COMFY),
     _m("RF ancestral step: σ_down on the wrong side", "engine/samplers.py",
        "s_down = s_next * (1 + (s_next / s - 1) * eta)", "s_down = s_next * (1 - (s_next / s - 1) * eta)", COMFY),
     _m("dpmpp_2m: second-order term twice as large", "engine/samplers.py",
@@ -166,8 +154,8 @@ MUTANTS: list[Mutant] = [
        "c = (1 - a) * h / h_last if old is not None else 0.0",
        COMFY),
     _m("euler_ancestral: no re-noising at eta = 1", "engine/samplers.py",
-       "x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down\n            if eta > 0:",
-       "x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down\n            if eta > 1:",
+       "x = torch.lerp(at.denoised, x, s_down / at.s)  # x + (σ_down-σ)·(x-D)/σ\n        if eta > 0:",
+       "x = torch.lerp(at.denoised, x, s_down / at.s)  # x + (σ_down-σ)·(x-D)/σ\n        if eta > 1:",
        "tests/engine/test_samplers.py", "-k", "test_moments_match_data and euler_ancestral"),
     _m("SDE solvers start at σ = 1 (λ = -∞)", "engine/samplers.py",
        "if len(sig) > 1 and sig[0] >= 1.0 else sig", "if len(sig) > 1 and sig[0] > 1.0 else sig", COMFY),
