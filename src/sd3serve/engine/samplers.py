@@ -18,6 +18,9 @@ solvers in σ carry over. Everything that depends on the noise *schedule* uses t
 Scalar coefficients are computed in Python float64 from ``sigmas.tolist()`` (one host sync per call), tensors
 only see ``x ← a·x + b·D`` updates, so every batch item is computed independently of the others.
 
+The samplers that start every step with the model's x0 at σ share one step loop (``_run``): each gives only its
+update from σ to σ', and the step to σ = 0 ends at that x0.
+
 What each sampler is (stochastic, CFG++, order, ...) is in :mod:`sd3serve.catalogue`, torch-free, with the
 solver family that runs it and its options (as k-diffusion's ``solver_type=``): ``SAMPLERS`` is built from it.
 """
