@@ -1,5 +1,5 @@
 """What the benchmarks share: a server process on a free port, a key with credits to spare, the engine in a
-process of its own, and the thread environment every process of a benchmark gets."""
+process of its own, the thread environment every process of a benchmark gets, and a round of v2 tasks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,6 +21,7 @@ from sd3serve.ledger import Database
 from sd3serve.settings import Settings
 
 URL = "/v1/stable-diffusion-3.5-turbo-txt2img"
+SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 BENCH_DIR = Path(__file__).resolve().parent
 
 
@@ -50,6 +51,29 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) ->
                 return
         time.sleep(0.2)
     sys.exit(f"server not ready: {proc.args}")
+
+
+def v2_round(client: httpx.Client, base: str, key: str, bodies: Iterable[dict[str, object]]) -> tuple[float, list[str]]:
+    """Each of ``bodies`` submitted as a v2 task to ``base`` (a server, or an application's route prefix on it),
+    one after the other, then the statuses polled every 50 ms until all are COMPLETED (exit if one ends otherwise):
+    seconds from the first submission to the last completion, and the task ids."""
+    h = {"x-api-key": key}
+    start = time.perf_counter()
+    tasks = []
+    for body in bodies:
+        r = client.post(base + SUBMIT, json=body, headers=h)
+        r.raise_for_status()
+        tasks.append(r.json()["request_id"])
+    pending = set(tasks)
+    while pending:
+        for task in list(pending):
+            status = client.get(f"{base}/v2/requests/{task}/status", headers=h).json()["status"]
+            if status == "COMPLETED":
+                pending.discard(task)
+            elif status not in ("QUEUED", "PROCESSING"):
+                sys.exit(f"{base}: task {task} ended {status}")
+        time.sleep(0.05)
+    return time.perf_counter() - start, tasks
 
 
 def rich_key(data_dir: Path) -> str:

@@ -51,6 +51,14 @@ def _m(name: str, file: str, original: str, replacement: str, *tests: str, equiv
     return Mutant(name, file, original, replacement, tests, equivalent)
 
 
+def _without_owner_check(name: str, then: str) -> Mutant:
+    """A read of ledger/tasks.py that no longer checks the task's key; ``then``: the start of the line after the
+    check, which tells the reads apart."""
+    check = '            if task is None{}:\n                raise NotFound(f"no task {{task_id!r}} for this key")\n'
+    return _m(name, "ledger/tasks.py", check.format(" or task.key_id != key_id") + "            " + then,
+              check.format("") + "            " + then, *TASK_TESTS)  # fmt: skip
+
+
 CREDITS_TESTS = ("tests/ledger/test_credits.py", "tests/ledger/test_key_digests.py", *SQLITE)
 TASK_TESTS = ("tests/ledger/test_tasks.py", "tests/ledger/test_task_images.py", "tests/ledger/test_mutants_store.py",
               *SQLITE)  # fmt: skip
@@ -66,12 +74,12 @@ ONE_PATH = "tests/api/test_one_path.py"
 
 MUTANTS: list[Mutant] = [
     # --- bugs an audit planted ------------------------------------------------------------------------------
-    _m("digest returns the plaintext key", "store/credits.py",
+    _m("digest returns the plaintext key", "ledger/credits.py",
        'return hashlib.sha256(api_key.encode("utf-8")).hexdigest()', "return api_key", *CREDITS_TESTS),
     _m("steps le=70 -> lt=70", "api/schemas.py",
        "Field(ge=1, le=70)", "Field(ge=1, lt=70)", *SCHEMA_TESTS),
     _m("dpmpp_2m_cfg_pp keeps the guided x0 as history", "engine/samplers.py",
-       "        old = uncond\n", "        old = denoised\n", *PINS_2M_CFG_PP),
+       "        old, h_last = at.uncond, h\n", "        old, h_last = at.denoised, h\n", *PINS_2M_CFG_PP),
     _m("pipeline noise from seed + 1", "engine/pipeline.py",
        "BatchNoise([seed for j in jobs for seed in j.seeds])",
        "BatchNoise([seed + 1 for j in jobs for seed in j.seeds])",
@@ -79,63 +87,42 @@ MUTANTS: list[Mutant] = [
     _m("job seeds are seed + i + 1", "engine/job.py",
        "[self.seed + i for i in range(self.batch_size)]", "[self.seed + i + 1 for i in range(self.batch_size)]",
        "tests/engine/test_job.py"),
-    _m("image() without the owner check", "store/tasks.py",
-       "            if task is None or task.key_id != key_id:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            row = s.get(TaskImage",
-       "            if task is None:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            row = s.get(TaskImage",
-       *TASK_TESTS),
+    _without_owner_check("image() without the owner check", "row = s.get(TaskImage"),
     # --- store/credits.py -------------------------------------------------------------------------------
-    _m("a revoked key still authenticates", "store/credits.py",
+    _m("a revoked key still authenticates", "ledger/credits.py",
        "compare_digest(row.digest, wanted) or row.revoked_at is not None:", "compare_digest(row.digest, wanted):",
        *CREDITS_TESTS),
-    _m("capture does not count the spend", "store/credits.py",
+    _m("capture does not count the spend", "ledger/credits.py",
        "values(spent_micro=ApiKey.spent_micro + hold.amount_micro)", "values(spent_micro=ApiKey.spent_micro)",
        *CREDITS_TESTS),
-    _m("release refunds a hold twice", "store/credits.py",
+    _m("release refunds a hold twice", "ledger/credits.py",
        "def release_hold(s: Session, hold: CreditHold) -> bool:\n"
        "    if s.execute(delete(Hold).where(Hold.id == hold.id)).rowcount != 1:  # type: ignore[attr-defined]\n"
        "        return False\n",
        "def release_hold(s: Session, hold: CreditHold) -> bool:\n"
        "    s.execute(delete(Hold).where(Hold.id == hold.id))\n",
        *CREDITS_TESTS),
-    _m("capture refunds instead of charging", "store/credits.py",
+    _m("capture refunds instead of charging", "ledger/credits.py",
        "            if not capture_hold(s, hold):", "            if not release_hold(s, hold):", *CREDITS_TESTS),
-    _m("capture ignores a hold that is gone (no ReservationLost)", "store/credits.py",
+    _m("capture ignores a hold that is gone (no ReservationLost)", "ledger/credits.py",
        "            if not capture_hold(s, hold):", "            if not (capture_hold(s, hold) or True):",
        *CREDITS_TESTS),
-    _m("cancel_tasks does not return the holds", "store/credits.py",
+    _m("cancel_tasks does not return the holds", "ledger/credits.py",
        "        release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))\n    return ids",
        "        pass\n    return ids",
        *TASK_TESTS),
-    # --- store/tasks.py ---------------------------------------------------------------------------------
-    _m("get() without the owner check", "store/tasks.py",
-       "            if task is None or task.key_id != key_id:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            count",
-       "            if task is None:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            count",
-       *TASK_TESTS),
-    _m("cancel() without the owner check", "store/tasks.py",
-       "            if task is None or task.key_id != key_id:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            cancelled",
-       "            if task is None:\n"
-       '                raise NotFound(f"no task {task_id!r} for this key")\n'
-       "            cancelled",
-       *TASK_TESTS),
-    _m("image() always returns image 0", "store/tasks.py",
+    # --- ledger/tasks.py ---------------------------------------------------------------------------------
+    _without_owner_check("get() without the owner check", "count"),
+    _without_owner_check("cancel() without the owner check", "cancelled"),
+    _m("image() always returns image 0", "ledger/tasks.py",
        "s.get(TaskImage, (task_id, index))", "s.get(TaskImage, (task_id, 0))", *TASK_TESTS),
     # --- store/recovery.py ------------------------------------------------------------------------------
-    _m("heartbeat says alive when its instance row is gone", "store/recovery.py",
+    _m("heartbeat says alive when its instance row is gone", "ledger/recovery.py",
        "            if res.rowcount == 1:  # type: ignore[attr-defined]\n                return True",
        "            if res.rowcount >= 0:  # type: ignore[attr-defined]\n                return True",
        *TASK_TESTS),
     # --- store/idempotency.py ---------------------------------------------------------------------------
-    _m("begin() ignores a fingerprint mismatch", "store/idempotency.py",
+    _m("begin() ignores a fingerprint mismatch", "ledger/idempotency.py",
        "            if row.fingerprint != fingerprint:", "            if False:", *IDEM_TESTS),
     # --- api/schemas.py ---------------------------------------------------------------------------------
     _m("batch_size up to 11", "api/schemas.py",
@@ -158,7 +145,8 @@ MUTANTS: list[Mutant] = [
        "x = _comb((c, x), (-c * a_s, uncond), (a_t, guided))",
        "x = _comb((c, x), (-c * a_s, guided), (a_t, guided))", COMFY),
     _m("dpmpp_2s_ancestral_cfg_pp: plain second stage", "engine/samplers.py",
-       "_, uncond_2 = model.with_uncond(u, st.at(s_mid))", "uncond_2 = model(u, st.at(s_mid))", COMFY),
+       "torch.lerp(model.with_uncond(u, st.at(s_mid))[1], x, s_down / s)",
+       "torch.lerp(model(u, st.at(s_mid)), x, s_down / s)", COMFY),
     _m("RF ancestral step: σ_down on the wrong side", "engine/samplers.py",
        "s_down = s_next * (1 + (s_next / s - 1) * eta)", "s_down = s_next * (1 - (s_next / s - 1) * eta)", COMFY),
     _m("dpmpp_2m: second-order term twice as large", "engine/samplers.py",
@@ -166,8 +154,8 @@ MUTANTS: list[Mutant] = [
        "c = (1 - a) * h / h_last if old is not None else 0.0",
        COMFY),
     _m("euler_ancestral: no re-noising at eta = 1", "engine/samplers.py",
-       "x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down\n            if eta > 0:",
-       "x = torch.lerp(denoised, x, s_down / s)  # deterministic step to σ_down\n            if eta > 1:",
+       "x = torch.lerp(at.denoised, x, s_down / at.s)  # x + (σ_down-σ)·(x-D)/σ\n        if eta > 0:",
+       "x = torch.lerp(at.denoised, x, s_down / at.s)  # x + (σ_down-σ)·(x-D)/σ\n        if eta > 1:",
        "tests/engine/test_samplers.py", "-k", "test_moments_match_data and euler_ancestral"),
     _m("SDE solvers start at σ = 1 (λ = -∞)", "engine/samplers.py",
        "if len(sig) > 1 and sig[0] >= 1.0 else sig", "if len(sig) > 1 and sig[0] > 1.0 else sig", COMFY),

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from common import URL, free_port, rich_key
+from common import URL, free_port, rich_key, v2_round
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -42,7 +42,6 @@ SYSTEMS = {  # name: (extra arguments of `sd3serve serve`, torch threads per pro
     "ray-2": (["--replicas", "2"], 1),
 }
 CONCURRENCY = (1, 4, 16)
-SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -123,32 +122,15 @@ def main() -> None:
         for name in SYSTEMS:  # warm-up: every replica's first requests
             list(pool.map(lambda p, n=name: call(n, p), [next(prompts) for _ in range(4)]))
 
-        def v2_round(name: str) -> float:
-            """Seconds from the first of ``a.v2`` submissions to the last completion."""
-            h = {"x-api-key": keys[name]}
-            start = time.perf_counter()
-            tasks = []
+        def v2_bodies() -> Iterator[dict[str, object]]:
             for _ in range(a.v2):
-                body = {"prompt": next(prompts), "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
-                r = client.post(urls[name] + SUBMIT, json=body, headers=h)
-                r.raise_for_status()
-                tasks.append(r.json()["request_id"])
-            pending = set(tasks)
-            while pending:
-                for task in list(pending):
-                    status = client.get(f"{urls[name]}/v2/requests/{task}/status", headers=h).json()["status"]
-                    if status == "COMPLETED":
-                        pending.discard(task)
-                    elif status != "QUEUED" and status != "PROCESSING":
-                        sys.exit(f"{name}: task {task} ended {status}")
-                time.sleep(0.05)
-            return time.perf_counter() - start
+                yield {"prompt": next(prompts), "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
 
         results: dict[tuple[str, int], tuple[float, list[float]]] = {}
         v2_busy = dict.fromkeys(SYSTEMS, 0.0)
         for _ in range(a.v2_rounds if a.v2 else 0):
             for name in SYSTEMS:
-                v2_busy[name] += v2_round(name)
+                v2_busy[name] += v2_round(client, urls[name], keys[name], v2_bodies())[0]
         if a.v2:
             print("v2 done", file=sys.stderr)
         for c in () if a.skip_v1 else CONCURRENCY:

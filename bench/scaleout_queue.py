@@ -29,7 +29,6 @@ import itertools
 import os
 import pickle
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -45,6 +44,7 @@ from ray import serve
 from sqlalchemy import Engine, text
 from starlette.types import ASGIApp
 
+from common import v2_round
 from sd3serve.ledger import Database, Reservation
 from sd3serve.scaleout import QUIET, ReplicaBoard, SD3Replica, build_app, overrides, replica_options
 from sd3serve.scaleout_tasks import run_dispatched
@@ -52,7 +52,6 @@ from sd3serve.service.order import Order
 from sd3serve.settings import Settings
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 POLL_S = 0.05
 CLAIM_AHEAD = 2
 QUEUE_DDL = "CREATE TABLE IF NOT EXISTS bench_v2_queue (id bigserial PRIMARY KEY, payload bytea NOT NULL)"
@@ -189,24 +188,9 @@ def main() -> None:
 
         def round_of(name: str, n: int) -> tuple[float, list[str]]:
             """Seconds from the first of ``n`` submissions to the last completion, and the tasks."""
-            h = {"x-api-key": keys[name]}
-            start = time.perf_counter()
-            tasks = []
-            for _ in range(n):
-                body = {"prompt": next(prompts), "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
-                r = client.post(f"{base}/{name}{SUBMIT}", json=body, headers=h)
-                r.raise_for_status()
-                tasks.append(r.json()["request_id"])
-            pending = set(tasks)
-            while pending:
-                for task in list(pending):
-                    status = client.get(f"{base}/{name}/v2/requests/{task}/status", headers=h).json()["status"]
-                    if status == "COMPLETED":
-                        pending.discard(task)
-                    elif status not in ("QUEUED", "PROCESSING"):
-                        sys.exit(f"{name}: task {task} ended {status}")
-                time.sleep(0.05)
-            return time.perf_counter() - start, tasks
+            bodies = ({"prompt": next(prompts), "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
+                      for _ in range(n))  # fmt: skip
+            return v2_round(client, f"{base}/{name}", keys[name], bodies)
 
         for name in SYSTEMS:  # warm-up: each replica's first images
             round_of(name, 4)

@@ -1,6 +1,7 @@
 """What the Ray test modules share: one local Ray cluster and Serve instance for the whole session (started by
-the first Ray test, stopped after the last), a PostgreSQL database per module, an application per module
-(deleted when the module ends), the replica board of an application, and the replica counts Serve reports.
+the first Ray test, stopped after the last), a PostgreSQL database per module and its application's settings, an
+application per module (deleted when the module ends; ``RayApp``: its address and ledger), the replica board of an
+application, the replica counts Serve reports, and the request bodies and paths the modules send.
 
 The session's cluster is one head node (2 CPUs and one ``slot``, which test_ray_nodes.py uses to place one
 replica per node), Serve's proxy on the head only (a second node started on this machine would bind the same
@@ -12,26 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
+import httpx
+import pytest
 from sqlalchemy import select
 
 import sd3serve
 from helpers.ledger import Store, open_store
-from live_server import free_port
+from helpers.postgres import database_url, pg_database
+from live_server import SMALL, free_port
 from sd3serve.ledger.schema import Task
+from sd3serve.settings import Settings
 
 try:
     from sd3serve.scaleout import LOCAL_RAY_ENV
 except ImportError:  # Ray is not installed: the Ray tests skip themselves
     LOCAL_RAY_ENV = {}
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SRC = Path(sd3serve.__file__).parents[1]
 # Serve's proxy sends requests to replicas on its own node while they have room: with two nodes, the reads that
 # must reach the second node's replica would never leave the head. Spread them (the proxy reads this at start).
@@ -52,6 +54,10 @@ CLUSTER_ENV = {**LOCAL_RAY_ENV, PREFER_LOCAL: "0"}
 PROBE_EVERY_TIME = {"env_vars": {**RAY_ENV, QUEUE_CACHE: "0"}}
 HEAD_CPUS = 2
 OBJECT_STORE = 100 * 2**20
+
+SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
+HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
+WORK = {**SMALL, "width": 512, "height": 512, "steps": 30}
 
 
 @dataclass
@@ -135,23 +141,36 @@ def deployed(app: Any, name: str, route_prefix: str) -> Iterator[None]:
             serve.delete(name)
 
 
+@dataclass
+class RayApp:
+    """A module's application: Serve's address and a store on the module's ledger."""
+
+    url: str
+    store: Store
+
+    def client(self, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def key(self, credits: int) -> tuple[str, int]:
+        """A new key with ``credits``: (the key, its id)."""
+        key = self.store.create_key(credits=credits, name="ray")[1]
+        return key, self.store.authenticate(api_key=key).id
+
+
 @contextlib.contextmanager
-def pg_database() -> Iterator[str]:
-    """A PostgreSQL database for one test module, dropped afterwards."""
-    name = f"sd3serve_ray_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def app_ledger(tmp_path_factory: pytest.TempPathFactory, **more: Any) -> Iterator[tuple[Settings, Store]]:
+    """A module's ledger (``ledger()``) and its application's settings on it: CPU, a heartbeat every
+    ``HEARTBEAT_S``, a queue of 256, warnings only, and ``more``: (the settings, a store on the ledger)."""
+    with ledger() as (url, store):
+        yield Settings(database_url=url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu",
+                       heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning", **more), store  # fmt: skip
 
 
 @contextlib.contextmanager
 def ledger() -> Iterator[tuple[str, Store]]:
     """A module's PostgreSQL database with sd3serve's schema: (its URL, a store on it)."""
-    with pg_database() as url:
+    with pg_database("sd3serve_ray") as name:
+        url = database_url(name)
         store = open_store(url)
         try:
             store.create_schema()
@@ -191,6 +210,13 @@ def start_serve(**kwargs: Any) -> None:
             serve.shutdown()
 
 
+def submit(c: httpx.Client, body: dict[str, object], headers: dict[str, str]) -> tuple[str, httpx.Headers]:
+    """A v2 task of ``body``, accepted (asserted): (its id, the response's headers)."""
+    r = c.post(SUBMIT, json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    return str(r.json()["request_id"]), r.headers
+
+
 def reports(app_name: str, max_age_s: float) -> list[Any]:
     """The replica reports on ``app_name``'s board (``ReplicaReport``s younger than ``max_age_s``)."""
     from ray import serve
@@ -198,6 +224,11 @@ def reports(app_name: str, max_age_s: float) -> list[Any]:
     board = serve.get_deployment_handle("ReplicaBoard", app_name=app_name)
     got: list[Any] = board.snapshot.remote(max_age_s).result()
     return got
+
+
+def ready_of(app_name: str) -> list[Any]:
+    """The reports of ``app_name``'s ready replicas (of the last 3 heartbeats)."""
+    return [r for r in reports(app_name, 3 * HEARTBEAT_S) if r.ready]
 
 
 def running_replicas(app_name: str, deployment: str = "SD3Replica", states: tuple[str, ...] = ("RUNNING",)) -> int:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 
 from helpers.ledger import open_store
+from helpers.postgres import pg_database
 from live_server import SMALL, URL, run_live_server
 from procs import TcpProxy, start_server
 from sd3serve.engine.batching import BatchingEngine
@@ -25,7 +24,6 @@ from stub_engine import StubEngine
 from waiting import wait_for
 
 SLOW = {**SMALL, "width": 512, "height": 512, "steps": 70}  # seconds on the tiny model
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class FailsAtStep2(BatchingEngine):
@@ -122,12 +120,8 @@ def test_sigterm_finishes_in_flight_then_exits(tiny_model_dir: Path, tmp_path: P
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    name = f"sd3serve_faults_{int(time.time() * 1000) % 10**9}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield name
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with pg_database("sd3serve_faults") as name:
+        yield name
 
 
 def test_database_away_is_503_and_recovers(tmp_path: Path, pg_url: str) -> None:

@@ -7,21 +7,19 @@ no response is a 5xx. Once on one SQLite file (WAL), once on PostgreSQL.
 from __future__ import annotations
 
 import itertools
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 
+from helpers import postgres
 from helpers.ledger import open_store
 from live_server import URL
 from procs import ServerProcess, start_server
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PROCESSES = 4
 REQUESTS = 520
 BALANCES = [40, 25, 15, 8, 3]  # credits; every key runs out mid-test
@@ -33,12 +31,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'shared.db'}"
         return
-    name = f"sd3serve_load_{int(time.time() * 1000) % 10**9}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres.pg_database("sd3serve_load") as name:
+        yield postgres.database_url(name)
 
 
 def test_credits_are_exact_under_load(tiny_model_dir: Path, tmp_path: Path, database_url: str) -> None:

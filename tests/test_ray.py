@@ -25,9 +25,8 @@ import pytest
 import yaml
 
 import sd3serve
-from helpers.ledger import Store
-from live_server import URL
-from ray_support import RayCluster, deployed, ledger, task_row
+from live_server import SMALL, URL
+from ray_support import RayApp, RayCluster, app_ledger, deployed, ready_of, submit, task_row
 from sd3serve.settings import Settings
 from waiting import wait_for
 
@@ -46,42 +45,23 @@ from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
 
 pytestmark = pytest.mark.timeout(300)
 
-SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
 DEPLOY = Path(__file__).parents[1] / "deploy"
-SMALL: dict[str, object] = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
 # Long enough (~15 s quiet, one thread) for the replica reports, every heartbeat, to show it running
 LONG = {**SMALL, "width": 1024, "height": 1024, "steps": 70}
-HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
 
 
 @dataclass
-class Cluster:
-    url: str
-    store: Store
+class Cluster(RayApp):
     healthz_before_ready: list[int]  # /healthz statuses seen while the model replicas were starting
 
-    def client(self, timeout: float = 120) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
-
-    def key(self, credits: int) -> tuple[str, int]:
-        key = self.store.create_key(credits=credits, name="ray")[1]
-        return key, self.store.authenticate(api_key=key).id
-
-    def reports(self) -> list[ReplicaReport]:
-        board = serve.get_deployment_handle("ReplicaBoard", app_name=APP_NAME)
-        reports: list[ReplicaReport] = board.snapshot.remote(3 * HEARTBEAT_S).result()
-        return reports
-
     def ready_replicas(self) -> list[ReplicaReport]:
-        return [r for r in self.reports() if r.ready]
+        return ready_of(APP_NAME)
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The session's Ray (2 CPUs), 2 replicas with 1 CPU (1 torch thread) each, on a database of this module."""
-    with ledger() as (pg_url, store):
-        settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu",
-                            heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
+    with app_ledger(tmp_path_factory) as (settings, store):
         options = replica_options(settings, replicas=2, num_cpus=1, num_gpus=0)
         url = ray_cluster.url
         seen: list[int] = []
@@ -155,10 +135,8 @@ def test_a_v2_task_submitted_to_one_replica_is_read_from_the_other(cluster: Clus
     key, key_id = cluster.key(1)
     h = {"x-api-key": key}
     with cluster.client() as c:
-        submitted = c.post(SUBMIT, json={**SMALL, "seed": 3}, headers=h)
-        assert submitted.status_code == 200, submitted.text
-        task = submitted.json()["request_id"]
-        runner = submitted.headers[REPLICA_HEADER]
+        task, submitted = submit(c, {**SMALL, "seed": 3}, h)
+        runner = submitted[REPLICA_HEADER]
 
         def read_elsewhere() -> httpx.Response | None:
             r = c.get(f"/v2/requests/{task}", headers=h)
@@ -224,9 +202,7 @@ def test_a_replica_killed_mid_request(cluster: Cluster) -> None:
             assert len(v1) < 4, load()  # to the less loaded replica: usually two are enough
             v1.append(pool.submit(lambda: httpx.post(cluster.url + URL, json=LONG, headers=h, timeout=300)))
             wait_for(lambda: sum(load().values()) >= len(v1))
-        submitted = c.post(SUBMIT, json=LONG, headers=h)
-        assert submitted.status_code == 200, submitted.text
-        task = submitted.json()["request_id"]
+        task, _ = submit(c, LONG, h)
 
         wait_for(lambda: sum(load().values()) > len(v1))  # in an engine's queue: taken over by its runner
         owner, _, _ = task_row(cluster.store, task)

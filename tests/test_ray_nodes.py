@@ -23,18 +23,20 @@ import httpx
 import psutil
 import pytest
 
-from helpers.ledger import Store
-from live_server import URL
+from live_server import SMALL, URL
 from ray_support import (
     CLUSTER_ENV,
     OBJECT_STORE,
     PROBE_EVERY_TIME,
     RAY_ENV,
+    WORK,
+    RayApp,
     RayCluster,
+    app_ledger,
     deployed,
     is_running,
-    ledger,
-    reports,
+    ready_of,
+    submit,
     task_row,
 )
 from sd3serve.settings import Settings
@@ -43,40 +45,25 @@ from waiting import wait_for
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
-    APP_NAME,
-    REPLICA_HEADER,
-    build_app,
-    replica_options,
-)
+from sd3serve.scaleout import APP_NAME, REPLICA_HEADER, build_app, replica_options  # noqa: E402  (ray is optional)
 
 pytestmark = pytest.mark.timeout(400)
 
-SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
-HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
-SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
-WORK = {**SMALL, "width": 512, "height": 512, "steps": 30}
 RAY_CLI = Path(sys.executable).with_name("ray")
 
 
 @dataclass
-class Nodes:
-    url: str
-    store: Store
+class Nodes(RayApp):
     settings: Settings
     head: str  # node ids
     second: str
     start_second: Any  # () -> the process of `ray start --block`
     processes: list[psutil.Process]
 
-    def key(self, credits: int) -> tuple[str, int]:
-        key = self.store.create_key(credits=credits, name="nodes")[1]
-        return key, self.store.authenticate(api_key=key).id
-
     def ready(self) -> list[Any]:
         """The ready replicas' reports; none while the board is away (it restarts when its node went down)."""
         try:
-            return [r for r in reports(APP_NAME, 3 * HEARTBEAT_S) if r.ready]
+            return ready_of(APP_NAME)
         except (ray.exceptions.RayError, RuntimeError):
             return []
 
@@ -119,9 +106,7 @@ def nodes(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> 
         wait_for(lambda: set(alive_nodes()) - before, timeout=120)
         return processes[-1]
 
-    with ledger() as (pg_url, store):
-        settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu", threads=1,
-                            heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
+    with app_ledger(tmp_path_factory, threads=1) as (settings, store):
         try:
             start_second()
             second = next(n for n in alive_nodes() if n != ray_cluster.head)
@@ -168,11 +153,9 @@ def test_a_v2_task_submitted_on_one_node_is_read_from_the_other(nodes: Nodes) ->
     wait_for(lambda: len(nodes.ready()) == 2, timeout=180)
     key, key_id = nodes.key(1)
     h = {"x-api-key": key}
-    with httpx.Client(base_url=nodes.url, timeout=120) as c:
-        submitted = c.post(SUBMIT, json={**SMALL, "seed": 5}, headers=h)
-        assert submitted.status_code == 200, submitted.text
-        task = submitted.json()["request_id"]
-        on = nodes.node_of(submitted.headers[REPLICA_HEADER])
+    with nodes.client() as c:
+        task, submitted = submit(c, {**SMALL, "seed": 5}, h)
+        on = nodes.node_of(submitted[REPLICA_HEADER])
 
         seen: set[tuple[str | None, str]] = set()  # (node, status) of the reads so far, for the failure message
 
@@ -205,16 +188,14 @@ def test_killing_the_node_running_a_task_fails_it_uncharged(nodes: Nodes) -> Non
     instance_of = {r.replica: r.instance for r in ready}
     key, key_id = nodes.key(8)
     h = {"x-api-key": key}
-    with httpx.Client(base_url=nodes.url, timeout=120) as c:
+    with nodes.client() as c:
         tasks: list[str] = []
         victim = ""
         while not victim:
             assert len(tasks) < 4, [task_row(nodes.store, t) for t in tasks]
-            r = c.post(SUBMIT, json={**WORK, "seed": len(tasks)}, headers=h)
-            assert r.status_code == 200, r.text
-            task = r.json()["request_id"]
+            task, accepted = submit(c, {**WORK, "seed": len(tasks)}, h)
             tasks.append(task)
-            submitter = instance_of[r.headers[REPLICA_HEADER]]
+            submitter = instance_of[accepted[REPLICA_HEADER]]
 
             def placed(task: str = task, submitter: str = submitter) -> tuple[str, int, str] | None:
                 row = task_row(nodes.store, task)  # (owner, step, status)

@@ -12,34 +12,22 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from helpers.ledger import Store
-from live_server import URL
-from ray_support import RayCluster, deployed, ledger, reports, running_replicas, task_row
-from sd3serve.settings import Settings
+from live_server import SMALL, URL
+from ray_support import WORK, RayApp, RayCluster, app_ledger, deployed, ready_of, running_replicas, submit, task_row
 from waiting import wait_for
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from sd3serve.scaleout import (  # noqa: E402  (ray is optional)
-    APP_NAME,
-    RETRY_AFTER_S,
-    build_app,
-    replica_options,
-)
+from sd3serve.scaleout import APP_NAME, RETRY_AFTER_S, build_app, replica_options  # noqa: E402  (ray is optional)
 
 pytestmark = pytest.mark.timeout(400)
 
 TIGHT_APP = "sd3serve-tight"  # one replica, one request at a time, one queued
-SUBMIT = "/v2/stable-diffusion-3.5-turbo-txt2img"
-HEARTBEAT_S = 2.0  # a replica silent for 3 heartbeats is dead: under load here, 1.5 s is not enough
-SMALL = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 2}
-WORK = {**SMALL, "width": 512, "height": 512, "steps": 30}
 LONG = {**SMALL, "width": 1024, "height": 1024, "steps": 40}  # outlasts the next requests' routing, loaded or not
 FLOOD = {**WORK, "width": 768, "height": 768, "steps": 50}  # 8 of them outlast a replica's start here
 AUTOSCALING = {
@@ -48,22 +36,10 @@ AUTOSCALING = {
 }  # fmt: skip
 
 
-@dataclass
-class Scaling:
-    url: str
-    store: Store
-
-    def key(self, credits: int) -> tuple[str, int]:
-        key = self.store.create_key(credits=credits, name="scaling")[1]
-        return key, self.store.authenticate(api_key=key).id
-
-
 @pytest.fixture(scope="module")
-def scaling(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaling]:
+def scaling(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayApp]:
     """On the session's Ray (2 CPUs): the autoscaled application at ``/`` and the tight one at ``/tight``."""
-    with ledger() as (pg_url, store):
-        settings = Settings(database_url=pg_url, data_dir=tmp_path_factory.mktemp("ray"), device="cpu", threads=1,
-                            heartbeat_s=HEARTBEAT_S, max_queue=256, log_level="warning")  # fmt: skip
+    with app_ledger(tmp_path_factory, threads=1) as (settings, store):
         autoscaled = replica_options(settings, replicas=1, num_cpus=0.5, num_gpus=0)
         del autoscaled["num_replicas"]
         autoscaled["autoscaling_config"] = AUTOSCALING
@@ -73,17 +49,13 @@ def scaling(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -
             deployed(build_app(settings, options=autoscaled), APP_NAME, "/"),
             deployed(build_app(settings, options=tight), TIGHT_APP, "/tight"),
         ):
-            yield Scaling(url=ray_cluster.url, store=store)
+            yield RayApp(url=ray_cluster.url, store=store)
 
 
-def ready(app: str = APP_NAME) -> list[object]:
-    return [r for r in reports(app, 3 * HEARTBEAT_S) if r.ready]
-
-
-def test_load_scales_up_to_two_replicas_and_idleness_back_to_one(scaling: Scaling) -> None:
+def test_load_scales_up_to_two_replicas_and_idleness_back_to_one(scaling: RayApp) -> None:
     wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)  # idle (after another test's load too)
     key, key_id = scaling.key(6)
-    with httpx.Client(base_url=scaling.url, timeout=300) as c, ThreadPoolExecutor(6) as pool:
+    with scaling.client(timeout=300) as c, ThreadPoolExecutor(6) as pool:
         load = [pool.submit(c.post, URL, json={**WORK, "seed": i}, headers={"x-api-key": key}) for i in range(6)]
         # 6 ongoing on one replica, target 1 each: the autoscaler starts a second one (its model loads for longer
         # than this load lasts: it may be stopped again before it runs)
@@ -92,26 +64,22 @@ def test_load_scales_up_to_two_replicas_and_idleness_back_to_one(scaling: Scalin
     assert [a.status_code for a in answers] == [200] * 6
     assert scaling.store.get_key(key_id=key_id).spent == 6
     wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)  # idle: back to min_replicas
-    with httpx.Client(base_url=scaling.url, timeout=60) as c:
+    with scaling.client(timeout=60) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         assert c.get("/readyz").status_code == 200
 
 
-def test_a_v2_flood_scales_up_and_the_new_replica_runs_the_later_tasks(scaling: Scaling) -> None:
+def test_a_v2_flood_scales_up_and_the_new_replica_runs_the_later_tasks(scaling: RayApp) -> None:
     wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)
     key, key_id = scaling.key(10)
     h = {"x-api-key": key}
-    with httpx.Client(base_url=scaling.url, timeout=60) as c:
-
-        def submit(seed: int, work: dict[str, object]) -> str:
-            r = c.post(SUBMIT, json={**work, "seed": seed}, headers=h)
-            assert r.status_code == 200, r.text
-            return str(r.json()["request_id"])
-
-        first = [submit(i, FLOOD) for i in range(8)]  # answered at once: only the runs are ongoing requests
-        wait_for(lambda: running_replicas(APP_NAME) == 2 and len(ready()) == 2, timeout=120)
+    with scaling.client(timeout=60) as c:
+        # answered at once: only the runs are ongoing requests
+        first = [submit(c, {**FLOOD, "seed": i}, h)[0] for i in range(8)]
+        wait_for(lambda: running_replicas(APP_NAME) == 2 and len(ready_of(APP_NAME)) == 2, timeout=120)
         busy = {task_row(scaling.store, t)[0] for t in first}  # the instance that took the first ones over
-        later = [submit(10 + i, WORK) for i in range(2)]  # the router sends them to the idle new replica
+        # the router sends them to the idle new replica
+        later = [submit(c, {**WORK, "seed": 10 + i}, h)[0] for i in range(2)]
         tasks = first + later
 
         def done() -> bool:
@@ -125,11 +93,11 @@ def test_a_v2_flood_scales_up_and_the_new_replica_runs_the_later_tasks(scaling: 
     wait_for(lambda: running_replicas(APP_NAME) == 1, timeout=120)
 
 
-def test_past_the_queue_limit_503_with_retry_after(scaling: Scaling) -> None:
+def test_past_the_queue_limit_503_with_retry_after(scaling: RayApp) -> None:
     """The tight app: one request runs, one waits in Ray's queue (the edge: served), the next is refused."""
     key, key_id = scaling.key(3)
     h = {"x-api-key": key}
-    wait_for(lambda: len(ready(TIGHT_APP)) == 1, timeout=120)
+    wait_for(lambda: len(ready_of(TIGHT_APP)) == 1, timeout=120)
     with httpx.Client(base_url=scaling.url + "/tight", timeout=300) as c, ThreadPoolExecutor(3) as pool:
         running = pool.submit(c.post, URL, json={**LONG, "seed": 1}, headers=h)
         wait_for(lambda: scaling.store.get_key(key_id=key_id).credits == 2)  # its hold: the replica runs it

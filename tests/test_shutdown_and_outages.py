@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from gated import CountingGate
 from helpers.ledger import open_store
+from helpers.postgres import database_url, pg_database
 from helpers.two_keys import V2, h
 from live_server import SMALL, run_live_server
 from procs import TcpProxy
@@ -21,24 +21,16 @@ from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
 from waiting import wait_for
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
 
 @pytest.fixture
 def pg_name() -> Iterator[str]:
-    name = f"sd3serve_outage_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
+    with pg_database("sd3serve_outage") as name:
         yield name
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def balances(name: str) -> dict[int, tuple[int, int]]:
     """(balance, spent) in micro-credits per key id, read past the proxy."""
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}") as conn:
+    with psycopg.connect(database_url(name)) as conn:
         rows = conn.execute("SELECT id, balance_micro, spent_micro FROM api_keys").fetchall()
     return {r[0]: (r[1], r[2]) for r in rows}
 

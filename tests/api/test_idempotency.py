@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gated import GatedEngine
-from live_server import SMALL, URL, LiveServer, run_live_server
+from live_server import SMALL, URL, LiveServer, serving
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
 from stub_engine import StubEngine
@@ -48,47 +48,39 @@ def test_retries_get_the_first_answer_and_are_charged_once(live_server: LiveServ
 def test_a_duplicate_in_flight_is_409_then_replayed(tiny_model: LoadedModel, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
     engine = GatedEngine(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.gate = threading.Event()
-    try:
-        key = server.new_key(5)
-        h = {"x-api-key": key, "Idempotency-Key": "once"}
-        with server.client() as c, ThreadPoolExecutor(1) as pool:
-            first = pool.submit(c.post, URL, json=SMALL, headers=h)
-            assert engine.paused.wait(60)
-            duplicate = c.post(URL, json=SMALL, headers=h)
-            assert duplicate.status_code == 409 and duplicate.headers["retry-after"] == "1"
+    with serving(settings, engine=engine) as server:
+        engine.gate = threading.Event()
+        try:
+            key = server.new_key(5)
+            h = {"x-api-key": key, "Idempotency-Key": "once"}
+            with server.client() as c, ThreadPoolExecutor(1) as pool:
+                first = pool.submit(c.post, URL, json=SMALL, headers=h)
+                assert engine.paused.wait(60)
+                duplicate = c.post(URL, json=SMALL, headers=h)
+                assert duplicate.status_code == 409 and duplicate.headers["retry-after"] == "1"
+                engine.gate.set()
+                assert first.result().status_code == 200
+                replay = c.post(URL, json=SMALL, headers=h)
+                assert replay.content == first.result().content
+            assert credits(server, key) == 4
+        finally:
             engine.gate.set()
-            assert first.result().status_code == 200
-            replay = c.post(URL, json=SMALL, headers=h)
-            assert replay.content == first.result().content
-        assert credits(server, key) == 4
-    finally:
-        engine.gate.set()
-        gen.close()
 
 
 def test_a_failed_request_can_be_retried_with_its_key(tmp_path: Path) -> None:
     from stub_engine import FailingEngine
 
-    gen = run_live_server(Settings(data_dir=tmp_path, device="cpu"), engine=FailingEngine())
-    server = next(gen)
-    try:
+    with serving(Settings(data_dir=tmp_path, device="cpu"), engine=FailingEngine()) as server:
         key = server.new_key(3)
         h = {"x-api-key": key, "Idempotency-Key": "flaky"}
         with server.client() as c:
             assert c.post(URL, json=SMALL, headers=h).status_code == 500
             assert c.post(URL, json=SMALL, headers=h).status_code == 500  # ran again, not a 409 or a replay
         assert credits(server, key) == 3
-    finally:
-        gen.close()
 
 
 def test_replay_works_with_the_stub_engine_too(tmp_path: Path) -> None:
-    gen = run_live_server(Settings(data_dir=tmp_path, device="cpu"), engine=StubEngine())
-    server = next(gen)
-    try:
+    with serving(Settings(data_dir=tmp_path, device="cpu"), engine=StubEngine()) as server:
         key = server.new_key(20)
         h = {"x-api-key": key, "Idempotency-Key": "batch"}
         body = {**SMALL, "batch_size": 3, "base64": True}
@@ -96,8 +88,6 @@ def test_replay_works_with_the_stub_engine_too(tmp_path: Path) -> None:
             first, retry = c.post(URL, json=body, headers=h).json(), c.post(URL, json=body, headers=h).json()
         assert first == retry and len(first["images"]) == 3
         assert credits(server, key) == 17
-    finally:
-        gen.close()
 
 
 def test_the_openai_route_is_idempotent_too(live_server: LiveServer) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gated import CountingGate, GatedEngine, paused_server
-from live_server import SMALL, URL, run_live_server
+from live_server import SMALL, URL, serving
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.service import generation
 from sd3serve.settings import Settings
@@ -48,68 +48,62 @@ def test_a_locked_database_does_not_stall_the_model(
     monkeypatch.setattr(generation, "PROGRESS_WRITE_INTERVAL_S", 0.0)
     settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
     engine = CountingGate(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.pause_at_step, engine.gate = 1, threading.Event()
-    lock = sqlite3.connect(settings.data_dir / "sd3serve.db", timeout=30, isolation_level=None)
-    try:
-        key = server.new_key(3)
-        with server.client() as c:
-            task_id = c.post(SUBMIT, json={**SMALL, "steps": 8}, headers={"x-api-key": key}).json()["request_id"]
-            assert engine.paused.wait(60)
-            wait_for(lambda: c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()["status"]
-                     == "PROCESSING")  # fmt: skip
-            lock.execute("BEGIN IMMEDIATE")  # another writer holds the database (a backup, a slow peer, ...)
+    with serving(settings, engine=engine) as server:
+        engine.pause_at_step, engine.gate = 1, threading.Event()
+        lock = sqlite3.connect(settings.data_dir / "sd3serve.db", timeout=30, isolation_level=None)
+        try:
+            key = server.new_key(3)
+            with server.client() as c:
+                task_id = c.post(SUBMIT, json={**SMALL, "steps": 8}, headers={"x-api-key": key}).json()["request_id"]
+                assert engine.paused.wait(60)
+                wait_for(lambda: c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()["status"]
+                         == "PROCESSING")  # fmt: skip
+                lock.execute("BEGIN IMMEDIATE")  # another writer holds the database (a backup, a slow peer, ...)
+                engine.gate.set()
+                # The batch finishes while the lock is still held: the model never waits for the database
+                # (SQLite's busy timeout is 30 s per write; progress used to be written from the model's thread).
+                wait_for(lambda: engine.stats().batches == 1, timeout=25)
+                assert max(engine.steps_seen) == 8
+                status = c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()
+                assert status["status"] == "PROCESSING"  # reads go on (WAL); the result waits for the lock
+                lock.execute("ROLLBACK")
+                wait_for(lambda: c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()["status"]
+                         == "COMPLETED")  # fmt: skip
+                status = c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()
+                assert status["progress"] == {"step": 8, "steps": 8}  # progress caught up
+                assert c.get("/v1/get-user-credits", headers={"x-api-key": key}).json() == {"credits": 2}
+        finally:
             engine.gate.set()
-            # The batch finishes while the lock is still held: the model never waits for the database
-            # (SQLite's busy timeout is 30 s per write; progress used to be written from the model's thread).
-            wait_for(lambda: engine.stats().batches == 1, timeout=25)
-            assert max(engine.steps_seen) == 8
-            status = c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()
-            assert status["status"] == "PROCESSING"  # reads go on (WAL); the result waits for the lock
-            lock.execute("ROLLBACK")
-            wait_for(lambda: c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()["status"]
-                     == "COMPLETED")  # fmt: skip
-            status = c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()
-            assert status["progress"] == {"step": 8, "steps": 8}  # progress caught up
-            assert c.get("/v1/get-user-credits", headers={"x-api-key": key}).json() == {"credits": 2}
-    finally:
-        engine.gate.set()
-        lock.close()
-        gen.close()
+            lock.close()
 
 
 def test_v2_past_the_queue_limit_is_503_at_submission(tiny_model: LoadedModel, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0, max_queue=1)
     engine = GatedEngine(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.gate.clear()
-    try:
-        key = server.new_key(10)
-        with server.client() as c:
-            h = {"x-api-key": key}
-            first = c.post(SUBMIT, json=SMALL, headers=h)
-            wait_for(lambda: engine.in_flight == 1)
-            second = c.post(SUBMIT, json=SMALL, headers=h)
-            wait_for(lambda: engine.queue_depth == 1)
-            refused = c.post(SUBMIT, json=SMALL, headers=h)
-            assert (first.status_code, second.status_code, refused.status_code) == (200, 200, 503)
-            assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["error"]
-            assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 8}  # nothing held for it
+    with serving(settings, engine=engine) as server:
+        engine.gate.clear()
+        try:
+            key = server.new_key(10)
+            with server.client() as c:
+                h = {"x-api-key": key}
+                first = c.post(SUBMIT, json=SMALL, headers=h)
+                wait_for(lambda: engine.in_flight == 1)
+                second = c.post(SUBMIT, json=SMALL, headers=h)
+                wait_for(lambda: engine.queue_depth == 1)
+                refused = c.post(SUBMIT, json=SMALL, headers=h)
+                assert (first.status_code, second.status_code, refused.status_code) == (200, 200, 503)
+                assert int(refused.headers["retry-after"]) >= 1 and "queue is full" in refused.json()["error"]
+                assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 8}  # nothing held for it
+                engine.gate.set()
+        finally:
             engine.gate.set()
-    finally:
-        engine.gate.set()
-        gen.close()
 
 
 def test_too_much_work_for_one_request_is_a_400_naming_the_limit(tmp_path: Path) -> None:
     from stub_engine import StubEngine
 
     settings = Settings(data_dir=tmp_path, device="cpu", max_request_work=100)
-    gen = run_live_server(settings, engine=StubEngine())
-    server = next(gen)
-    try:
+    with serving(settings, engine=StubEngine()) as server:
         key = server.new_key(10)
         h = {"x-api-key": key}
         huge = {"prompt": "a red circle", "width": 2048, "height": 2048, "steps": 70, "batch_size": 10,
@@ -125,8 +119,6 @@ def test_too_much_work_for_one_request_is_a_400_naming_the_limit(tmp_path: Path)
                                    "sampler": "euler", "guidance_scale": 1}, headers=h)  # fmt: skip
             assert ok.status_code == 200
             assert c.get("/v1/get-user-credits", headers=h).json() == {"credits": 6}  # only the 4 delivered
-    finally:
-        gen.close()
 
 
 def test_stored_results_have_a_budget(tmp_path: Path) -> None:
@@ -141,9 +133,7 @@ def test_stored_results_have_a_budget(tmp_path: Path) -> None:
     size_mb = len(png.getvalue()) / 2**20
     # One stored task fills a key's budget; two fill the server's.
     settings = Settings(data_dir=tmp_path, device="cpu", storage_per_key_mb=size_mb / 2, storage_total_mb=size_mb * 1.5)
-    gen = run_live_server(settings, engine=StubEngine())
-    server = next(gen)
-    try:
+    with serving(settings, engine=StubEngine()) as server:
         first, second, third = server.new_key(5), server.new_key(5), server.new_key(5)
         with server.client() as c:
             body = {**SMALL, "image_format": "png", "width": 256, "height": 256}
@@ -158,5 +148,3 @@ def test_stored_results_have_a_budget(tmp_path: Path) -> None:
             assert everyone.headers["retry-after"]
             assert c.post(URL, json=SMALL, headers={"x-api-key": third}).status_code == 200  # v1 stores nothing
         server.store.reclaim()  # SQLite gives freed pages back (auto_vacuum incremental)
-    finally:
-        gen.close()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from live_server import SMALL, URL, LiveServer, run_live_server
+from live_server import SMALL, URL, LiveServer, serving
 from sd3serve.settings import Settings
 from stub_engine import FailingEngine
 
@@ -176,9 +176,7 @@ def test_concurrent_requests_never_overdraw(client: httpx.Client, live_server: L
 
 
 def test_500_is_json_and_charges_nothing(tmp_path: Path) -> None:
-    gen = run_live_server(Settings(data_dir=tmp_path, device="cpu"), engine=FailingEngine())
-    server = next(gen)
-    try:
+    with serving(Settings(data_dir=tmp_path, device="cpu"), engine=FailingEngine()) as server:
         key = server.new_key(3)
         with server.client() as c:
             r = post(c, key, SMALL)
@@ -186,5 +184,3 @@ def test_500_is_json_and_charges_nothing(tmp_path: Path) -> None:
             assert r.json() == {"error": "image generation failed; nothing was charged"}
             assert "secret" not in r.text and "Traceback" not in r.text
             assert c.get("/v1/get-user-credits", headers={"x-api-key": key}).json() == {"credits": 3}
-    finally:
-        gen.close()

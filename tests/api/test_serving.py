@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from gated import GatedEngine
-from live_server import SMALL, URL, LiveServer, run_live_server
+from live_server import SMALL, URL, LiveServer, serving
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.settings import Settings
 from waiting import wait_for
@@ -24,14 +24,12 @@ from waiting import wait_for
 def gated_server(tiny_model: LoadedModel, tmp_path: Path) -> Iterator[tuple[LiveServer, GatedEngine]]:
     settings = Settings(data_dir=tmp_path, device="cpu", max_queue=1, batch_wait_ms=0)
     engine = GatedEngine(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    engine.gate.clear()
-    try:
-        yield server, engine
-    finally:
-        engine.gate.set()
-        gen.close()
+    with serving(settings, engine=engine) as server:
+        engine.gate.clear()
+        try:
+            yield server, engine
+        finally:
+            engine.gate.set()
 
 
 def test_healthz_answers_fast_while_generating(live_server: LiveServer) -> None:
@@ -124,11 +122,7 @@ def test_readyz_only_when_loaded(tiny_model: LoadedModel, tmp_path: Path) -> Non
 
     engine = BatchingEngine(Settings(device="cpu"), tiny_model)
     assert not engine.is_ready
-    gen = run_live_server(Settings(data_dir=tmp_path, device="cpu"), engine=engine)
-    server = next(gen)
-    try:
+    with serving(Settings(data_dir=tmp_path, device="cpu"), engine=engine) as server:
         assert engine.is_ready
         with server.client() as c:
             assert c.get("/readyz").json() == {"status": "ready"}
-    finally:
-        gen.close()

@@ -7,19 +7,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy import event
 
+from helpers.postgres import database_url, pg_database
 from live_server import LiveServer
 from sd3serve.service.streams import stream_limit
 from sd3serve.settings import Settings
@@ -39,8 +37,6 @@ from served import (
 )
 from stub_engine import StubEngine
 from waiting import wait_for
-
-PG_ADMIN_URL = os.environ.get("SD3SERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -233,14 +229,8 @@ def any_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Set
     if request.param == "sqlite":
         yield settings(tmp_path)
         return
-    name = f"sd3serve_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield settings(tmp_path, database_url=f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}")
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with pg_database("sd3serve_test") as name:
+        yield settings(tmp_path, database_url=database_url(name))
 
 
 TASK_ROUTES = [

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from gated import GatedEngine
-from live_server import SMALL, LiveServer, run_live_server
+from live_server import SMALL, LiveServer, serving
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.service import generation
@@ -100,9 +100,7 @@ def test_submission_errors_charge_nothing(client: httpx.Client, live_server: Liv
 
 
 def test_failed_task_is_422_and_free(tmp_path: Path) -> None:
-    gen = run_live_server(Settings(data_dir=tmp_path, device="cpu"), engine=FailingEngine())
-    server = next(gen)
-    try:
+    with serving(Settings(data_dir=tmp_path, device="cpu"), engine=FailingEngine()) as server:
         key = server.new_key(3)
         with server.client() as c:
             task_id = submit(c, key, SMALL)["request_id"]
@@ -113,43 +111,40 @@ def test_failed_task_is_422_and_free(tmp_path: Path) -> None:
             assert result.status_code == 422 and result.json()["output"] == []
             assert "secret" not in result.text
             assert c.get("/v1/get-user-credits", headers={"x-api-key": key}).json() == {"credits": 3}
-    finally:
-        gen.close()
 
 
 def test_progress_while_processing(tiny_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(generation, "PROGRESS_WRITE_INTERVAL_S", 0.0)
     settings = Settings(data_dir=tmp_path, device="cpu", batch_wait_ms=0)
     engine = GatedEngine(settings, tiny_model)
-    gen = run_live_server(settings, engine=engine)
-    server = next(gen)
-    try:
-        key = server.new_key(3)
-        engine.pause_at_step, engine.gate = 2, threading.Event()
-        with server.client() as c:
-            task_id = submit(c, key, {**SMALL, "steps": 4})["request_id"]
-            assert engine.paused.wait(60)
-            # Progress reaches the database from the event loop, shortly after the engine reported it.
-            expected = {"request_id": task_id, "status": "PROCESSING", "progress": {"step": 2, "steps": 4}}
-            deadline = time.monotonic() + 30
-            while (status := c.get(f"/v2/requests/{task_id}/status", headers={"x-api-key": key}).json()) != expected:
-                assert time.monotonic() < deadline, status
-                time.sleep(0.02)
-            result = c.get(f"/v2/requests/{task_id}", headers={"x-api-key": key}).json()
-            assert result["status"] == "PROCESSING" and result["output"] == []
+    with serving(settings, engine=engine) as server:
+        try:
+            key = server.new_key(3)
+            engine.pause_at_step, engine.gate = 2, threading.Event()
+            with server.client() as c:
+                task_id = submit(c, key, {**SMALL, "steps": 4})["request_id"]
+                assert engine.paused.wait(60)
+                # Progress reaches the database from the event loop, shortly after the engine reported it.
+                expected = {"request_id": task_id, "status": "PROCESSING", "progress": {"step": 2, "steps": 4}}
+                deadline = time.monotonic() + 30
+                status_url = f"/v2/requests/{task_id}/status"
+                while (status := c.get(status_url, headers={"x-api-key": key}).json()) != expected:
+                    assert time.monotonic() < deadline, status
+                    time.sleep(0.02)
+                result = c.get(f"/v2/requests/{task_id}", headers={"x-api-key": key}).json()
+                assert result["status"] == "PROCESSING" and result["output"] == []
+                engine.gate.set()
+                assert wait_done(c, key, task_id).json()["status"] == "COMPLETED"
+        finally:
             engine.gate.set()
-            assert wait_done(c, key, task_id).json()["status"] == "COMPLETED"
-    finally:
-        engine.gate.set()
-        gen.close()
 
 
 def test_tasks_are_shared_by_processes_on_one_database(tiny_model: LoadedModel, tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, device="cpu")
-    gen_a = run_live_server(settings, engine=BatchingEngine(settings, tiny_model))
-    gen_b = run_live_server(settings, engine=BatchingEngine(settings, tiny_model))
-    a, b = next(gen_a), next(gen_b)
-    try:
+    with (
+        serving(settings, engine=BatchingEngine(settings, tiny_model)) as a,
+        serving(settings, engine=BatchingEngine(settings, tiny_model)) as b,
+    ):
         key = a.new_key(2)
         with a.client() as ca, b.client() as cb:
             task_id = submit(ca, key, SMALL)["request_id"]
@@ -157,9 +152,6 @@ def test_tasks_are_shared_by_processes_on_one_database(tiny_model: LoadedModel, 
             url = cb.get(f"/v2/requests/{task_id}", headers={"x-api-key": key}).json()["output"][0]
             assert url.startswith(b.url)
             assert cb.get(url, headers={"x-api-key": key}).status_code == 200
-    finally:
-        gen_a.close()
-        gen_b.close()
 
 
 def test_results_expire(live_server: LiveServer, client: httpx.Client) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gated import GatedEngine
-from helpers.engines import started
+from helpers.engines import held, started
 from helpers.jobs import make_job
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
@@ -76,10 +76,7 @@ def test_prompt_cache_gives_identical_images(tiny_model: LoadedModel) -> None:
 async def test_full_queue_is_503_and_deadline_fails_queued(tiny_model: LoadedModel) -> None:
     settings = Settings(device="cpu", max_queue=2, batch_wait_ms=0, queue_timeout_s=0.3)
     async with started(GatedEngine(settings, tiny_model)) as engine:
-        engine.gate.clear()
-        running = asyncio.create_task(engine.generate(JOB, request_id="running"))
-        while not engine.in_flight:  # until the worker has taken it
-            await asyncio.sleep(0.01)
+        running = await held(engine, JOB)
         other = dataclasses.replace(JOB, steps=3)  # not batchable with the running one
         queued = [asyncio.create_task(engine.generate(other, request_id=f"q{i}")) for i in range(2)]
         await asyncio.sleep(0)
@@ -98,10 +95,7 @@ async def test_full_queue_is_503_and_deadline_fails_queued(tiny_model: LoadedMod
 @pytest.mark.anyio
 async def test_cancelled_queued_request_is_dropped(tiny_model: LoadedModel) -> None:
     async with started(GatedEngine(Settings(device="cpu", batch_wait_ms=0), tiny_model)) as engine:
-        engine.gate.clear()
-        running = asyncio.create_task(engine.generate(JOB, request_id="running"))
-        while not engine.in_flight:
-            await asyncio.sleep(0.01)
+        running = await held(engine, JOB)
         waiting = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=3), request_id="w"))
         await asyncio.sleep(0)
         assert engine.queue_depth == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gated import CountingGate, GatedEngine
-from helpers.engines import started
+from helpers.engines import held, started
 from helpers.jobs import make_job
 from sd3serve.engine.batching import BatchingEngine
 from sd3serve.engine.job import GenerationJob
@@ -114,10 +114,7 @@ async def test_an_abandoned_job_stops_at_the_next_step_and_its_batch_mates_are_e
 @pytest.mark.anyio
 async def test_queued_requests_time_out_while_a_long_batch_runs(tiny_model: LoadedModel) -> None:
     async with started(GatedEngine(Settings(device="cpu", batch_wait_ms=0, queue_timeout_s=0.5), tiny_model)) as engine:
-        engine.gate.clear()  # the running batch is held as long as the test wants: "a long batch"
-        running = asyncio.create_task(engine.generate(JOB, request_id="long"))
-        while not engine.in_flight:
-            await asyncio.sleep(0.01)
+        running = await held(engine, JOB, "long")  # "a long batch"
         queued = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=3), request_id="q"))
         # Answered at its deadline, while the batch is still held (before: only once it ended).
         with pytest.raises(QueueTimeout):

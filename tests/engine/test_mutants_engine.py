@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gated import GatedEngine
-from helpers.engines import started
+from helpers.engines import held, started
 from helpers.jobs import make_job
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.engine.pipeline import FlowDenoiser, SD3Pipeline
@@ -24,10 +24,7 @@ JOB = make_job(steps=3)  # fmt: skip
 @pytest.mark.anyio
 async def test_a_request_that_expires_in_the_queue_leaves_it_and_never_runs(tiny_model: LoadedModel) -> None:
     async with started(GatedEngine(Settings(device="cpu", batch_wait_ms=0, queue_timeout_s=0.3), tiny_model)) as engine:
-        engine.gate.clear()
-        running = asyncio.create_task(engine.generate(JOB, request_id="running"))
-        while not engine.in_flight:
-            await asyncio.sleep(0.01)
+        running = await held(engine, JOB)
         queued = asyncio.create_task(engine.generate(dataclasses.replace(JOB, steps=2), request_id="late"))
         with pytest.raises(QueueTimeout):
             await asyncio.wait_for(queued, timeout=30)

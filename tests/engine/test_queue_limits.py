@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from gated import GatedEngine
-from helpers.engines import started
+from helpers.engines import held, started
 from helpers.jobs import make_job
 from sd3serve.engine.loading import LoadedModel
 from sd3serve.errors import Overloaded, QueueTimeout
@@ -23,13 +23,7 @@ async def _with_running_job(engine: GatedEngine, *, started: bool = False) -> as
     """Start the engine with its gate shut and one job taken by the worker: what comes next waits in the queue."""
     if not started:
         await engine.start()
-    engine.gate.clear()
-    running = asyncio.create_task(engine.generate(JOB, request_id="running"))
-    while not engine.in_flight:  # until the worker has taken it
-        if running.done():
-            await running  # it failed instead: raise its error rather than wait for ever
-        await asyncio.sleep(0.01)
-    return running
+    return await held(engine, JOB)
 
 
 @pytest.mark.parametrize("max_queue", [1, 3])

@@ -18,6 +18,9 @@ solvers in σ carry over. Everything that depends on the noise *schedule* uses t
 Scalar coefficients are computed in Python float64 from ``sigmas.tolist()`` (one host sync per call), tensors
 only see ``x ← a·x + b·D`` updates, so every batch item is computed independently of the others.
 
+The samplers that start every step with the model's x0 at σ share one step loop (``_run``): each gives only its
+update from σ to σ', and the step to σ = 0 ends at that x0.
+
 What each sampler is (stochastic, CFG++, order, ...) is in :mod:`sd3serve.catalogue`, torch-free, with the
 solver family that runs it and its options (as k-diffusion's ``solver_type=``): ``SAMPLERS`` is built from it.
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -179,6 +182,40 @@ def _steps(sig: list[float], callback: OnStep) -> Iterator[tuple[int, float, flo
         _progress(callback, i, n)
 
 
+class _Step(NamedTuple):
+    """Step ``i`` of the schedule, from σ = ``s`` to σ' = ``s1`` > 0, with the model's x0 at σ: ``denoised`` (the
+    guided one) and ``uncond`` (for CFG++ the unconditional x0, otherwise the same tensor)."""
+
+    i: int
+    s: float
+    s1: float
+    denoised: Tensor
+    uncond: Tensor
+
+
+Update = Callable[[Tensor, _Step], Tensor]  # (x at σ, the step) -> x at σ'
+
+
+def _run(model: Denoiser, x: Tensor, sigmas: Tensor, callback: OnStep, update: Update, *,
+         sig: list[float] | None = None, cfg_pp: bool = False, offset_first: bool = False) -> Tensor:  # fmt: skip
+    """The step loop the samplers share: the model's x0 at every σ of the schedule (``sig``: its floats where the
+    caller has them), that x0 as the result of the step to σ' = 0, ``update`` for every other step. ``cfg_pp``: the
+    guided and the unconditional x0 (``Denoiser.with_uncond``); ``offset_first``: the first σ offset to
+    ``SNR_SIGMA_MAX`` (the model sees it at the first step too)."""
+    sig = _floats(sigmas) if sig is None else sig
+    if offset_first:
+        sig = _offset_first(sig)
+    st = _Sig(sigmas)
+    for i, s, s1 in _steps(sig, callback):
+        sigma = st.at(s) if offset_first and i == 0 else st[i]
+        if cfg_pp:
+            denoised, uncond = model.with_uncond(x, sigma)
+        else:
+            denoised = uncond = model(x, sigma)
+        x = denoised if s1 == 0 else update(x, _Step(i, s, s1, denoised, uncond))
+    return x
+
+
 def _add_noise(x: Tensor, noise: BatchNoise, scale: float, std: float) -> Tensor:
     """scale·x + std·ε, the ancestral re-noising of the flow (``std`` already times s_noise)."""
     return _comb((scale, x), (std, noise.step(x)))
@@ -192,31 +229,27 @@ def sample_euler(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNois
     """Euler's method (Karras et al. 2022, Algorithm 2 without churn) at η = 0; at η > 0 ancestral Euler with
     rectified-flow re-noising (ComfyUI's sample_euler_ancestral_RF): a deterministic step to σ_down, then noise back
     to the flow marginal at σ'. ``cfg_pp``: with CFG++ (Chung et al. 2024)."""
-    if cfg_pp:
-        return _euler_cfg_pp(model, x, sigmas, noise, callback, eta, s_noise)
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
-        if s1 == 0:
-            x = denoised
-            continue
-        s_down, scale, renoise = _rf_ancestral(s, s1, eta)  # η = 0: σ_down = σ', nothing re-noised
-        x = torch.lerp(denoised, x, s_down / s)  # x + (σ_down-σ)·(x-D)/σ
+    step = _euler_cfg_pp(noise, eta, s_noise) if cfg_pp else _euler(noise, eta, s_noise)
+    return _run(model, x, sigmas, callback, step, cfg_pp=cfg_pp)
+
+
+def _euler(noise: BatchNoise, eta: float, s_noise: float) -> Update:
+    def step(x: Tensor, at: _Step) -> Tensor:
+        s_down, scale, renoise = _rf_ancestral(at.s, at.s1, eta)  # η = 0: σ_down = σ', nothing re-noised
+        x = torch.lerp(at.denoised, x, s_down / at.s)  # x + (σ_down-σ)·(x-D)/σ
         if eta > 0:
             x = _add_noise(x, noise, scale, renoise * s_noise)
-    return x
+        return x
+
+    return step
 
 
-def _euler_cfg_pp(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise, callback: OnStep, eta: float,
-                  s_noise: float) -> Tensor:  # fmt: skip
+def _euler_cfg_pp(noise: BatchNoise, eta: float, s_noise: float) -> Update:
     """CFG++ Euler as ComfyUI: x' = α'·D_g + σ_down·ε̂_u + α'·r_up·z with ε̂_u = (x - α·D_u)/σ and the ancestral split
     taken on the noise-to-signal ratios r = σ/α (the paper's VE variable x/α); η = 0 is DDIM-CFG++ (euler_cfg_pp)."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, s, s1 in _steps(sig, callback):
-        guided, uncond = model.with_uncond(x, st[i])
-        if s1 == 0:
-            x = guided
-            continue
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        s, s1, guided, uncond = at.s, at.s1, at.denoised, at.uncond
         a_s, a_t = 1 - s, 1 - s1
         if a_s <= 0:  # σ = 1: r = ∞, all of σ' is fresh noise (ComfyUI's get_ancestral_step gives up = r')
             r_down, r_up = (0.0, s1 / a_t) if eta else (s1 / a_t, 0.0)
@@ -226,22 +259,23 @@ def _euler_cfg_pp(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise,
         x = _comb((c, x), (-c * a_s, uncond), (a_t, guided))
         if eta > 0 and s_noise > 0:
             x.add_(noise.step(x), alpha=a_t * r_up * s_noise)
-    return x
+        return x
+
+    return step
 
 
 def sample_heun(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Heun's method (Karras et al. 2022, Algorithm 1); Euler on the last step to σ = 0."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
-        if s1 == 0:
-            x = denoised
-            continue
-        d = _deriv(x, denoised, s)
+    st = _Sig(sigmas)
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        s, s1 = at.s, at.s1
+        d = _deriv(x, at.denoised, s)
         x_2 = torch.add(x, d, alpha=s1 - s)
-        d_2 = _deriv(x_2, model(x_2, st[i + 1]), s1)
-        x = _comb((1.0, x), (0.5 * (s1 - s), d), (0.5 * (s1 - s), d_2))
-    return x
+        d_2 = _deriv(x_2, model(x_2, st[at.i + 1]), s1)
+        return _comb((1.0, x), (0.5 * (s1 - s), d), (0.5 * (s1 - s), d_2))
+
+    return _run(model, x, sigmas, callback, step)
 
 
 def sample_heunpp2(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
@@ -272,19 +306,19 @@ def sample_dpm_2(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNois
                  eta: float = 0.0, s_noise: float = 1.0) -> Tensor:  # fmt: skip
     """DPM-Solver-2-style midpoint in log σ (Karras et al. 2022 / k-diffusion), Euler on the last step; at η > 0
     ancestral, with rectified-flow re-noising (ComfyUI's sample_dpm_2_ancestral_RF)."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
-        if s1 == 0:
-            x = denoised
-            continue
-        s_down, scale, renoise = _rf_ancestral(s, s1, eta)  # η = 0: σ_down = σ'
+    st = _Sig(sigmas)
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        s = at.s
+        s_down, scale, renoise = _rf_ancestral(s, at.s1, eta)  # η = 0: σ_down = σ'
         s_mid = math.sqrt(s * s_down)
-        x_2 = torch.lerp(denoised, x, s_mid / s)
+        x_2 = torch.lerp(at.denoised, x, s_mid / s)
         x = _comb((1.0, x), ((s_down - s) / s_mid, x_2), ((s - s_down) / s_mid, model(x_2, st.at(s_mid))))
         if eta > 0:
             x = _add_noise(x, noise, scale, renoise * s_noise)
-    return x
+        return x
+
+    return _run(model, x, sigmas, callback, step)
 
 
 # -------------------------------------------------------------------------------- linear multistep (σ-time)
@@ -326,37 +360,37 @@ def _solve(mat: list[list[float]], rhs: list[float]) -> list[float]:
 def sample_lms(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                order: int = 4) -> Tensor:  # fmt: skip
     """Linear multistep (Adams–Bashforth in σ, order 4; k-diffusion's sample_lms, exact coefficients)."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
+    sig = _floats(sigmas)
     ds: list[Tensor] = []
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
-        ds = [*ds, _deriv(x, denoised, s)][-order:]
-        if s1 == 0:
-            x = denoised
-            continue
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        nonlocal ds
+        i, s, s1 = at.i, at.s, at.s1
+        ds = [*ds, _deriv(x, at.denoised, s)][-order:]
         nodes = [sig[i - k] for k in range(min(i + 1, order))]
-        x = _comb((1.0, x), *((_lagrange_integral(nodes, j, s, s1), ds[-1 - j]) for j in range(len(nodes))))
-    return x
+        return _comb((1.0, x), *((_lagrange_integral(nodes, j, s, s1), ds[-1 - j]) for j in range(len(nodes))))
+
+    return _run(model, x, sigmas, callback, step, sig=sig)
 
 
 def sample_ipndm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
                  max_order: int = 4, variable_step: bool = False) -> Tensor:  # fmt: skip
     """Improved PNDM (Zhang & Chen 2023, DEIS paper): Adams–Bashforth in σ of order ≤ 4 with the fixed coefficients
     of equal steps, or with ``variable_step`` those of the actual step sizes (ComfyUI's ipndm_v)."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
+    sig = _floats(sigmas)
     buf: list[Tensor] = []
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
-        d = _deriv(x, denoised, s)
-        if s1 == 0:
-            x = denoised
-        else:
-            order = min(max_order, i + 1)
-            cs = _ipndm_v_coeffs(sig, i, order) if variable_step else _IPNDM_COEFFS[order]
-            hist = [d, *reversed(buf)]
-            x = _comb((1.0, x), *(((s1 - s) * c, dd) for c, dd in zip(cs, hist, strict=False)))
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        nonlocal buf
+        i, s, s1 = at.i, at.s, at.s1
+        d = _deriv(x, at.denoised, s)
+        order = min(max_order, i + 1)
+        cs = _ipndm_v_coeffs(sig, i, order) if variable_step else _IPNDM_COEFFS[order]
+        hist = [d, *reversed(buf)]
         buf = [*buf, d][-(max_order - 1) :]
-    return x
+        return _comb((1.0, x), *(((s1 - s) * c, dd) for c, dd in zip(cs, hist, strict=False)))
+
+    return _run(model, x, sigmas, callback, step, sig=sig)
 
 
 # iPNDM's Adams–Bashforth coefficients for equal steps, by order (newest derivative first)
@@ -401,20 +435,20 @@ def sample_deis(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise
 
     For flow, d(x/σ)/dσ = -D/σ², so x' = (σ'/σ)·x - σ'·Σ_j D_j ∫_σ^σ' ℓ_j(τ)/τ² dτ (integrals exact).
     """
-    sig, st = _floats(sigmas), _Sig(sigmas)
+    sig = _floats(sigmas)
     buf: list[Tensor] = []
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        nonlocal buf
+        i, s, s1 = at.i, at.s, at.s1
         order = min(max_order, i + 1)
-        if s1 == 0:
-            x = denoised
-        else:
-            nodes = [sig[i - k] for k in range(order)]
-            hist = [denoised, *reversed(buf)]
-            ws = [-s1 * _lagrange_integral(nodes, j, s, s1, weight_pow=-2) for j in range(order)]
-            x = _comb((s1 / s, x), *zip(ws, hist, strict=False))
-        buf = [*buf, denoised][-(max_order - 1) :] if max_order > 1 else []
-    return x
+        nodes = [sig[i - k] for k in range(order)]
+        hist = [at.denoised, *reversed(buf)]
+        ws = [-s1 * _lagrange_integral(nodes, j, s, s1, weight_pow=-2) for j in range(order)]
+        buf = [*buf, at.denoised][-(max_order - 1) :] if max_order > 1 else []
+        return _comb((s1 / s, x), *zip(ws, hist, strict=False))
+
+    return _run(model, x, sigmas, callback, step, sig=sig)
 
 
 # --------------------------------------------------------------------------------- DPM-Solver (fast / adaptive)
@@ -586,45 +620,24 @@ def sample_dpmpp_2s_ancestral(model: Denoiser, x: Tensor, sigmas: Tensor, *, noi
                               eta: float = 1.0, s_noise: float = 1.0, cfg_pp: bool = False) -> Tensor:  # fmt: skip
     """Ancestral DPM-Solver++(2S) (Lu et al. 2022), λ = logit(1-σ), RF re-noising (ComfyUI's *_RF); ``cfg_pp``: as
     ComfyUI for flow models, the unconditional 2S step plus α'·(D_g - D_u)."""
-    step = _dpmpp_2s_ancestral_cfg_pp if cfg_pp else _dpmpp_2s_ancestral
-    return step(model, x, sigmas, noise, callback, eta, s_noise)
+    st = _Sig(sigmas)
 
-
-def _dpmpp_2s_ancestral(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise, callback: OnStep,
-                        eta: float, s_noise: float) -> Tensor:  # fmt: skip
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
-        if s1 == 0:
-            x = denoised
+    def step(x: Tensor, at: _Step) -> Tensor:
+        s, s1 = at.s, at.s1
+        s_down, scale, renoise = _rf_ancestral(s, s1, eta)
+        s_mid = _midpoint_2s(s, s_down)
+        u = torch.lerp(at.uncond, x, s_mid / s)
+        if cfg_pp:  # ComfyUI's *_RF_cfg_pp: the unconditional 2S step, then α'·(D_g - D_u) of the first call
+            x = torch.lerp(model.with_uncond(u, st.at(s_mid))[1], x, s_down / s)
         else:
-            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
-            s_mid = _midpoint_2s(s, s_down)
-            u = torch.lerp(denoised, x, s_mid / s)
             x = torch.lerp(model(u, st.at(s_mid)), x, s_down / s)
-            if eta > 0:
-                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
-    return x
+        if eta > 0:
+            x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
+        if cfg_pp:
+            x.add_(at.denoised, alpha=1 - s1).sub_(at.uncond, alpha=1 - s1)
+        return x
 
-
-def _dpmpp_2s_ancestral_cfg_pp(model: Denoiser, x: Tensor, sigmas: Tensor, noise: BatchNoise, callback: OnStep,
-                               eta: float, s_noise: float) -> Tensor:  # fmt: skip
-    """ComfyUI's ``*_RF_cfg_pp``: the unconditional 2S ancestral step, then α'·(D_g - D_u) of the first call."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, s, s1 in _steps(sig, callback):
-        guided, uncond = model.with_uncond(x, st[i])
-        if s1 == 0:
-            x = guided  # u + 1·(D_g - u)
-        else:
-            s_down, scale, renoise = _rf_ancestral(s, s1, eta)
-            s_mid = _midpoint_2s(s, s_down)
-            u = torch.lerp(uncond, x, s_mid / s)
-            _, uncond_2 = model.with_uncond(u, st.at(s_mid))  # only the unconditional x0 is used
-            x = torch.lerp(uncond_2, x, s_down / s)
-            if eta > 0:
-                x = _comb((scale, x), (renoise * s_noise, noise.step(x)))
-            x.add_(guided, alpha=1 - s1).sub_(uncond, alpha=1 - s1)
-    return x
+    return _run(model, x, sigmas, callback, step, cfg_pp=cfg_pp)
 
 
 def _brownian(noise: BatchNoise, x: Tensor, sigmas: Tensor, on_device: bool) -> BrownianNoise:
@@ -638,34 +651,34 @@ def sample_dpmpp_sde(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: Batch
                      on_device: bool = False) -> Tensor:  # fmt: skip
     """DPM-Solver++ SDE (Lu et al. 2022), 2 stages, λ = logit(1-σ), noise in the flow's σ/α; ``on_device``: the
     Brownian tree grows on the compute device."""
-    sig, st = _offset_first(_floats(sigmas)), _Sig(sigmas)
+    st = _Sig(sigmas)
     fac = 1 / (2 * r)
     tree = _brownian(noise, x, sigmas, on_device) if eta > 0 and s_noise > 0 else None
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st.at(s) if i == 0 else st[i])
-        if s1 == 0:
-            x = denoised
-        else:
-            lam_s, lam_t = _lam(s), _lam(s1)
-            h = lam_t - lam_s
-            lam_1 = lam_s + r * h
-            s_1 = _mid_sigma_f32(s, s1, r)
-            a_s, a_1, a_t = 1 - s, 1 - s_1, 1 - s1
-            # stage 1: exponential step to λ_1 with ancestral noise in the noise-to-signal ratio e^{-λ}
-            rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_1), eta)
-            h_ = -math.log(rd) - lam_s
-            x_2 = _comb(((a_1 / a_s) * math.exp(-h_), x), (-a_1 * math.expm1(-h_), denoised))
-            if tree is not None:
-                x_2.add_(tree(s, s_1), alpha=a_1 * ru * s_noise)
-            denoised_2 = model(x_2, st.at(s_1))
-            # stage 2
-            rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_t), eta)
-            h_ = -math.log(rd) - lam_s
-            c = -a_t * math.expm1(-h_)
-            x = _comb(((a_t / a_s) * math.exp(-h_), x), (c * (1 - fac), denoised), (c * fac, denoised_2))
-            if tree is not None:
-                x.add_(tree(s, s1), alpha=a_t * ru * s_noise)
-    return x
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        s, s1, denoised = at.s, at.s1, at.denoised
+        lam_s, lam_t = _lam(s), _lam(s1)
+        h = lam_t - lam_s
+        lam_1 = lam_s + r * h
+        s_1 = _mid_sigma_f32(s, s1, r)
+        a_s, a_1, a_t = 1 - s, 1 - s_1, 1 - s1
+        # stage 1: exponential step to λ_1 with ancestral noise in the noise-to-signal ratio e^{-λ}
+        rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_1), eta)
+        h_ = -math.log(rd) - lam_s
+        x_2 = _comb(((a_1 / a_s) * math.exp(-h_), x), (-a_1 * math.expm1(-h_), denoised))
+        if tree is not None:
+            x_2.add_(tree(s, s_1), alpha=a_1 * ru * s_noise)
+        denoised_2 = model(x_2, st.at(s_1))
+        # stage 2
+        rd, ru = _ve_ancestral(math.exp(-lam_s), math.exp(-lam_t), eta)
+        h_ = -math.log(rd) - lam_s
+        c = -a_t * math.expm1(-h_)
+        x = _comb(((a_t / a_s) * math.exp(-h_), x), (c * (1 - fac), denoised), (c * fac, denoised_2))
+        if tree is not None:
+            x.add_(tree(s, s1), alpha=a_t * ru * s_noise)
+        return x
+
+    return _run(model, x, sigmas, callback, step, offset_first=True)
 
 
 def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,
@@ -677,31 +690,27 @@ def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchN
     On the Gaussian benchmark this is the more accurate choice at 4-8 steps (bench/samplers.py). ``cfg_pp``: with
     CFG++ (Chung et al. 2024), guided x0, unconditional ε̂ and history.
     """
-    sig, st = _floats(sigmas), _Sig(sigmas)
     old: Tensor | None = None
     h_last = 1.0
-    for i, s, s1 in _steps(sig, callback):
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        nonlocal old, h_last
+        s, s1 = at.s, at.s1
+        h = math.log(s / s1)  # t = -log σ: finite at σ = 1, so the σ = 1 evaluation serves as history
+        a = s1 / s
+        # x' = (σ'/σ)·x + (1-σ'/σ)·D̃, D̃ = D + (h/2h_last)(D - D_old); the first-order part is the exact
+        # flow step α'·D + σ'·ε̂, split for CFG++ into guided x0 and unconditional ε̂ = (x - α·D_u)/σ
+        c = (1 - a) * h / (2 * h_last) if old is not None else 0.0
         if cfg_pp:
-            denoised, uncond = model.with_uncond(x, st[i])
+            x = _comb((a, x), (-a * (1 - s), at.uncond), (1 - s1 + c, at.denoised))
         else:
-            denoised = uncond = model(x, st[i])
-        if s1 == 0:
-            x = denoised
-        else:
-            h = math.log(s / s1)  # t = -log σ: finite at σ = 1, so the σ = 1 evaluation serves as history
-            a = s1 / s
-            # x' = (σ'/σ)·x + (1-σ'/σ)·D̃, D̃ = D + (h/2h_last)(D - D_old); the first-order part is the exact
-            # flow step α'·D + σ'·ε̂, split for CFG++ into guided x0 and unconditional ε̂ = (x - α·D_u)/σ
-            c = (1 - a) * h / (2 * h_last) if old is not None else 0.0
-            if cfg_pp:
-                x = _comb((a, x), (-a * (1 - s), uncond), (1 - s1 + c, denoised))
-            else:
-                x = _comb((a, x), (1 - a + c, denoised))
-            if old is not None:
-                x.add_(old, alpha=-c)
-            h_last = h
-        old = uncond
-    return x
+            x = _comb((a, x), (1 - a + c, at.denoised))
+        if old is not None:
+            x.add_(old, alpha=-c)
+        old, h_last = at.uncond, h
+        return x
+
+    return _run(model, x, sigmas, callback, step, cfg_pp=cfg_pp)
 
 
 def sample_dpmpp_multistep_sde(
@@ -711,45 +720,43 @@ def sample_dpmpp_multistep_sde(
     """DPM-Solver++ multistep SDE (Lu et al. 2022; k-diffusion), λ = logit(1-σ), noise σ'·sqrt(1-e^{-2hη}):
     ``max_order`` 2 is DPM-Solver++(2M) SDE (midpoint), 3 is (3M) SDE; ``on_device``: the Brownian tree grows on the
     compute device."""
-    sig, st = _offset_first(_floats(sigmas)), _Sig(sigmas)
     tree = _brownian(noise, x, sigmas, on_device) if eta > 0 and s_noise > 0 else None
     d_1: Tensor | None = None
     d_2: Tensor | None = None
     h_1: float | None = None
     h_2: float | None = None
-    h: float | None = None
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st.at(s) if i == 0 else st[i])
-        if s1 == 0:
-            x = denoised
-            h = None
-        else:
-            h = _lam(s1) - _lam(s)
-            h_eta = h * (eta + 1)
-            a_t = 1 - s1
-            phi_1 = -math.expm1(-h_eta)
-            terms = [((s1 / s) * math.exp(-h * eta), x), (a_t * phi_1, denoised)]
-            if max_order >= 3 and h_2 is not None and d_2 is not None and d_1 is not None and h_1 is not None:
-                # 3M: x += α'φ_2·d1 - α'φ_3·d2 with d1, d2 the divided differences, folded into coefficients
-                r0, r1 = h_1 / h, h_2 / h
-                q = r0 / (r0 + r1)
-                phi_2 = math.expm1(-h_eta) / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                big_a, big_b = a_t * phi_2, a_t * phi_3
-                k0 = (big_a * (1 + q) - big_b / (r0 + r1)) / r0  # on (D - D_1)
-                k1 = (big_b / (r0 + r1) - big_a * q) / r1  # on (D_1 - D_2)
-                terms = [terms[0], (a_t * phi_1 + k0, denoised), (k1 - k0, d_1), (-k1, d_2)]
-            elif h_1 is not None and d_1 is not None:
-                # the 3M solver's second step is heun-type (φ_2); DPM-Solver++(2M) SDE is the midpoint variant
-                phi = math.expm1(-h_eta) / h_eta + 1 if max_order >= 3 else 0.5 * phi_1
-                c = a_t * phi * h / h_1
-                terms = [terms[0], (a_t * phi_1 + c, denoised), (-c, d_1)]
-            x = _comb(*terms)
-            if tree is not None:
-                x.add_(tree(s, s1), alpha=s1 * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        nonlocal d_1, d_2, h_1, h_2
+        s, s1, denoised = at.s, at.s1, at.denoised
+        h = _lam(s1) - _lam(s)
+        h_eta = h * (eta + 1)
+        a_t = 1 - s1
+        phi_1 = -math.expm1(-h_eta)
+        terms = [((s1 / s) * math.exp(-h * eta), x), (a_t * phi_1, denoised)]
+        if max_order >= 3 and h_2 is not None and d_2 is not None and d_1 is not None and h_1 is not None:
+            # 3M: x += α'φ_2·d1 - α'φ_3·d2 with d1, d2 the divided differences, folded into coefficients
+            r0, r1 = h_1 / h, h_2 / h
+            q = r0 / (r0 + r1)
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            phi_3 = phi_2 / h_eta - 0.5
+            big_a, big_b = a_t * phi_2, a_t * phi_3
+            k0 = (big_a * (1 + q) - big_b / (r0 + r1)) / r0  # on (D - D_1)
+            k1 = (big_b / (r0 + r1) - big_a * q) / r1  # on (D_1 - D_2)
+            terms = [terms[0], (a_t * phi_1 + k0, denoised), (k1 - k0, d_1), (-k1, d_2)]
+        elif h_1 is not None and d_1 is not None:
+            # the 3M solver's second step is heun-type (φ_2); DPM-Solver++(2M) SDE is the midpoint variant
+            phi = math.expm1(-h_eta) / h_eta + 1 if max_order >= 3 else 0.5 * phi_1
+            c = a_t * phi * h / h_1
+            terms = [terms[0], (a_t * phi_1 + c, denoised), (-c, d_1)]
+        x = _comb(*terms)
+        if tree is not None:
+            x.add_(tree(s, s1), alpha=s1 * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
         d_1, d_2 = denoised, d_1
         h_1, h_2 = h, h_1
-    return x
+        return x
+
+    return _run(model, x, sigmas, callback, step, offset_first=True)
 
 
 # ------------------------------------------------------------------------------------ DDPM, LCM, DDIM
@@ -757,27 +764,25 @@ def sample_dpmpp_multistep_sde(
 
 def sample_ddpm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020): the exact posterior q(x_σ' | x_σ, x0) of the flow's α, σ."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, s, s1 in _steps(sig, callback):
-        denoised = model(x, st[i])
-        if s1 == 0:
-            x = denoised
-        else:
-            a_s, a_t = 1 - s, 1 - s1
-            ratio = a_s / a_t  # α_{σ|σ'}
-            var = max(s**2 - ratio**2 * s1**2, 0.0)  # σ²_{σ|σ'}
-            x = _comb((ratio * s1**2 / s**2, x), (a_t * var / s**2, denoised), (math.sqrt(var) * s1 / s, noise.step(x)))
-    return x
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        s, s1 = at.s, at.s1
+        a_s, a_t = 1 - s, 1 - s1
+        ratio = a_s / a_t  # α_{σ|σ'}
+        var = max(s**2 - ratio**2 * s1**2, 0.0)  # σ²_{σ|σ'}
+        eps = noise.step(x)
+        return _comb((ratio * s1**2 / s**2, x), (a_t * var / s**2, at.denoised), (math.sqrt(var) * s1 / s, eps))
+
+    return _run(model, x, sigmas, callback, step)
 
 
 def sample_lcm(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None) -> Tensor:
     """Latent Consistency Model sampling (Luo et al. 2023): denoise, re-noise as (1-σ')·x0 + σ'·ε."""
-    sig, st = _floats(sigmas), _Sig(sigmas)
-    for i, _, s1 in _steps(sig, callback):
-        x = model(x, st[i])
-        if s1 > 0:
-            x = torch.lerp(x, noise.step(x), s1)
-    return x
+
+    def step(x: Tensor, at: _Step) -> Tensor:
+        return torch.lerp(at.denoised, noise.step(at.denoised), at.s1)
+
+    return _run(model, x, sigmas, callback, step)
 
 
 def sample_ddim(model: Denoiser, x: Tensor, sigmas: Tensor, *, noise: BatchNoise, callback: OnStep = None,

@@ -25,6 +25,63 @@ let adapters = [];  // the names GET /v1/loras gave for the key
 
 // --- fields ------------------------------------------------------------------------------------------------
 
+// How each request field is shown (its limits and choices come from the config): the control (a number input
+// unless named), a hint after the label, and what sets it apart.
+const FIELD_VIEWS = {
+  prompt: { control: "textarea", rows: 3, box: "wide" },
+  negative_prompt: { control: "textarea", rows: 2, box: "wide", hint: "(used when guidance > 1)" },
+  aspect_ratio: { control: "select" },
+  width: { note: "size-note" },
+  height: { note: "size-note" },
+  steps: {},
+  guidance_scale: { step: "0.1", inputmode: "decimal" },
+  seed: { box: "seed", hint: "(-1: random)", button: { id: "random-seed", text: "Random", title: "Draw a random seed" } },
+  sampler: { control: "select" },
+  scheduler: { control: "select" },
+  batch_size: {},
+  image_format: { control: "select" },
+  image_quality: { hint: "(jpeg, webp)" },
+  base64: { control: "checkbox", label: "Base64 in the response" },
+};
+
+function element(tag, attributes, ...children) {
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) if (value !== undefined) el.setAttribute(name, value);
+  el.append(...children);
+  return el;
+}
+
+// One field's markup: label, control and the message line its errors go to.
+function fieldBox(name, view) {
+  const control = view.control || "number", input = control === "number" || control === "checkbox";
+  const words = name.replaceAll("_", " "), text = view.label || words[0].toUpperCase() + words.slice(1);
+  const el = element(input ? "input" : control, {
+    id: name, "data-field": name, type: input ? control : undefined, rows: view.rows, step: view.step,
+    inputmode: control === "number" ? view.inputmode || "numeric" : undefined,
+    "aria-describedby": [`${name}-error`, view.note].filter(Boolean).join(" "),
+  });
+  const hint = view.hint ? [" ", element("span", { class: "hint" }, view.hint)] : [];
+  const label = control === "checkbox"
+    ? element("label", { class: "inline", for: name }, el, ` ${text}`)
+    : element("label", { for: name }, text, ...hint);
+  const button = view.button && element("button", { type: "button", id: view.button.id, title: view.button.title },
+    view.button.text);
+  const shown = control === "checkbox" ? [] : [button ? element("div", { class: "with-button" }, el, button) : el];
+  const error = element("p", { id: `${name}-error`, class: "error", "aria-live": "polite" });
+  return element("div", { class: view.box ? `field ${view.box}` : "field" }, label, ...shown, error);
+}
+
+// The request fields, in FIELDS order: the wide ones above the grid, the size note after the height.
+function buildFields() {
+  const grid = $("request-grid");
+  for (const name of FIELDS) {
+    const view = FIELD_VIEWS[name], box = fieldBox(name, view);
+    if (view.box === "wide") grid.before(box);
+    else grid.append(box);
+    if (name === "height") grid.append(element("p", { id: "size-note", class: "hint wide" }));
+  }
+}
+
 function fieldSpec(name) { return config.fields[name]; }
 
 function setupFields() {
@@ -534,6 +591,7 @@ function rememberKey() {
 }
 
 async function start() {
+  buildFields();
   try {
     config = await (await fetch("/playground/config.json")).json();
   } catch (e) {
