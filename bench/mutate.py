@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/mutate.py [--only SUBSTRING ...] [--list] [--no-baseline]    (or: make mutate-hand)
 
-mutmut measures the serving code (the store, the service, the routes, webhooks, middleware, batching, the memory
+mutmut measures the serving code (the ledger, the service, the routes, webhooks, middleware, batching, the memory
 plan, scale-out, the OpenAI schemas) with its own operators: swapped comparisons and operators, changed numbers and
 strings, removed call arguments (a dropped ``.where`` condition), ``None`` for assignments. The list below keeps
 only two kinds of mutant: those in modules outside mutmut's selection (the request schema, the samplers, the noise,
@@ -17,7 +17,7 @@ with the reason; it is still run and shown, but not counted in the score. Every 
 
 The copy lives in a temporary directory and goes first on PYTHONPATH, ahead of the editable install, so the
 working tree is never modified. The tests come from this checkout's tests/; each selection is a few files
-(SQLite only for the store).
+(SQLite only for the ledger).
 """
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def _m(name: str, file: str, original: str, replacement: str, *tests: str, equiv
 
 
 def _without_owner_check(name: str, then: str) -> Mutant:
-    """A read of ledger/tasks.py that no longer checks the task's key; ``then``: the start of the line after the
-    check, which tells the reads apart."""
-    check = '            if task is None{}:\n                raise NotFound(f"no task {{task_id!r}} for this key")\n'
-    return _m(name, "ledger/tasks.py", check.format(" or task.key_id != key_id") + "            " + then,
-              check.format("") + "            " + then, *TASK_TESTS)  # fmt: skip
+    """``Tasks._mine`` (every read of a task by its key) no longer checks the task's key; ``then``: the start of the
+    line after the check."""
+    check = '        if task is None{}:\n            raise NotFound(f"no task {{task_id!r}} for this key")\n'
+    return _m(name, "ledger/tasks.py", check.format(" or task.key_id != key_id") + "        " + then,
+              check.format("") + "        " + then, *TASK_TESTS)  # fmt: skip
 
 
 CREDITS_TESTS = ("tests/ledger/test_credits.py", "tests/ledger/test_key_digests.py", *SQLITE)
@@ -74,7 +74,7 @@ ONE_PATH = "tests/api/test_one_path.py"
 
 MUTANTS: list[Mutant] = [
     # --- bugs an audit planted ------------------------------------------------------------------------------
-    _m("digest returns the plaintext key", "ledger/credits.py",
+    _m("digest returns the plaintext key", "ledger/keys.py",
        'return hashlib.sha256(api_key.encode("utf-8")).hexdigest()', "return api_key", *CREDITS_TESTS),
     _m("steps le=70 -> lt=70", "api/schemas.py",
        "Field(ge=1, le=70)", "Field(ge=1, lt=70)", *SCHEMA_TESTS),
@@ -87,43 +87,39 @@ MUTANTS: list[Mutant] = [
     _m("job seeds are seed + i + 1", "engine/job.py",
        "[self.seed + i for i in range(self.batch_size)]", "[self.seed + i + 1 for i in range(self.batch_size)]",
        "tests/engine/test_job.py"),
-    _without_owner_check("image() without the owner check", "row = s.get(TaskImage"),
-    # --- store/credits.py -------------------------------------------------------------------------------
-    _m("a revoked key still authenticates", "ledger/credits.py",
+    _without_owner_check("reads without the owner check", "return task"),
+    # --- ledger/keys.py, ledger/credits.py, ledger/ledger.py ------------------------------------------------
+    _m("a revoked key still authenticates", "ledger/keys.py",
        "compare_digest(row.digest, wanted) or row.revoked_at is not None:", "compare_digest(row.digest, wanted):",
        *CREDITS_TESTS),
     _m("capture does not count the spend", "ledger/credits.py",
        "values(spent_micro=ApiKey.spent_micro + hold.amount_micro)", "values(spent_micro=ApiKey.spent_micro)",
        *CREDITS_TESTS),
     _m("release refunds a hold twice", "ledger/credits.py",
-       "def release_hold(s: Session, hold: CreditHold) -> bool:\n"
-       "    if s.execute(delete(Hold).where(Hold.id == hold.id)).rowcount != 1:  # type: ignore[attr-defined]\n"
-       "        return False\n",
-       "def release_hold(s: Session, hold: CreditHold) -> bool:\n"
-       "    s.execute(delete(Hold).where(Hold.id == hold.id))\n",
+       "        \"\"\"Return the hold to the balance; False if it is gone (settled before).\"\"\"\n"
+       "        if self.s.execute(delete(Hold).where(Hold.id == hold.id)).rowcount != 1:"
+       "  # type: ignore[attr-defined]\n"
+       "            return False\n",
+       "        \"\"\"Return the hold to the balance; False if it is gone (settled before).\"\"\"\n"
+       "        self.s.execute(delete(Hold).where(Hold.id == hold.id))\n",
        *CREDITS_TESTS),
-    _m("capture refunds instead of charging", "ledger/credits.py",
-       "            if not capture_hold(s, hold):", "            if not release_hold(s, hold):", *CREDITS_TESTS),
-    _m("capture ignores a hold that is gone (no ReservationLost)", "ledger/credits.py",
-       "            if not capture_hold(s, hold):", "            if not (capture_hold(s, hold) or True):",
+    _m("capture refunds instead of charging", "ledger/ledger.py",
+       "            if gone or not tx.credits.capture(hold):", "            if gone or not tx.credits.release(hold):",
        *CREDITS_TESTS),
-    _m("cancel_tasks does not return the holds", "ledger/credits.py",
-       "        release_hold(s, CreditHold(id=h.id, key_id=h.key_id, amount_micro=h.amount_micro))\n    return ids",
-       "        pass\n    return ids",
-       *TASK_TESTS),
+    _m("capture ignores a hold that is gone (no ReservationLost)", "ledger/ledger.py",
+       "            if gone or not tx.credits.capture(hold):", "            if not (tx.credits.capture(hold) or True):",
+       *CREDITS_TESTS),
+    _m("cancel_where does not return the holds", "ledger/tasks.py",
+       "            Credits(self.s).release_where(Hold.id.in_(hold_ids))", "            pass", *TASK_TESTS),
     # --- ledger/tasks.py ---------------------------------------------------------------------------------
-    _without_owner_check("get() without the owner check", "count"),
-    _without_owner_check("cancel() without the owner check", "cancelled"),
     _m("image() always returns image 0", "ledger/tasks.py",
-       "s.get(TaskImage, (task_id, index))", "s.get(TaskImage, (task_id, 0))", *TASK_TESTS),
-    # --- store/recovery.py ------------------------------------------------------------------------------
+       "self.s.get(TaskImage, (task_id, index))", "self.s.get(TaskImage, (task_id, 0))", *TASK_TESTS),
+    # --- ledger/recovery.py -----------------------------------------------------------------------------
     _m("heartbeat says alive when its instance row is gone", "ledger/recovery.py",
-       "            if res.rowcount == 1:  # type: ignore[attr-defined]\n                return True",
-       "            if res.rowcount >= 0:  # type: ignore[attr-defined]\n                return True",
-       *TASK_TESTS),
-    # --- store/idempotency.py ---------------------------------------------------------------------------
-    _m("begin() ignores a fingerprint mismatch", "ledger/idempotency.py",
-       "            if row.fingerprint != fingerprint:", "            if False:", *IDEM_TESTS),
+       "        return bool(res.rowcount == 1)", "        return bool(res.rowcount >= 0)", *TASK_TESTS),
+    # --- ledger/idempotency.py --------------------------------------------------------------------------
+    _m("a claim ignores a fingerprint mismatch", "ledger/idempotency.py",
+       "        if row.fingerprint != fingerprint:", "        if False:", *IDEM_TESTS),
     # --- api/schemas.py ---------------------------------------------------------------------------------
     _m("batch_size up to 11", "api/schemas.py",
        "Field(ge=1, le=MAX_BATCH_SIZE)", "Field(ge=1, le=MAX_BATCH_SIZE + 1)", *SCHEMA_TESTS),
