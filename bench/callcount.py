@@ -26,10 +26,13 @@ def _profile(frame: FrameType, event: str, arg: Any) -> None:
 
 
 def _dump(signum: int, frame: FrameType | None) -> None:
+    sys.setprofile(None)  # the dump's own calls are not the program's
+    counts = dict(_counts)
     path = os.environ["SD3BENCH_CALLS_FILE"]
     with open(path + ".tmp", "w") as f:
-        json.dump(dict(_counts), f)
+        json.dump(counts, f)
     os.replace(path + ".tmp", path)
+    sys.setprofile(_profile)
 
 
 def main() -> None:

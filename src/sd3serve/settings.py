@@ -119,8 +119,10 @@ class Settings(BaseSettings):
     # Model workers per process: requests run on this many threads at once, sharing the weights (each needs its
     # own activations). 0: one.
     model_workers: int = Field(0, ge=0)
-    # The VAE decoder's nearest-2x-then-3x3 upsamplers as one 2x2 convolution per output phase (engine/subpixel.py).
+    # The VAE decoder's nearest-2x-then-3x3 upsamplers as one transposed convolution (engine/subpixel.py).
     vae_subpixel: Literal["auto", "on", "off"] = "auto"  # auto: on the CPU
+    # The VAE decoder's resnet blocks with SiLU and the residual sum in place (engine/vae_inplace.py; same pixels).
+    vae_inplace: Literal["auto", "on", "off"] = "auto"  # auto: on the CPU
 
     @field_validator("admin_key")
     @classmethod

@@ -1,4 +1,8 @@
-"""Dependencies of the routes: the running services and the caller's key, as ``Annotated`` aliases."""
+"""Dependencies of the routes: the running services and the caller's key, as ``Annotated`` aliases.
+
+Each is ``async def``: none blocks, and FastAPI runs a plain ``def`` dependency on the thread pool, a thread hop per
+dependency and request. The dependencies of every request (the key, the generation call) take the services whole
+rather than one part each: each dependency in the tree costs every request its resolution."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from sd3serve.service import Accounts, GenerationService, KeyInfo, Services, Str
 from sd3serve.settings import Settings
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return app_state(request.app)
 
 
@@ -23,7 +27,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 def _part(name: str) -> Any:
     """A dependency that returns one of the services."""
 
-    def get(services: ServicesDep) -> Any:
+    async def get(services: ServicesDep) -> Any:
         return getattr(services, name)
 
     get.__name__ = f"get_{name}"
@@ -39,23 +43,16 @@ StreamHubDep = Annotated[StreamHub, _part("streams")]
 
 async def get_api_key(
     request: Request,
-    accounts: AccountsDep,
+    services: ServicesDep,
     x_api_key: Annotated[str | None, Header(alias="x-api-key", description="your API key")] = None,
 ) -> KeyInfo:
-    key = await accounts.authenticate(x_api_key)
+    key = await services.accounts.authenticate(x_api_key)
     request.state.key_id = key.id  # for the access log: the key's id, never the key
     return key
 
 
 ApiKeyDep = Annotated[KeyInfo, Depends(get_api_key)]
 
-
-def request_id(request: Request) -> str:
-    rid: str = request.state.request_id
-    return rid
-
-
-RequestIdDep = Annotated[str, Depends(request_id)]
 
 IdempotencyKeyDep = Annotated[
     str | None,
@@ -70,9 +67,9 @@ IdempotencyKeyDep = Annotated[
 ]
 
 
-async def get_generation_key(key: ApiKeyDep, accounts: AccountsDep) -> KeyInfo:
+async def get_generation_key(key: ApiKeyDep, services: ServicesDep) -> KeyInfo:
     """The caller's key, counted against its rate limit (generation requests only: polling is free)."""
-    await accounts.count_generation(key)
+    await services.accounts.count_generation(key)
     return key
 
 
@@ -81,7 +78,7 @@ GenerationKeyDep = Annotated[KeyInfo, Depends(get_generation_key)]
 
 async def get_bearer_key(
     request: Request,
-    accounts: AccountsDep,
+    services: ServicesDep,
     authorization: Annotated[str | None, Header(description="`Bearer <your API key>`, as OpenAI's clients send it")]
     = None,
     x_api_key: Annotated[str | None, Header(alias="x-api-key", description="your API key (wins over Bearer)")] = None,
@@ -95,7 +92,7 @@ async def get_bearer_key(
         api_key = token.strip()
     if not api_key:
         raise InvalidApiKey("missing API key: send 'Authorization: Bearer <your API key>' (or x-api-key)")
-    key = await accounts.authenticate(api_key)
+    key = await services.accounts.authenticate(api_key)
     request.state.key_id = key.id
     return key
 
@@ -103,16 +100,16 @@ async def get_bearer_key(
 BearerKeyDep = Annotated[KeyInfo, Depends(get_bearer_key)]
 
 
-async def get_bearer_generation_key(key: BearerKeyDep, accounts: AccountsDep) -> KeyInfo:
+async def get_bearer_generation_key(key: BearerKeyDep, services: ServicesDep) -> KeyInfo:
     """A Bearer (or x-api-key) key, counted against its rate limit like every generation request."""
-    await accounts.count_generation(key)
+    await services.accounts.count_generation(key)
     return key
 
 
 BearerGenerationKeyDep = Annotated[KeyInfo, Depends(get_bearer_generation_key)]
 
 
-def require_admin(
+async def require_admin(
     settings: SettingsDep,
     x_admin_key: Annotated[str | None, Header(alias="x-admin-key", description="the admin key")] = None,
 ) -> None:

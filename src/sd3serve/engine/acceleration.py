@@ -9,8 +9,10 @@
   share the code, compile time stays short) or of the whole transformer ("full"); static shapes per request size.
 - ``channels_last_vae``: NHWC memory format for the VAE decoder's convolutions (faster cuDNN and oneDNN kernels;
   on the CPU the demo's 1024² decode takes ~0.65x the time, pixels within 1 level of the plain path).
-- ``vae_subpixel``: the decoder's upsample-then-convolve layers as 2×2 convolutions on the coarse grid
+- ``vae_subpixel``: the decoder's upsample-then-convolve layers as transposed convolutions on the coarse grid
   (engine/subpixel.py); the CPU only by default, where convolutions are the decode's cost.
+- ``vae_inplace``: the decoder's resnet blocks with SiLU and the residual sum in place (engine/vae_inplace.py;
+  bit-identical); the CPU only by default, where the decode is bound by memory traffic.
 - ``vae_tiling``: decode in overlapping tiles so that 2048² fits in little memory.
 - ``offload``: "model" keeps each component in CPU memory until it runs (accelerate hooks), "sequential" streams
   weights layer by layer (slowest, smallest). CUDA only.
@@ -28,6 +30,7 @@ from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
 from diffusers.models.attention_processor import Attention
 
 from sd3serve.engine.subpixel import fuse_upsamplers
+from sd3serve.engine.vae_inplace import inplace_resnets
 from sd3serve.settings import Settings
 
 if TYPE_CHECKING:
@@ -130,6 +133,10 @@ def apply_acceleration(model: LoadedModel, settings: Settings) -> list[str]:
         fused = fuse_upsamplers(pipe.vae.decoder)
         if fused:
             applied.append(f"sub-pixel VAE upsampling ({fused} layers)")
+    if settings.vae_inplace == "on" or (settings.vae_inplace == "auto" and device.type == "cpu"):
+        replaced = inplace_resnets(pipe.vae.decoder)
+        if replaced:
+            applied.append(f"in-place VAE resnet blocks ({replaced})")
     if wanted(settings.channels_last_vae, device, cpu=True):
         pipe.vae.to(memory_format=torch.channels_last)
         applied.append("channels-last VAE")

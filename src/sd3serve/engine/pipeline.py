@@ -394,7 +394,7 @@ class SD3Pipeline:
         z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(self.model.dtype)
         chunks = z.split(1) if self.exact_batches else [z]
         pixels = torch.cat([vae.decode(c, return_dict=False)[0] for c in chunks])
-        pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = (pixels.float() / 2).add_(0.5).clamp_(0, 1).mul_(255).round_().to(torch.uint8)  # one new tensor
         arr = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
         return [Image.fromarray(a) for a in arr]
 

@@ -1,12 +1,12 @@
-"""The VAE decoder's upsamplers as one small convolution on the coarse grid (a sub-pixel convolution).
+"""The VAE decoder's upsamplers as one transposed convolution on the coarse grid (a sub-pixel convolution).
 
-diffusers' ``Upsample2D`` repeats every pixel 2×2 (nearest) and runs a 3×3 convolution over the result. Each of
-the four output pixels of a repeated block sees only a 2×2 neighbourhood of the coarse image, with some of the 3×3
-taps landing on the same coarse pixel: phase (a, b) of the output is a 2×2 convolution of the coarse image whose
-weights are sums of the 3×3 weights. Computing the four phases that way and interleaving them gives the same
-pixels with 16 instead of 36 multiply-adds per coarse pixel and channel pair, and without the 4× larger repeated
-image. Only the order of the additions changes (float rounding: a decoded image differs by at most a level on a
-few pixels; tests/engine/test_subpixel.py bounds it).
+diffusers' ``Upsample2D`` repeats every pixel 2×2 (nearest) and runs a 3×3 convolution over the result. Along
+each axis, output pixel 2i sees the coarse pixels i-1 and i (taps w0 and w1 + w2), and output pixel 2i+1 sees
+i and i+1 (taps w0 + w1 and w2): the whole layer is a transposed convolution of the coarse image with stride 2,
+padding 1 and the 4×4 kernel whose taps along each axis are (w2, w1 + w2, w0 + w1, w0). One such call writes the
+interleaved output directly, with 16 instead of 36 multiply-adds per coarse pixel and channel pair and without
+the 4× larger repeated image. Only the order of the additions changes (float rounding: a decoded image differs by
+at most a level on a few pixels; tests/engine/test_subpixel.py bounds it).
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 
-def _phase_taps(w: torch.Tensor, phase: int, dim: int) -> torch.Tensor:
-    """Along ``dim`` (of size 3): the two taps of output phase 0 (w0, w1 + w2) or phase 1 (w0 + w1, w2)."""
+def _transposed_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along ``dim`` (of size 3): the four taps (w2, w1 + w2, w0 + w1, w0) of the stride-2 transposed kernel."""
     t0, t1, t2 = w.unbind(dim)
-    taps = (t0, t1 + t2) if phase == 0 else (t0 + t1, t2)
-    return torch.stack(taps, dim)
+    return torch.stack((t2, t1 + t2, t0 + t1, t0), dim)
 
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(O, I, 3, 3) → (4·O, I, 2, 2): the 2×2 kernels of phases (0,0), (0,1), (1,0), (1,1), in that order."""
-    kernels = [_phase_taps(_phase_taps(weight, a, 2), b, 3) for a in (0, 1) for b in (0, 1)]
-    return torch.cat(kernels)
+    """A 3×3 convolution's weight (O, I, 3, 3) → the weight (I, O, 4, 4) of the transposed convolution that
+    computes nearest 2× upsampling followed by it."""
+    return _transposed_taps(_transposed_taps(weight, 2), 3).transpose(0, 1).contiguous()
 
 
 class SubpixelUpsample(nn.Module):
@@ -37,21 +36,11 @@ class SubpixelUpsample(nn.Module):
         super().__init__()
         self.out_channels = conv.out_channels
         self.weight = nn.Parameter(subpixel_weight(conv.weight.detach()), requires_grad=False)
-        bias = conv.bias.detach().repeat(4) if conv.bias is not None else None
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.bias = nn.Parameter(conv.bias.detach(), requires_grad=False) if conv.bias is not None else None
 
     def forward(self, x: torch.Tensor, output_size: object = None, *args: object, **kwargs: object) -> torch.Tensor:
-        b, _, h, w = x.shape
-        o = self.out_channels
-        # windows starting at coarse rows -1..h-1 and columns -1..w-1: (B, 4·O, h+1, w+1)
-        y = F.conv2d(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), padding=1)
-        if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
-            y6 = y.permute(0, 2, 3, 1).view(b, h + 1, w + 1, 2, 2, o)  # NHWC, channels (a, b, O)
-            rows = [torch.stack([y6[:, a : a + h, c : c + w, a, c] for c in (0, 1)], 3) for a in (0, 1)]
-            return torch.stack(rows, 2).reshape(b, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
-        y6 = y.view(b, 2, 2, o, h + 1, w + 1)
-        rows = [torch.stack([y6[:, a, c, :, a : a + h, c : c + w] for c in (0, 1)], -1) for a in (0, 1)]
-        return torch.stack(rows, 3).reshape(b, o, 2 * h, 2 * w)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv_transpose2d(x, self.weight.to(x.dtype), bias, stride=2, padding=1)
 
 
 def fusable(module: nn.Module) -> bool:

@@ -14,11 +14,11 @@ from pydantic import BaseModel
 
 from sd3serve.api.body import read_json
 from sd3serve.api.contract import IMAGE_RESPONSES, SUBMIT_RESPONSES
-from sd3serve.api.deps import GenerationKeyDep, IdempotencyKeyDep, RequestIdDep, ServiceDep, SettingsDep
+from sd3serve.api.deps import GenerationKeyDep, IdempotencyKeyDep, ServicesDep
 from sd3serve.api.middleware import CLIENT_CLOSED_REQUEST as CLIENT_CLOSED
 from sd3serve.api.schemas import Base64ImagesResponse
 from sd3serve.imaging import to_base64
-from sd3serve.service import ClientGone, Delivery, GenerationService, KeyInfo, Order, Output
+from sd3serve.service import ClientGone, Delivery, GenerationService, KeyInfo, Order, Output, Services
 from sd3serve.settings import Settings
 
 __all__ = [
@@ -124,6 +124,11 @@ class GenerationCall:
     request_id: str
     idempotency_key: str | None
 
+    @classmethod
+    def of(cls, request: Request, key: KeyInfo, services: Services, idempotency_key: str | None) -> GenerationCall:
+        rid: str = request.state.request_id  # RequestContextMiddleware's
+        return cls(request, key, services.service, services.settings, rid, idempotency_key)
+
     async def body(self, *, images: bool = False) -> Any:
         """The JSON body, within the body limit (the larger one for routes that take an image)."""
         limit = self.settings.max_body_bytes
@@ -153,11 +158,10 @@ class GenerationCall:
         return JSONResponse(body.model_dump(), headers=headers)
 
 
-def generation_call(
-    request: Request, key: GenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
-    idempotency_key: IdempotencyKeyDep = None,
-) -> GenerationCall:  # fmt: skip
-    return GenerationCall(request, key, service, settings, request_id, idempotency_key)
+async def generation_call(
+    request: Request, key: GenerationKeyDep, services: ServicesDep, idempotency_key: IdempotencyKeyDep = None,
+) -> GenerationCall:
+    return GenerationCall.of(request, key, services, idempotency_key)
 
 
 GenerationCallDep = Annotated[GenerationCall, Depends(generation_call)]

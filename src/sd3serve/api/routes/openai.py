@@ -23,9 +23,7 @@ from sd3serve.api.deps import (
     BearerGenerationKeyDep,
     BearerKeyDep,
     IdempotencyKeyDep,
-    RequestIdDep,
-    ServiceDep,
-    SettingsDep,
+    ServicesDep,
 )
 from sd3serve.api.images_in import decode_image
 from sd3serve.api.openai_schemas import (
@@ -81,10 +79,9 @@ _HEADERS = header_refs(*GENERATION_HEADERS)
     responses={200: {"description": "The images", "headers": _HEADERS}, **_GENERATION_ERRORS},
 )
 async def create_images(
-    request: Request, key: BearerGenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
-    idempotency_key: IdempotencyKeyDep = None,
-) -> Response:  # fmt: skip
-    call = GenerationCall(request, key, service, settings, request_id, idempotency_key)
+    request: Request, key: BearerGenerationKeyDep, services: ServicesDep, idempotency_key: IdempotencyKeyDep = None
+) -> Response:
+    call = GenerationCall.of(request, key, services, idempotency_key)
     parsed = parse_images_request(await call.body())
     return await _images_response(call, parsed.txt2img.order("openai"), parsed.response_format)
 
@@ -127,9 +124,9 @@ _EDIT_FORM = {
     responses={200: {"description": "The images", "headers": _HEADERS}, **_GENERATION_ERRORS},
 )
 async def edit_images(
-    request: Request, key: BearerGenerationKeyDep, service: ServiceDep, settings: SettingsDep, request_id: RequestIdDep,
-    idempotency_key: IdempotencyKeyDep = None,
-) -> Response:  # fmt: skip
+    request: Request, key: BearerGenerationKeyDep, services: ServicesDep, idempotency_key: IdempotencyKeyDep = None
+) -> Response:
+    settings = services.settings
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise InvalidParam(None, "send the edit as multipart/form-data (image, prompt, ...)")
     try:
@@ -161,7 +158,7 @@ async def edit_images(
         raise
     except InvalidRequest as e:
         raise InvalidParam("image", str(e)) from None
-    call = GenerationCall(request, key, service, settings, request_id, idempotency_key)
+    call = GenerationCall.of(request, key, services, idempotency_key)
     return await _images_response(call, req.order("openai-edits"), parsed.response_format)
 
 
