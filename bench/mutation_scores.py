@@ -1,20 +1,24 @@
 """mutmut's verdicts per module, as a Markdown table (run after `mutmut run`; `make mutate` does).
 
-    .venv/bin/python bench/mutation_scores.py [PATTERN]     e.g. "sd3serve.store*"
+    .venv/bin/python bench/mutation_scores.py [--sample] [PATTERN]     e.g. "sd3serve.store*"
 
 Score = killed / (killed + survived + no tests): a mutant with no test reaching its function counts as surviving.
-Timeouts count as killed (the mutant made the tests hang); mutants not run yet ("not checked") are left out.
+Timeouts count as killed (the mutant made the tests hang); mutants not run yet ("not checked") are left out, and so
+are those mypy rejects ("caught by type check": they are not programs `make test` would let through). The interval is
+Wilson's 95 % score interval, which is what a sample (`--sample`: only the names `make mutate` drew, in
+mutants/sample.txt) says about all of a module's mutants.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+KILLED = {"killed", "timeout", "segfault"}
 MISSED = {"survived", "no tests", "suspicious"}
 
 
@@ -37,17 +41,23 @@ def module_of(mutant: str) -> str:
 
 
 def main() -> int:
-    pattern = sys.argv[1] if len(sys.argv) > 1 else "*"
+    args = sys.argv[1:]
+    sampled = "--sample" in args
+    args = [a for a in args if a != "--sample"]
+    pattern = args[0] if args else "*"
+    chosen = set(Path("mutants/sample.txt").read_text().split()) if sampled else None
     by_module: dict[str, Counter[str]] = defaultdict(Counter)
     survivors: list[str] = []
     for name, status in sorted(verdicts().items()):
         if not fnmatch.fnmatch(name, pattern) or status == "not checked":
             continue
+        if chosen is not None and name not in chosen:
+            continue
         by_module[module_of(name)][status] += 1
         if status in MISSED:
             survivors.append(f"{name}: {status}")
-    print("| module | mutants run | killed | survived | no tests | score |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| module | type check | mutants run | killed (timeout) | survived | no tests | score | 95 % interval |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     total: Counter[str] = Counter()
     for module, counts in sorted(by_module.items()):
         total.update(counts)
@@ -65,7 +75,20 @@ def _row(module: str, counts: Counter[str]) -> str:
     missed = sum(counts[s] for s in MISSED)
     run = killed + missed
     score = f"{100 * killed / run:.0f} %" if run else "-"
-    return f"| {module} | {run} | {killed} | {counts['survived']} | {counts['no tests']} | {score} |"
+    low, high = wilson(killed, run)
+    interval = f"{100 * low:.0f}-{100 * high:.0f} %" if run else "-"
+    return (f"| {module} | {counts['caught by type check']} | {run} | {killed} ({counts['timeout']}) | "
+            f"{counts['survived']} | {counts['no tests']} | {score} | {interval} |")  # fmt: skip
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for a proportion: sound for small samples and for scores near 0 or 100 %."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 if __name__ == "__main__":
