@@ -25,7 +25,7 @@ SERVICE = ("tests/api/test_one_path.py", "tests/api/test_v2.py", "tests/api/test
            "tests/api/test_events.py", "tests/api/test_webhooks.py", "tests/api/test_edges.py",
            "tests/api/test_streams_limits.py")  # fmt: skip
 OPENAI = ("tests/api/test_openai.py", "tests/api/test_loras.py", "tests/api/test_img2img.py", "tests/api/test_edges.py",
-          "tests/api/test_schema_limits.py")  # fmt: skip
+          "tests/api/test_schema_limits.py", "tests/api/test_openai_schemas_spec.py")  # fmt: skip
 
 SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd3serve.store.", ("tests/store/", ISOLATION, *STORE_API, "tests/test_faults.py")),
