@@ -99,6 +99,13 @@ def test_metrics_of_every_replica_carry_a_replica_label_side_by_side() -> None:
     assert merged([]) == b""
 
 
+def test_labelled_families_keep_their_unit() -> None:
+    registry = CollectorRegistry()
+    Counter("sd3serve_work", "work done", unit="seconds", registry=registry).inc()
+    (family,) = labelled(list(registry.collect()), "r1")
+    assert family.unit == "seconds" and family.name == "sd3serve_work_seconds"
+
+
 def test_every_response_names_its_replica() -> None:
     app = FastAPI()
 
@@ -254,6 +261,10 @@ def test_old_reports_are_not_counted_by_readyz() -> None:
 
 
 def test_run_task_and_health_need_a_started_application() -> None:
+    built = replica(ReplicaBoard())
+    built.api = SimpleNamespace(state=SimpleNamespace())  # type: ignore[assignment]  # app built, lifespan not run
+    with pytest.raises(RuntimeError, match="has not started"):
+        asyncio.run(built.check_health())
     idle = replica(ReplicaBoard())
     with pytest.raises(RuntimeError, match="has not started"):
         asyncio.run(idle.check_health())
