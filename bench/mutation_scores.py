@@ -1,12 +1,13 @@
 """mutmut's verdicts per module, as a Markdown table (run after `mutmut run`; `make mutate` does).
 
-    .venv/bin/python bench/mutation_scores.py [--sample] [PATTERN]     e.g. "sd3serve.store*"
+    .venv/bin/python bench/mutation_scores.py [--sample] [--areas] [PATTERN]     e.g. "sd3serve.store*"
 
 Score = killed / (killed + survived + no tests): a mutant with no test reaching its function counts as surviving.
 Timeouts count as killed (the mutant made the tests hang); mutants not run yet ("not checked") are left out, and so
 are those mypy rejects ("caught by type check": they are not programs `make test` would let through). The interval is
 Wilson's 95 % score interval, which is what a sample (`--sample`: only the names `make mutate` drew, in
-mutants/sample.txt) says about all of a module's mutants.
+mutants/sample.txt) says about all of a module's mutants. ``--areas`` adds up the modules of each area (the ledger,
+the service, the routes, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def verdicts() -> dict[str, str]:
     return found
 
 
+AREAS = (
+    "sd3serve.store", "sd3serve.ledger", "sd3serve.service", "sd3serve.api.routes", "sd3serve.api.middleware",
+    "sd3serve.api.openai_schemas", "sd3serve.engine.batching", "sd3serve.engine.memory", "sd3serve.scaleout",
+)  # fmt: skip
+
+
+def area_of(module: str) -> str:
+    return next((a for a in AREAS if module == a or module.startswith(a + ".")), module)
+
+
 def module_of(mutant: str) -> str:
     """sd3serve.store.credits.xǁCreditStoreǁhold__mutmut_3 -> sd3serve.store.credits"""
     parts = mutant.split(".")
@@ -43,7 +54,8 @@ def module_of(mutant: str) -> str:
 def main() -> int:
     args = sys.argv[1:]
     sampled = "--sample" in args
-    args = [a for a in args if a != "--sample"]
+    areas = "--areas" in args
+    args = [a for a in args if a not in ("--sample", "--areas")]
     pattern = args[0] if args else "*"
     chosen = set(Path("mutants/sample.txt").read_text().split()) if sampled else None
     by_module: dict[str, Counter[str]] = defaultdict(Counter)
@@ -53,7 +65,8 @@ def main() -> int:
             continue
         if chosen is not None and name not in chosen:
             continue
-        by_module[module_of(name)][status] += 1
+        module = module_of(name)
+        by_module[area_of(module) if areas else module][status] += 1
         if status in MISSED:
             survivors.append(f"{name}: {status}")
     print("| module | type check | mutants run | killed (timeout) | survived | no tests | score | 95 % interval |")
