@@ -9,7 +9,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
-.PHONY: serve test test-stress lint docs bench mutate mutate-hand clean
+.PHONY: serve test test-stress lint docs bench mutate mutate-all mutate-hand clean
 
 # What serving needs, and nothing else.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -63,18 +63,32 @@ test-stress: lint $(VENV)/.installed-ray $(JS_DEPS)
 	stress-ng --cpu 2 --quiet & load=$$!; \
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -p randomly $(PYTEST_ARGS); rc=$$?; kill $$load; wait $$load; exit $$rc
 
-# Mutation testing with mutmut ([tool.mutmut] in pyproject.toml; docs/testing.md): every module, or one area with
-# MODULE=store, MODULE=service.generation, MODULE=engine.batching... (a dotted prefix under sd3serve). mutmut keeps its
-# results in mutants/ and reruns only what changed; `rm -rf mutants` starts over.
-MODULE ?=
-# Mutation testing with mutmut (docs/testing.md): `make mutate`, or one area with `make mutate MODULE=store.credits`;
-# MUTATE_CHILDREN=1 on a busy machine. The start, the end and the load average are printed for the record.
+# Mutation testing with mutmut (docs/testing.md). `make mutate`: a fixed-seed sample of MUTATE_PER_MODULE mutants
+# per module (about 45 minutes on 2 cores); `make mutate MODULE=ledger.credits`: every mutant of one area (a dotted
+# prefix under sd3serve); `make mutate-all`: every mutant (hours). MUTATE_CHILDREN=1 on a busy machine. The start,
+# the end and the load average are printed for the record; mypy must be on PATH for mutmut's type check.
+# OMP_NUM_THREADS=1: mutmut forks each mutant's test run from a warm process, and a fork after torch's OpenMP pool
+# has run hangs at the child's first parallel op (the mutant would be reported "timeout", i.e. killed).
 MUTATE_CHILDREN ?= 2
+MUTATE_PER_MODULE ?= 18
+MUTMUT_ENV := env -u PYTHONPATH PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mutate: $(STAMP)
 	@date -u +"start %H:%M:%S"; uptime
-	env -u PYTHONPATH $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(if $(MODULE),"sd3serve.$(MODULE)*") || true
+ifdef MODULE
+	$(MUTMUT_ENV) $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) "sd3serve.$(MODULE)*" || true
 	@date -u +"end %H:%M:%S"; uptime
-	$(PY) bench/mutation_scores.py $(if $(MODULE),"sd3serve.$(MODULE)*")
+	$(PY) bench/mutation_scores.py "sd3serve.$(MODULE)*"
+else
+	$(MUTMUT_ENV) $(PY) bench/mutation_sample.py --per-module $(MUTATE_PER_MODULE) --max-children $(MUTATE_CHILDREN) || true
+	@date -u +"end %H:%M:%S"; uptime
+	$(PY) bench/mutation_scores.py --sample
+endif
+
+mutate-all: $(STAMP)
+	@date -u +"start %H:%M:%S"; uptime
+	$(MUTMUT_ENV) $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) || true
+	@date -u +"end %H:%M:%S"; uptime
+	$(PY) bench/mutation_scores.py
 
 # The hand-planted mutants of bench/mutate.py: modules outside mutmut's selection, and what its operators cannot
 # express (about 40 pytest runs).

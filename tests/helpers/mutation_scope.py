@@ -13,18 +13,20 @@ from __future__ import annotations
 ISOLATION = "tests/isolation/"
 STORE_API = ("tests/api/test_idempotency.py", "tests/api/test_money_truth.py", "tests/api/test_cancel.py",
              "tests/api/test_v2.py", "tests/api/test_events.py", "tests/api/test_security.py",
-             "tests/api/test_edges.py", "tests/api/test_webhooks.py", "tests/api/test_webhook_delivery.py")  # fmt: skip
+             "tests/api/test_edges.py", "tests/api/test_webhooks.py", "tests/api/test_webhook_delivery.py",
+             "tests/api/test_admin_spec.py")  # fmt: skip
 MIDDLEWARE = ("tests/api/test_hardening.py", "tests/api/test_edges.py", "tests/api/test_security.py",
               "tests/api/test_streams_limits.py", "tests/api/test_routes.py", "tests/api/test_serving.py",
-              "tests/api/test_heartbeat.py", "tests/api/test_flood.py", "tests/api/test_schema_limits.py")  # fmt: skip
+              "tests/api/test_heartbeat.py", "tests/api/test_flood.py", "tests/api/test_schema_limits.py",
+              "tests/api/test_middleware_spec.py")  # fmt: skip
 # The generation path itself, through its v1 and v2 routes (the OpenAI and img2img routes, the schemas and the
 # middleware reach it too, but only on the way to their own checks).
 SERVICE = ("tests/api/test_one_path.py", "tests/api/test_v2.py", "tests/api/test_idempotency.py",
            "tests/api/test_cancel.py", "tests/api/test_money_truth.py", "tests/api/test_serving.py",
            "tests/api/test_events.py", "tests/api/test_webhooks.py", "tests/api/test_edges.py",
-           "tests/api/test_streams_limits.py")  # fmt: skip
+           "tests/api/test_streams_limits.py", "tests/api/test_admin_spec.py")  # fmt: skip
 OPENAI = ("tests/api/test_openai.py", "tests/api/test_loras.py", "tests/api/test_img2img.py", "tests/api/test_edges.py",
-          "tests/api/test_schema_limits.py")  # fmt: skip
+          "tests/api/test_schema_limits.py", "tests/api/test_openai_schemas_spec.py")  # fmt: skip
 
 SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd3serve.ledger.", ("tests/ledger/", ISOLATION, *STORE_API, "tests/test_faults.py")),

@@ -298,9 +298,9 @@ def _form_loras(fields: dict[str, list[str]]) -> list[dict[str, Any]] | None:
     for i, name in enumerate(names):
         entry: dict[str, Any] = {"name": name}
         if scales is not None:
-            entry["scale"] = _form_value("loras", [scales[i]])
-            if not isinstance(entry["scale"], float):
-                entry["scale"] = float(entry["scale"])
+            if not _FLOAT_TEXT.match(scales[i].strip()):
+                raise InvalidParam("loras", f"loras: a scale must be a number (got {_short(scales[i])})")
+            entry["scale"] = float(scales[i])
         out.append(entry)
     return out
 

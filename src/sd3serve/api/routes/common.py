@@ -40,20 +40,24 @@ __all__ = [
 MODEL_SLUG = "stable-diffusion-3.5-turbo-txt2img"
 Route = TypeVar("Route", bound=Callable[..., Any])
 
-def request_body(component: str) -> dict[str, Any]:
+def request_body(component: str) -> dict[str, Any]:  # pragma: no mutate block (runs at import)
     """The body as ``openapi_extra`` (the route reads it itself); the component is added in ``app.py``."""
     ref = {"$ref": f"#/components/schemas/{component}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def synchronous_route(router: APIRouter, path: str, summary: str, body: str) -> Callable[[Route], Route]:
+def synchronous_route(
+    router: APIRouter, path: str, summary: str, body: str
+) -> Callable[[Route], Route]:  # pragma: no mutate block (runs at import)
     """A synchronous generation route: it answers the image (or JSON with base64 images) or a generation error;
     ``body`` names the request's schema component."""
     return router.post(path, summary=summary, response_class=Response, openapi_extra=request_body(body),
                        responses=IMAGE_RESPONSES)  # fmt: skip
 
 
-def asynchronous_route(router: APIRouter, path: str, summary: str, body: str) -> Callable[[Route], Route]:
+def asynchronous_route(
+    router: APIRouter, path: str, summary: str, body: str
+) -> Callable[[Route], Route]:  # pragma: no mutate block (runs at import)
     """A v2 submission route: it answers the task to poll."""
     return router.post(path, summary=summary, openapi_extra=request_body(body), response_model=SubmitResponse,
                        responses=SUBMIT_RESPONSES)  # fmt: skip

@@ -48,7 +48,7 @@ from sd3serve.service import Order
 router = APIRouter(tags=["OpenAI-compatible"])
 
 
-def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:  # pragma: no mutate block (runs at import)
     return {code: error(code, text, OpenAIErrorResponse) for code, text in codes.items()}
 
 

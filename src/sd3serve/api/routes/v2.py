@@ -98,7 +98,9 @@ def _task_answer(body: BaseModel, task: TaskView) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=422 if task.status == FAILED else 200)
 
 
-def _task_route(path: str, summary: str, model: type[BaseModel], streams: bool = False) -> Any:
+def _task_route(
+    path: str, summary: str, model: type[BaseModel], streams: bool = False
+) -> Any:  # pragma: no mutate block (runs at import)
     return router.get(
         path, summary=summary, response_model=model, response_model_exclude_none=True,
         responses={422: {"model": model, "description": "The task FAILED"}, **TASK_ERRORS,
