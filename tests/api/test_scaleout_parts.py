@@ -206,7 +206,7 @@ def state(healthy: bool = True) -> Any:
     metrics = Metrics()
     metrics.images.inc(3)
     metrics.observe_engine = lambda stats: None  # type: ignore[method-assign]
-    return SimpleNamespace(engine=Engine(healthy), metrics=metrics, recovery=SimpleNamespace(instance_id="inst-9"))
+    return SimpleNamespace(model_engine=Engine(healthy), metrics=metrics, ledger=SimpleNamespace(instance_id="inst-9"))
 
 
 def test_readyz_counts_ready_and_starting_replicas() -> None:
