@@ -11,7 +11,8 @@ Variants, each a pipeline built as the server builds it (`build_pipeline`, the p
                     the CPU default.
 One latent from a real generation at --size is decoded to a picture (`SD3Pipeline.decode`, on the decode's
 threads), each round running every variant once, in an order that rotates. Prints the median seconds per decode,
-the ratios to plain and to channels-last, and the largest difference in 8-bit levels from plain's pixels (the
+the ratios of the medians to plain and to channels-last, the median of the round-by-round ratios to the variant
+above (paired: steadier on a noisy machine), and the largest difference in 8-bit levels from plain's pixels (the
 ComfyUI-parity tolerance is 2) with the share of values that differ.
 """
 
@@ -86,13 +87,16 @@ def main() -> None:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"this process: {describe(thread_report())}; decode threads {default.decode_threads()}; load average {load}")
     print(f"VAE decode of one {args.size}x{args.size} latent to a picture; {args.rounds} rounds, interleaved")
-    print(f"{'variant':<14} {'median s':>9} {'min s':>7} {'/plain':>7} {'/chan-last':>10} {'max diff':>9} "
-          f"{'values differing':>17}")  # fmt: skip
+    print(f"{'variant':<14} {'median s':>9} {'min s':>7} {'/plain':>7} {'/chan-last':>10} {'/previous':>10} "
+          f"{'max diff':>9} {'values differing':>17}")  # fmt: skip
     med = {name: statistics.median(t) for name, t in times.items()}
-    for name in names:
+    for k, name in enumerate(names):
         diff = np.abs(pixels[name] - pixels["plain"])
+        # the median of the round-by-round ratios to the variant above: each pair ran in the same round
+        paired = statistics.median(a / b for a, b in zip(times[name], times[names[k - 1]], strict=True)) if k else 1
         print(f"{name:<14} {med[name]:>9.3f} {min(times[name]):>7.3f} {med[name] / med['plain']:>7.3f} "
-              f"{med[name] / med['channels-last']:>10.3f} {diff.max():>9d} {(diff > 0).mean():>16.2%}")  # fmt: skip
+              f"{med[name] / med['channels-last']:>10.3f} {paired:>10.3f} {diff.max():>9d} "
+              f"{(diff > 0).mean():>16.2%}")  # fmt: skip
     same = np.array_equal(pixels["+ in-place"], pixels["+ subpixel"])
     print(f"in-place blocks give the same pixels as diffusers' blocks: {same}")
 
