@@ -260,6 +260,11 @@ class Reservation:
     def credits(self) -> float:
         return from_micro(self.hold.amount_micro)
 
+    @property
+    def settled(self) -> bool:
+        """Captured or refunded (or its refund deferred): ``close`` has nothing left to do."""
+        return self._settled
+
     def capture(self, *, deliver: HoldWork | None = None) -> float:
         """Charge (and deliver); returns the remaining balance. On ReservationLost the hold is already gone."""
         try:

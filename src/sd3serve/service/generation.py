@@ -143,7 +143,8 @@ class GenerationService:
                 remaining = await self.ledger.call(reservation.capture, deliver=record)
                 claim = None  # answered: kept
             finally:
-                await self.ledger.call(reservation.close)
+                if not reservation.settled:  # captured: nothing to refund, no trip to a thread
+                    await self.ledger.call(reservation.close)
         finally:
             if claim is not None:
                 await self._abandon(claim)
