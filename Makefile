@@ -67,11 +67,12 @@ test-stress: lint $(VENV)/.installed-ray $(JS_DEPS)
 # per module (about 45 minutes on 2 cores); `make mutate MODULE=ledger.credits`: every mutant of one area (a dotted
 # prefix under sd3serve); `make mutate-all`: every mutant (hours). MUTATE_CHILDREN=1 on a busy machine. The start,
 # the end and the load average are printed for the record; mypy must be on PATH for mutmut's type check.
-# OMP_NUM_THREADS=1: mutmut forks each mutant's test run from a warm process, and a fork after torch's OpenMP pool
-# has run hangs at the child's first parallel op (the mutant would be reported "timeout", i.e. killed).
+# One torch thread (OMP_NUM_THREADS, SD3SERVE_THREADS): mutmut forks each mutant's test run from its own process,
+# which ran the clean tests, and a fork after torch's OpenMP pool has run hangs at the child's first parallel op
+# (the mutant would be reported "timeout", i.e. killed).
 MUTATE_CHILDREN ?= 2
 MUTATE_PER_MODULE ?= 18
-MUTMUT_ENV := env -u PYTHONPATH PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+MUTMUT_ENV := env -u PYTHONPATH PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 SD3SERVE_THREADS=1
 mutate: $(STAMP)
 	@date -u +"start %H:%M:%S"; uptime
 ifdef MODULE

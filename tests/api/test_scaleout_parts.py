@@ -147,7 +147,10 @@ def test_the_liveness_app_answers_ok() -> None:
     assert response.status_code == 200 and response.body == b'{"status":"ok"}'
 
 
-def test_replicas_get_the_settings_that_differ_from_the_defaults(tmp_path: Path) -> None:
+def test_replicas_get_the_settings_that_differ_from_the_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SD3SERVE_THREADS", raising=False)
     key = "Zq8-Lm3_xR7vTn2pWk5YcJ4hFd9sGb6aE1uQo0iN"
     settings = Settings(data_dir=tmp_path, max_queue=7, admin_key=SecretStr(key))
     out = overrides(settings)
