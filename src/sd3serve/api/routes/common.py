@@ -64,7 +64,9 @@ def asynchronous_route(
 
 
 def credits_header(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:g}"
+    """Credits as a plain decimal, to the micro-credit the ledger keeps (never in exponent notation)."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
 
 
 def cost_headers(*, cost: float, remaining: float, replayed: bool = False) -> dict[str, str]:
