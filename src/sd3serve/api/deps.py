@@ -7,6 +7,7 @@ rather than one part each: each dependency in the tree costs every request its r
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -67,13 +68,17 @@ IdempotencyKeyDep = Annotated[
 ]
 
 
-async def get_generation_key(key: ApiKeyDep, services: ServicesDep) -> KeyInfo:
-    """The caller's key, counted against its rate limit (generation requests only: polling is free)."""
-    await services.accounts.count_generation(key)
-    return key
+def counted(key_dependency: Callable[..., Awaitable[KeyInfo]]) -> Callable[..., Awaitable[KeyInfo]]:
+    """The key ``key_dependency`` finds, counted against its rate limit (generation requests only: polling is free)."""
+
+    async def counted_key(services: ServicesDep, key: KeyInfo = Depends(key_dependency)) -> KeyInfo:  # noqa: B008
+        await services.accounts.count_generation(key)
+        return key
+
+    return counted_key
 
 
-GenerationKeyDep = Annotated[KeyInfo, Depends(get_generation_key)]
+GenerationKeyDep = Annotated[KeyInfo, Depends(counted(get_api_key))]
 
 
 async def get_bearer_key(
@@ -100,13 +105,7 @@ async def get_bearer_key(
 BearerKeyDep = Annotated[KeyInfo, Depends(get_bearer_key)]
 
 
-async def get_bearer_generation_key(key: BearerKeyDep, services: ServicesDep) -> KeyInfo:
-    """A Bearer (or x-api-key) key, counted against its rate limit like every generation request."""
-    await services.accounts.count_generation(key)
-    return key
-
-
-BearerGenerationKeyDep = Annotated[KeyInfo, Depends(get_bearer_generation_key)]
+BearerGenerationKeyDep = Annotated[KeyInfo, Depends(counted(get_bearer_key))]
 
 
 async def require_admin(
