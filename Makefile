@@ -73,7 +73,7 @@ test-stress: lint $(VENV)/.installed-ray $(JS_DEPS)
 MUTATE_CHILDREN ?= 2
 MUTATE_PER_MODULE ?= 18
 MUTMUT_ENV := env -u PYTHONPATH PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 SD3SERVE_THREADS=1
-mutate: $(STAMP)
+mutate: $(VENV)/.installed-ray
 	@date -u +"start %H:%M:%S"; uptime
 ifdef MODULE
 	$(MUTMUT_ENV) $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) "sd3serve.$(MODULE)*" || true
@@ -85,7 +85,7 @@ else
 	$(PY) bench/mutation_scores.py --sample
 endif
 
-mutate-all: $(STAMP)
+mutate-all: $(VENV)/.installed-ray
 	@date -u +"start %H:%M:%S"; uptime
 	$(MUTMUT_ENV) $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) || true
 	@date -u +"end %H:%M:%S"; uptime

@@ -29,7 +29,8 @@ OPENAI = ("tests/api/test_openai.py", "tests/api/test_loras.py", "tests/api/test
           "tests/api/test_schema_limits.py", "tests/api/test_openai_schemas_spec.py")  # fmt: skip
 
 SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("sd3serve.ledger.", ("tests/ledger/", ISOLATION, *STORE_API, "tests/test_faults.py")),
+    ("sd3serve.ledger.", ("tests/ledger/", ISOLATION, *STORE_API, "tests/test_faults.py",
+                          "tests/test_ray_dispatch.py")),
     ("sd3serve.service.webhook_delivery", ("tests/api/test_webhook", ISOLATION)),
     ("sd3serve.service.", (*SERVICE, ISOLATION, "tests/test_faults.py")),
     ("sd3serve.api.routes.", ("tests/api/", ISOLATION)),
