@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from helpers.ledger import Store, open_store
+from helpers.ledger import Store, open_store, sharing
 
 PG_ADMIN_URL = os.environ.get("SD3SERVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -53,5 +53,7 @@ def store(store_url: str) -> Iterator[Store]:
 
 @pytest.fixture
 def stores(store: Store) -> tuple[Store, Store]:
-    """The ledger twice, for tests that name its credit and task sides apart."""
-    return store, store
+    """The ledger of two server processes on one database (two instance ids): one takes the credits side of a
+    test, the other the tasks side, as when a task is submitted to one process and read or cancelled through
+    another."""
+    return store, sharing(store)
