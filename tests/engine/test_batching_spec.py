@@ -27,6 +27,7 @@ from sd3serve.engine.previews import PreviewHook
 from sd3serve.engine.protocol import Aborted
 from sd3serve.errors import Overloaded, QueueTimeout
 from sd3serve.settings import Settings
+from sd3serve.threads import PhaseThreads
 
 
 def seed_of(image: Image.Image) -> int:
@@ -292,6 +293,31 @@ async def test_retry_after_grows_with_the_queue(fake: FakePipeline) -> None:
         fake.gate.set()
         await asyncio.gather(holder, *four)
     assert after_four.value.retry_after_s > after_one.value.retry_after_s >= 1
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(1, 50), (2, 25)])
+@pytest.mark.anyio
+async def test_retry_after_is_the_queue_ahead_plus_one_batch_shared_by_the_workers(
+    fake: FakePipeline, workers: int, expected: int
+) -> None:
+    """Retry-After: the batches queued plus the one a retry would join, at the average batch time, run by the
+    model workers side by side: (4 queued + 1) x 10 s / workers."""
+    fake.threads = PhaseThreads(denoise=1, decode=1, workers=workers, cores=2)
+    fake.worker = lambda: fake  # type: ignore[attr-defined]  # every worker records into the same fake
+    async with started(BatchingEngine(settings(max_batch_images=1, max_queue=4))) as engine:
+        assert engine.workers == workers
+        fake.gate = threading.Event()
+        running = [asyncio.create_task(engine.generate(make_job(seed=s), request_id=f"run{s}"))
+                   for s in range(workers)]  # fmt: skip
+        await until(lambda: engine.in_flight == workers)
+        queued = [asyncio.create_task(engine.generate(make_job(seed=s), request_id=str(s))) for s in range(10, 14)]
+        await until(lambda: engine.queue_depth == 4)
+        engine._batch_avg_s = 10.0  # the running average of batch times, as after 10-second batches
+        with pytest.raises(Overloaded) as full:
+            engine.admit()
+        fake.gate.set()
+        await asyncio.gather(*running, *queued)
+    assert full.value.retry_after_s == expected
 
 
 @pytest.mark.anyio
