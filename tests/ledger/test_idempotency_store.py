@@ -10,16 +10,17 @@ from decimal import Decimal
 
 import pytest
 
-from helpers.ledger import Store, answered, open_store
+from helpers.ledger import Store, answered, open_store, sharing
 from sd3serve.errors import IdempotencyConflict, IdempotencyInProgress
 from sd3serve.ledger.idempotency import Claim, fingerprint
 
 
 @pytest.fixture
 def stores(store_url: str) -> Iterator[tuple[Store, Store]]:
+    """Two processes' ledgers on one database: one charges, the other claims keys."""
     credits = open_store(store_url)
     credits.create_schema()
-    yield credits, credits
+    yield credits, sharing(credits)
     credits.close()
 
 

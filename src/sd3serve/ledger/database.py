@@ -37,6 +37,11 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
+            if cur.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # A new file: freed pages can then be given back (``Database.reclaim``). Only an empty file takes
+                # this, and only before WAL mode is set; an existing file keeps its mode (setting it there would
+                # also wait for the write lock).
+                cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back to 64 MB after a checkpoint
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -99,19 +104,18 @@ class Database:
             yield Tx(session, self.clock)
 
     def create_schema(self) -> None:
-        if self.dialect == "sqlite":
-            with self.engine.begin() as conn:
-                if not conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'").first():
-                    # A new file: freed pages can then be given back (``reclaim``). Older files keep their mode.
-                    conn.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
         Base.metadata.create_all(self.engine)
 
     def reclaim(self) -> None:
         """Give the space of deleted rows back to the file system (SQLite: a file created by this version; the WAL
         itself shrinks to ``journal_size_limit`` at its next checkpoint. PostgreSQL's autovacuum does this)."""
         if self.dialect == "sqlite":
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql("PRAGMA incremental_vacuum")
+            with self.engine.connect() as conn:
+                # Python's sqlite3 steps a statement that has no result columns once, and incremental_vacuum frees
+                # one page per step: executescript runs it to the end (all free pages).
+                sqlite = conn.connection.driver_connection
+                assert sqlite is not None
+                sqlite.executescript("PRAGMA incremental_vacuum;")
 
     def close(self) -> None:
         self.engine.dispose()

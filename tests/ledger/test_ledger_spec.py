@@ -1,0 +1,102 @@
+"""Promises of the ledger's repositories that touch one row among several: an idempotent answer is written to its
+own claim only (not to another claim of the same key); a task handed to another process takes its own hold along,
+and no other hold of its submitter; times are UTC whatever the server's local time zone; SQLite gives the pages of
+deleted rows back to the file system."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from helpers.ledger import Store, answered, creation, open_store, sharing
+from sd3serve.errors import IdempotencyInProgress
+from sd3serve.ledger.idempotency import Claim, fingerprint
+from sd3serve.ledger.schema import Hold, IdempotencyRecord, Task
+
+
+def test_an_answer_is_written_to_its_own_claim_only(store: Store) -> None:
+    key = store.create_key(credits=5)[0].id
+    body = fingerprint("v1", "{}")
+    for idem_key in ("first", "second"):
+        assert store.begin(key_id=key, idem_key=idem_key, fingerprint=body) is None  # both running
+    reservation = store.reserve(key_id=key, credits=Decimal(1), request_id="r1")
+    reservation.capture(deliver=answered(Claim(key, "first"), b"answer of first"))
+    assert store.begin(key_id=key, idem_key="first", fingerprint=body) == b"answer of first"
+    with pytest.raises(IdempotencyInProgress):  # "second" still runs: it has no answer, least of all first's
+        store.begin(key_id=key, idem_key="second", fingerprint=body)
+
+
+def test_a_handed_over_task_takes_its_own_hold_only(store: Store) -> None:
+    key = store.create_key(credits=5)[0].id
+    held = {task_id: store.reserve(key_id=key, credits=Decimal(1), request_id=task_id, owner="submitter",
+                                   with_hold=creation(task_id=task_id, key_id=key, seed=1, owner="submitter"))
+            for task_id in ("t1", "t2")}  # fmt: skip
+    assert store.hand_over("t1", hold=held["t1"].hold, owner="submitter", new_owner="runner")
+    with Session(store.engine) as s:
+        holds = {r.request_id: r.owner for r in s.execute(select(Hold.request_id, Hold.owner))}
+        tasks = {r.id: r.owner for r in s.execute(select(Task.id, Task.owner))}
+    assert holds == {"t1": "runner", "t2": "submitter"}
+    assert tasks == {"t1": "runner", "t2": "submitter"}
+
+
+@pytest.fixture
+def west_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The server's local time 5 hours behind UTC (POSIX TZ syntax: no tz database needed)."""
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.usefixtures("west_of_utc")
+def test_a_dead_processs_failed_task_is_kept_its_hour_whatever_the_local_time_zone(store: Store) -> None:
+    """Its expiry is an hour after the settling in UTC: read in local time it would be four hours past already,
+    and housekeeping would delete the task before its client could read why it failed."""
+    peer, dead = sharing(store), sharing(store)
+    peer.register()
+    dead.register()
+    key = store.create_key(credits=5)[0].id
+    store.reserve(key_id=key, credits=Decimal(1), request_id="t", owner=dead.instance_id,
+                  with_hold=creation(task_id="t", key_id=key, seed=1, owner=dead.instance_id))  # fmt: skip
+    assert peer.settle_dead(dead_after=timedelta(seconds=-1)) == 1  # any heartbeat is "too old"
+    assert store.get(task_id="t", key_id=key).status == "FAILED"
+    assert store.delete_expired() == 0
+    assert store.get(task_id="t", key_id=key).status == "FAILED"
+
+
+def test_sqlite_gives_the_pages_of_expired_results_back(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    store = open_store(f"sqlite:///{path}")
+    store.create_schema()
+    try:
+        key = store.create_key(credits=5)[0].id
+        body = fingerprint("v1", "{}")
+        for i in range(8):
+            assert store.begin(key_id=key, idem_key=f"k{i}", fingerprint=body) is None
+            with store.transaction() as tx:
+                tx.idempotency.answer(Claim(key, f"k{i}"), bytes(256 * 1024))
+        with Session(store.engine) as s, s.begin():
+            s.execute(update(IdempotencyRecord).values(created_at=IdempotencyRecord.created_at - timedelta(days=2)))
+        with store.transaction() as tx:
+            assert tx.idempotency.delete_expired() == 8
+        free_before = _freelist(store)
+        assert free_before * 4096 >= 8 * 256 * 1024 * 0.9  # the deleted answers' pages are free, still in the file
+        store.reclaim()
+        assert _freelist(store) == 0
+    finally:
+        store.close()
+
+
+def _freelist(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.exec_driver_sql("PRAGMA freelist_count").scalar_one())
