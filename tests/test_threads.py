@@ -62,7 +62,12 @@ def test_wait_policy_is_passive_only_when_unset(given: str | None, expected: str
 @pytest.mark.parametrize(
     ("options", "device", "width", "expected"),
     [
-        ({"threads": 2}, "cpu", 192, (1, 2, 1)),  # small transformer: denoise on one thread, decode on all
+        ({"threads": 2}, "cpu", 192, (1, 2, 2)),  # small transformer: a worker per core, denoise on one thread
+        ({"threads": 1}, "cpu", 192, (1, 1, 1)),
+        ({"threads": 3}, "cpu", 192, (1, 3, 3)),  # decode on all cores, one worker at a time
+        ({"threads": 2, "model_workers": 1}, "cpu", 192, (1, 2, 1)),
+        ({"threads": 4}, "cpu", 511, (1, 4, 4)),
+        ({"threads": 4}, "cpu", 512, (4, 4, 1)),  # the width at which a transformer counts as large
         ({"threads": 16, "model_workers": 4}, "cpu", 192, (1, 16, 4)),
         ({"threads": 8}, "cpu", 1536, (8, 8, 1)),  # SD3.5-sized: one worker on every core
         ({"threads": 8, "model_workers": 2}, "cpu", 1536, (4, 8, 2)),

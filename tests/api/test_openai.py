@@ -137,7 +137,10 @@ def http(live_server: LiveServer) -> Iterator[httpx.Client]:
 def test_x_api_key_wins_over_bearer(live_server: LiveServer, http: httpx.Client) -> None:
     key = live_server.new_key(3)
     body = {"prompt": "a red circle", "size": SMALLEST, "steps": 2, "response_format": "b64_json"}
-    assert http.post(GENERATIONS, json=body, headers={"x-api-key": key}).status_code == 200
+    one = http.post(GENERATIONS, json=body, headers={"x-api-key": key})
+    assert one.status_code == 200
+    [item] = one.json()["data"]
+    assert set(item) == {"b64_json"}  # as OpenAI answers: no "url": null, no "revised_prompt": null
     both = http.post(GENERATIONS, json=body, headers={"x-api-key": key, "Authorization": "Bearer sk-other"})
     assert both.status_code == 200
     assert credits(live_server, key) == 1

@@ -287,3 +287,42 @@ def test_loras_as_a_json_string() -> None:
     single = parse_edit_form({"prompt": ["p"], "loras": ['{"name": "b"}']}, has_mask=False)
     assert [lo.name for lo in single.img2img.loras or []] == ["b"]
     assert edit_param({"prompt": ["p"], "loras": ["not json"]}) == "loras"
+
+
+# --- what an error says: the field, the rule, and what was sent ---------------------------------------------------
+
+
+def message_of(body: Any) -> str:
+    with pytest.raises(InvalidParam) as e:
+        parse_images_request(body)
+    return str(e.value)
+
+
+def test_a_body_that_is_not_an_object_says_so() -> None:
+    with pytest.raises(InvalidParam) as e:
+        parse_images_request(["a red circle"])
+    assert e.value.param is None and "must be a JSON object" in str(e.value)
+
+
+@pytest.mark.parametrize(("body", "echo"), [({"prompt": "x", "n": "4"}, "(got '4')"),
+                                            ({"prompt": "x", "response_format": "png"}, "(got 'png')"),
+                                            ({"prompt": "x", "output_compression": 4.5}, "(got 4.5)")])  # fmt: skip
+def test_an_invalid_value_is_echoed_with_the_rule(body: dict[str, Any], echo: str) -> None:
+    message = message_of(body)
+    field = next(k for k in body if k != "prompt")
+    assert message.startswith(f"{field}: invalid value; allowed: ") and message.endswith(echo)
+
+
+def test_an_unknown_model_is_named_cut_to_100_characters() -> None:
+    name = "m" * 99 + "xyz" + "m" * 48
+    with pytest.raises(UnknownModel) as e:
+        resolve_model(name)
+    assert repr(name[:100]) in str(e.value) and repr(name[:101]) not in str(e.value)
+    assert MODEL_ID in str(e.value)
+
+
+def test_edit_loras_with_fewer_scales_than_names_say_so() -> None:
+    fields = {"prompt": ["x"], "loras[][name]": ["a", "b"], "loras[][scale]": ["0.5"]}
+    with pytest.raises(InvalidParam) as e:
+        parse_edit_form(fields, has_mask=False)
+    assert e.value.param == "loras" and "give a scale for every adapter" in str(e.value)

@@ -273,6 +273,25 @@ async def test_the_original_host_goes_in_the_host_header(env: Env) -> None:
     assert env.state(msg_id) == ("delivered", 1) and calls == ["hooks.test"]
     [(_, headers, _)] = env.receiver.requests
     assert headers["host"] == f"hooks.test:{env.receiver.port}" and headers["webhook-id"] == msg_id
+    assert headers["content-type"] == "application/json"
+
+
+@pytest.mark.anyio
+async def test_the_next_address_is_tried_only_when_one_cannot_connect(env: Env) -> None:
+    """A name with two addresses, the first refusing connections (the receiver listens on 127.0.0.1 only): the
+    second gets the delivery. With every address refusing, the attempt fails with the connection's error."""
+    two = env.add(env.key_a, env.receiver.url("/ok", "two.test"))
+    down = env.add(env.key_b, env.receiver.url("/ok", "down.test"))
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return ["127.0.0.2", "127.0.0.1"] if host == "two.test" else ["127.0.0.2", "127.0.0.3"]
+
+    async with env.sending(resolve=resolve) as sender:
+        assert await one_round(sender) == 2
+    assert env.state(two) == ("delivered", 1) and env.receiver.hits("/ok") == 1
+    assert env.state(down) == ("pending", 1)
+    [(_, _, error)] = env.store.attempts(delivery_id=down)
+    assert error is not None and error.startswith("ConnectError")
 
 
 @pytest.mark.anyio

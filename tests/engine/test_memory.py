@@ -122,3 +122,38 @@ def test_plan_command_prints_the_table(tiny_model_dir: Path, capsys: pytest.Capt
     assert main(["plan", "--model", str(tiny_model_dir), "--budget", "1"]) == 0
     out = capsys.readouterr().out
     assert "| `fp8` |" in out and "1 GiB: bf16" in out
+
+
+def test_the_table_has_as_many_cells_in_every_row(sd35_plan: MemoryPlan) -> None:
+    """A Markdown table whose separator row has more or fewer cells than its header is not rendered as a table."""
+    rows = sd35_plan.table(budgets=(24, 16, 8)).splitlines()
+    cells = {row.count("|") for row in rows}
+    assert len(rows) > 2 and cells == {rows[0].count("|")}
+    assert set(rows[1].replace("|", "").split()) == {"---"}
+
+
+@pytest.mark.parametrize(("config", "window"), [(None, 256), ({"model_max_length": 16}, 16),
+                                                ({"model_max_length": 512}, 256), ({}, 256)])  # fmt: skip
+def test_the_plans_t5_window_comes_from_the_t5_tokenizer(tmp_path: Path, config: dict | None, window: int) -> None:
+    """As the engine pads (windows.t5_window): the T5 tokenizer's own limit where shorter than 256."""
+    import json
+
+    from sd3serve.engine.memory import t5_tokens
+
+    if config is not None:
+        (tmp_path / "tokenizer_3").mkdir()
+        (tmp_path / "tokenizer_3" / "tokenizer_config.json").write_text(json.dumps(config))
+        (tmp_path / "tokenizer_2").mkdir()  # CLIP's limits are not T5's
+        (tmp_path / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8}))
+    assert t5_tokens(tmp_path) == window
+
+
+def test_every_new_tensor_of_an_op_counts_even_after_one_that_reuses_an_input() -> None:
+    """An op's outputs can mix a view of an input (no new memory) with new tensors: each new one is counted."""
+    from sd3serve.engine.memory import _AllocationTracker
+
+    x = torch.empty(16, device="meta")
+    tracker = _AllocationTracker()
+    out = tracker.__torch_dispatch__(lambda t: (t.view(4, 4), torch.empty(100, device="meta")), (), (x,))
+    assert tracker.peak == 400 and tracker.live == 400
+    del out

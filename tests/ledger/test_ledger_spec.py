@@ -100,3 +100,13 @@ def test_sqlite_gives_the_pages_of_expired_results_back(tmp_path: Path) -> None:
 def _freelist(store: Store) -> int:
     with store.engine.connect() as conn:
         return int(conn.exec_driver_sql("PRAGMA freelist_count").scalar_one())
+
+
+def test_releasing_a_hold_twice_returns_it_once_and_says_so(store: Store) -> None:
+    key = store.create_key(credits=5)[0].id
+    hold = store.reserve(key_id=key, credits=Decimal(2), request_id="r").hold
+    with store.transaction() as tx:
+        assert tx.credits.release(hold) is True
+    with store.transaction() as tx:
+        assert tx.credits.release(hold) is False  # gone: settled before
+    assert store.balance(key_id=key) == 5
