@@ -456,3 +456,25 @@ async def test_stats_count_batches_failures_and_aborts(fake: FakePipeline) -> No
         stats = engine.stats()
     assert (stats.batches, stats.failed_batches, stats.aborted, stats.queued, stats.running) == (2, 1, 0, 0, 0)
     assert stats.prompt_cache_hits == 0 and stats.prompt_cache_entries == 0
+
+
+@pytest.mark.anyio
+async def test_a_bookkeeping_failure_outside_the_model_fails_its_batch_with_that_error_and_serving_goes_on(
+    fake: FakePipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with started(BatchingEngine(settings())) as engine:
+        run_batch = engine._run_batch
+        calls = 0
+
+        async def broken_once(*args: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug in the bookkeeping")
+            await run_batch(*args)
+
+        monkeypatch.setattr(engine, "_run_batch", broken_once)
+        with pytest.raises(RuntimeError, match="a bug in the bookkeeping"):
+            await engine.generate(make_job(seed=1), request_id="first")
+        result = await asyncio.wait_for(engine.generate(make_job(seed=2), request_id="second"), 60)
+    assert [seed_of(i) for i in result.images] == [2]

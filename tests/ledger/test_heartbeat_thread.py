@@ -10,6 +10,8 @@ contract and counts what it did."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -191,3 +193,29 @@ def test_dead_owners_are_the_silent_and_the_orphans_never_me(store: Store, regis
         assert tx.instances.dead_owners(cutoff=later, me=me.instance_id) == {other.instance_id}
         # Before the cutoff nobody is dead, and the holds are too young to be orphans.
         assert tx.instances.dead_owners(cutoff=later - timedelta(hours=1), me=me.instance_id) == set()
+
+
+@pytest.fixture
+def west_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The server's local time 5 hours behind UTC (POSIX TZ syntax: no tz database needed)."""
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.usefixtures("west_of_utc")
+def test_a_process_that_beats_is_alive_whatever_the_local_time_zone(store: Store) -> None:
+    """Heartbeats are UTC: one written in local time would be 5 hours old at once, and peers would settle it."""
+    peer, proc = sharing(store), sharing(store)
+    peer.register()
+    proc.register()
+    key = store.create_key(credits=5)[0].id
+    store.reserve(key_id=key, credits=Decimal(2), request_id="r", owner=proc.instance_id)
+    assert peer.settle_dead(dead_after=timedelta(minutes=1)) == 0  # registered just now
+    assert proc.heartbeat() is True
+    assert peer.settle_dead(dead_after=timedelta(minutes=1)) == 0  # beat just now
+    assert store.balance(key_id=key) == 3 and proc.heartbeat() is True
