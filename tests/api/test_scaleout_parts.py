@@ -7,6 +7,7 @@ tests/test_ray*.py; here they run in this process, where the mutation tool sees 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -279,3 +280,153 @@ def test_run_task_and_health_need_a_started_application() -> None:
 def test_the_module_names_its_applications() -> None:
     assert (scaleout.APP_NAME, scaleout.HEALTH_APP, scaleout.REPLICA_HEADER) == (
         "sd3serve", "sd3serve-health", "x-sd3serve-replica")  # fmt: skip
+
+
+# --- building the applications and running the cluster, with Ray's calls recorded instead of made ----------------
+
+
+def test_the_liveness_app_is_its_own_deployment_without_cpus() -> None:
+    deployment = scaleout.health_app()._bound_deployment  # Ray's Application -> its Deployment
+    assert deployment.func_or_class is Liveness and deployment.name == "Liveness"
+    assert deployment.ray_actor_options == {"num_cpus": 0}
+
+
+def test_the_app_is_the_replicas_bound_to_their_board_with_the_settings(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, max_queue=3)
+    replicas = scaleout.build_app(settings, options={"num_replicas": 2})._bound_deployment
+    assert replicas.name == "SD3Replica" and replicas.func_or_class.__name__ == "SD3Replica"
+    assert replicas.num_replicas == 2
+    given, board, origin = replicas.init_args
+    assert given == overrides(settings) and origin is None  # built outside a Ray driver: no origin node
+    assert board._bound_deployment.func_or_class is ReplicaBoard
+    assert board._bound_deployment.ray_actor_options == {"num_cpus": 0}
+
+
+def test_a_replicas_app_answers_metrics_and_readiness_for_the_cluster_and_names_the_replica(tmp_path: Path) -> None:
+    board = ReplicaBoard()
+    board.push(report("other", metrics=labelled(families(4), "other")))
+    built = replica(board)
+    built.settings = Settings(data_dir=tmp_path, device="cpu")
+    client = TestClient(built.__serve_build_asgi_app__())  # no lifespan: the model is not loaded
+    metrics = client.get("/metrics")
+    assert metrics.headers[REPLICA_HEADER] == "me"
+    assert 'sd3serve_requests_total{replica="other",status="200"} 4.0' in metrics.text  # the board's, not the app's
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["replicas"] == {"ready": 1, "starting": 1}
+    assert built.api is not None  # the app the lifespan will start
+
+
+def test_the_replicas_deployment_handle_is_looked_up_once_in_its_own_application(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lookups: list[tuple[str, str]] = []
+    context = SimpleNamespace(deployment="SD3Replica", app_name="sd3serve")
+    monkeypatch.setattr(scaleout.serve, "get_replica_context", lambda: context)
+
+    def handle(deployment: str, *, app_name: str) -> str:
+        lookups.append((deployment, app_name))
+        return f"handle of {deployment}"
+
+    monkeypatch.setattr(scaleout.serve, "get_deployment_handle", handle)
+    built = replica(ReplicaBoard())
+    built._handle = None
+    assert built._deployment() == built._deployment() == "handle of SD3Replica"
+    assert lookups == [("SD3Replica", "sd3serve")]
+
+
+class FakeCluster:
+    """ray and serve as serve_forever calls them, recording each call; signals are blocked and awaited in name."""
+
+    def __init__(self, resources: dict[str, float]) -> None:
+        self.resources = resources
+        self.calls: list[tuple[str, Any]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        record = lambda name: lambda *a, **kw: self.calls.append((name, (a, kw)))  # noqa: E731
+        ray = SimpleNamespace(init=record("ray.init"), shutdown=record("ray.shutdown"),
+                              cluster_resources=lambda: dict(self.resources),
+                              is_initialized=lambda: False)  # fmt: skip
+        serve = SimpleNamespace(start=record("serve.start"), shutdown=record("serve.shutdown"),
+                                run=lambda app, *, name, route_prefix: self.calls.append(("serve.run",
+                                                                                          (name, route_prefix, app))),
+                                deployment=scaleout.serve.deployment, ingress=scaleout.serve.ingress)  # fmt: skip
+        sig = SimpleNamespace(SIGINT=2, SIGTERM=15, SIG_BLOCK=0, pthread_sigmask=record("sigmask"),
+                              sigwait=lambda signals: self.calls.append(("sigwait", set(signals))) or 15)  # fmt: skip
+        monkeypatch.delenv("SD3SERVE_THREADS", raising=False)  # `make mutate` sets it: the CPU split is under test
+        monkeypatch.setattr(scaleout, "ray", ray)
+        monkeypatch.setattr(scaleout, "serve", serve)
+        monkeypatch.setattr(scaleout, "signal", sig)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def first(self, name: str) -> Any:
+        return next(args for n, args in self.calls if n == name)
+
+
+@pytest.fixture
+def local_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for name in scaleout.LOCAL_RAY_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("local_env")
+def test_serve_forever_starts_a_local_cluster_shares_its_cpus_and_stops_on_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = FakeCluster({"CPU": 4})
+    cluster.install(monkeypatch)
+    settings = Settings(data_dir=tmp_path, device="auto", host="0.0.0.0", port=9123)
+    assert scaleout.serve_forever(settings, replicas=2) == 0
+    assert cluster.first("ray.init")[1] == {"address": "local", "num_cpus": scaleout.available_cores(),
+                                            "include_dashboard": False}  # fmt: skip
+    assert all(os.environ[k] == v for k, v in scaleout.LOCAL_RAY_ENV.items())  # Ray's processes inherit them
+    assert cluster.first("serve.start")[1] == {"http_options": {"host": "0.0.0.0", "port": 9123}}
+    runs = [args for name, args in cluster.calls if name == "serve.run"]
+    assert [(n, prefix) for n, prefix, _ in runs] == [(scaleout.HEALTH_APP, "/healthz"), (scaleout.APP_NAME, "/")]
+    replicas = runs[1][2]._bound_deployment
+    assert replicas.num_replicas == 2 and replicas.ray_actor_options == {"num_cpus": 2, "num_gpus": 0}
+    assert cluster.first("sigwait") == {2, 15}
+    assert cluster.names()[-2:] == ["serve.shutdown", "ray.shutdown"]
+
+
+def test_serve_forever_joins_the_cluster_of_ray_address_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    for name in scaleout.LOCAL_RAY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cluster = FakeCluster({"CPU": 32, "GPU": 4})
+    cluster.install(monkeypatch)
+    assert scaleout.serve_forever(Settings(data_dir=tmp_path, device="auto"), replicas=4) == 0
+    assert cluster.first("ray.init")[1] == {"address": "ray://head:10001", "num_cpus": None, "include_dashboard": False}
+    assert not any(name in os.environ for name in scaleout.LOCAL_RAY_ENV)  # the cluster's own settings stand
+    replicas = [args for name, args in cluster.calls if name == "serve.run"][1][2]._bound_deployment
+    assert replicas.ray_actor_options == {"num_cpus": 8, "num_gpus": 1}  # GPUs found: one per replica
+
+
+@pytest.mark.usefixtures("local_env")
+@pytest.mark.parametrize(("device", "resources", "replicas", "has"), [
+    ("auto", {"CPU": 8, "GPU": 1}, 2, 1),
+    ("cuda", {"CPU": 8}, 1, 0),
+])  # fmt: skip
+def test_serve_forever_refuses_more_gpu_replicas_than_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], device: str,
+    resources: dict[str, float], replicas: int, has: int,
+) -> None:  # fmt: skip
+    cluster = FakeCluster(resources)
+    cluster.install(monkeypatch)
+    assert scaleout.serve_forever(Settings(data_dir=tmp_path, device=device), replicas=replicas) == 2
+    err = capsys.readouterr().err
+    assert f"{replicas} replicas need {replicas} GPUs; this cluster has {has}" in err
+    assert "serve.run" not in cluster.names() and cluster.names()[-1] == "ray.shutdown"
+
+
+@pytest.mark.usefixtures("local_env")
+def test_serve_forever_on_a_cpu_cluster_uses_no_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = FakeCluster({"CPU": 2})
+    cluster.install(monkeypatch)
+    assert scaleout.serve_forever(Settings(data_dir=tmp_path, device="auto", threads=1), replicas=3) == 0
+    replicas = [args for name, args in cluster.calls if name == "serve.run"][1][2]._bound_deployment
+    assert replicas.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}  # SD3SERVE_THREADS when set
