@@ -9,7 +9,7 @@ SERVE_STAMP := $(VENV)/.installed-serve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JS_DEPS := tests/js/node_modules/.package-lock.json
 
-.PHONY: serve test test-stress lint docs bench mutate mutate-all mutate-hand clean
+.PHONY: serve test test-stress lint docs bench mutate mutate-open mutate-all mutate-hand clean
 
 # What serving needs, and nothing else.
 $(SERVE_STAMP): pyproject.toml constraints.txt
@@ -84,6 +84,13 @@ else
 	@date -u +"end %H:%M:%S"; uptime
 	$(PY) bench/mutation_scores.py --sample
 endif
+
+# The sample again, running only its mutants not killed yet (after new tests; a changed function is re-run anyway).
+mutate-open: $(VENV)/.installed-ray
+	@date -u +"start %H:%M:%S"; uptime
+	$(MUTMUT_ENV) $(PY) bench/mutation_sample.py --open --per-module $(MUTATE_PER_MODULE) --max-children $(MUTATE_CHILDREN) || true
+	@date -u +"end %H:%M:%S"; uptime
+	$(PY) bench/mutation_scores.py --sample --areas
 
 mutate-all: $(VENV)/.installed-ray
 	@date -u +"start %H:%M:%S"; uptime

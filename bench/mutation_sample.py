@@ -1,6 +1,6 @@
 """`make mutate`: mutmut over a fixed-seed random sample of each module's mutants, to fit in an hour on 2 cores.
 
-    .venv/bin/python bench/mutation_sample.py [--per-module N] [--seed S] [--max-children C] [PATTERN]
+    .venv/bin/python bench/mutation_sample.py [--per-module N] [--seed S] [--max-children C] [--open] [PATTERN]
 
 mutmut generates every mutant and its type check (`type_check_command` in pyproject.toml) names those that do not
 type-check; from the others this draws N per module (all of them where a module has fewer), the same ones on every
@@ -60,6 +60,9 @@ def main() -> int:
     parser.add_argument("--per-module", type=int, default=18)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--open", action="store_true",
+                        help="run only the sampled mutants not yet killed (new ones, survivors, no tests): after "
+                             "adding tests, the rest keep their verdicts")  # fmt: skip
     args = parser.parse_args()
 
     by_module, rejected = generate()
@@ -77,6 +80,15 @@ def main() -> int:
     if not chosen:
         return 1
     Path("mutants/sample.txt").write_text("\n".join(chosen) + "\n")
+    if args.open:
+        # Adding tests never revives a killed mutant, and mutmut resets the verdicts of a function it re-mutates.
+        from mutation_scores import KILLED, verdicts
+
+        done = verdicts()
+        chosen = [name for name in chosen if done.get(name) not in KILLED]
+        print(f"{len(chosen)} of them not killed yet: running those", flush=True)
+        if not chosen:
+            return 0
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     os.execv(mutmut, [mutmut, "run", "--max-children", str(args.max_children), *chosen])
 
