@@ -14,10 +14,12 @@ Each system runs in `--processes` processes (3 by default): a process's speed de
 (page faults), so round r goes to process r mod N of each system. The systems take turns round by round: a round
 is c requests to one system at once (c one after another for sequential), and the order of the three rotates
 every round, so machine noise falls on all of them alike.
-Prints images/s, p50/p99/max latency and minor page faults per image (/proc/PID/stat, counted around each round)
-per system (p99 is the nearest rank: with fewer than 100 requests it is the max), then the ratios, then Python
-function calls per request of the two HTTP servers (each run once more under bench/callcount.py, never timed),
-then the batching gain (one pass over a batch of 4 against 4 passes, in the engine's process). Compare ratios, not
+Prints images/s, p50/p99/max latency, minor page faults and CPU seconds (user + system, every thread of the
+process) per image (/proc/PID/stat, counted around each round) per system (p99 is the nearest rank: with fewer than
+100 requests it is the max), then the ratios, then Python function calls per request of the two HTTP servers (each
+run once more under bench/callcount.py, never timed), then the batching gain (one pass over a batch of 4 against 4
+passes, in the engine's process). Faults and CPU seconds are counts of work done, which other jobs' load bends far
+less than time: under load the images/s ratio can fall while the CPU seconds show the same work. Compare ratios, not
 absolute times across runs: the machine is shared.
 """
 
@@ -79,9 +81,18 @@ def timed_round(calls: Sequence[Callable[[], None]], concurrency: int) -> tuple[
 
 
 def minor_faults(pid: int) -> int:
-    """The process's minor page faults so far (field 10 of /proc/PID/stat)."""
+    return proc_counts(pid)[0]
+
+
+def proc_counts(pid: int) -> tuple[int, float]:
+    """The process's minor page faults and CPU seconds (user + system, all its threads) so far: fields 10, 14 and
+    15 of /proc/PID/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2 :].split()[7])
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[7]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Naive:
@@ -139,7 +150,7 @@ def main() -> None:
         print(f"model: {model_dir}; {args.requests} requests per system and cell, {args.steps} steps, "
               f"dpmpp_2m/sgm_uniform, {args.processes} processes per system, interleaved round by round")  # fmt: skip
         print(f"{'size':>5} {'conc':>4} {'system':<11} {'img/s':>7} {'p50 s':>7} {'p99 s':>7} {'max s':>7} "
-              f"{'faults/img':>10}")  # fmt: skip
+              f"{'faults/img':>10} {'CPU s/img':>9}")  # fmt: skip
 
         summary = []
         request_ids = itertools.count()  # the prompt and seed of a request: each used once per system
@@ -168,32 +179,36 @@ def main() -> None:
             for c in args.concurrency:
                 walls = dict.fromkeys(SYSTEMS, 0.0)
                 faults = dict.fromkeys(SYSTEMS, 0)
+                cpu = dict.fromkeys(SYSTEMS, 0.0)
                 latencies: dict[str, list[float]] = {name: [] for name in SYSTEMS}
                 for r in range(math.ceil(args.requests / c)):
                     ids = [next(request_ids) for _ in range(min(c, args.requests - r * c))]
                     p = r % args.processes
                     for name in SYSTEMS[r % 3 :] + SYSTEMS[: r % 3]:
                         fns = [functools.partial(calls[name], p, i) for i in ids]
-                        before = minor_faults(pids[name][p])
+                        faults_before, cpu_before = proc_counts(pids[name][p])
                         wall, lat = timed_round(fns, 1 if name == "sequential" else c)
-                        faults[name] += minor_faults(pids[name][p]) - before
+                        faults_after, cpu_after = proc_counts(pids[name][p])
+                        faults[name] += faults_after - faults_before
+                        cpu[name] += cpu_after - cpu_before
                         walls[name] += wall
                         latencies[name] += lat
                 row = {}
                 for name in SYSTEMS:
                     lat = latencies[name]
                     row[name] = (len(lat) / walls[name], percentile(lat, 0.5), percentile(lat, 0.99), max(lat),
-                                 faults[name] / len(lat))  # fmt: skip
+                                 faults[name] / len(lat), cpu[name] / len(lat))  # fmt: skip
                     print(f"{size:>5} {c:>4} {name:<11} " + " ".join(f"{x:>7.3f}" for x in row[name][:4])
-                          + f" {row[name][4]:>10.0f}", flush=True)  # fmt: skip
+                          + f" {row[name][4]:>10.0f} {row[name][5]:>9.3f}", flush=True)  # fmt: skip
                 summary.append((size, c, row))
 
         print("\nratios (sequential latency is one request's own time: it never queues)")
         print(f"{'size':>5} {'conc':>4} {'server/sequential img/s':>24} {'server/naive img/s':>19} "
-              f"{'server/naive p99':>17}")  # fmt: skip
+              f"{'server/naive p99':>17} {'naive/server CPU s per image':>29}")  # fmt: skip
         for size, c, row in summary:
             s, q, n = row["server"], row["sequential"], row["naive"]
-            print(f"{size:>5} {c:>4} {s[0] / q[0]:>24.3f} {s[0] / n[0]:>19.3f} {s[2] / n[2]:>17.3f}")
+            print(f"{size:>5} {c:>4} {s[0] / q[0]:>24.3f} {s[0] / n[0]:>19.3f} {s[2] / n[2]:>17.3f} "
+                  f"{n[5] / s[5]:>29.3f}")  # fmt: skip
 
         if args.fairness:
             fairness(client, ours[0].url, key, size=args.sizes[0], steps=args.steps, requests=args.fairness)

@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     denoise_threads: int = Field(0, ge=0)
     decode_threads: int = Field(0, ge=0)
     # Model workers per process: requests run on this many threads at once, sharing the weights (each needs its
-    # own activations). 0: one.
+    # own activations). 0: auto (on a CPU, one per core for a small transformer such as the demo's, else one;
+    # CUDA: one).
     model_workers: int = Field(0, ge=0)
     # The VAE decoder's nearest-2x-then-3x3 upsamplers as one transposed convolution (engine/subpixel.py).
     vae_subpixel: Literal["auto", "on", "off"] = "auto"  # auto: on the CPU

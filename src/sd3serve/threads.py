@@ -96,8 +96,9 @@ class PhaseThreads:
 
 def phase_threads(settings: Settings, *, device_type: str, transformer_width: int) -> PhaseThreads:
     """The thread plan. CUDA: torch's setting as it is and the workers asked for (default 1). CPU, of the cores
-    (or ``threads``): denoising on one thread for a small transformer, else on a worker's share; one worker unless
-    ``model_workers`` says more; the decode on every core, one worker at a time.
+    (or ``threads``): denoising on one thread for a small transformer, else on a worker's share; by default one
+    worker per core for a small transformer (each denoises on its own core, so concurrent requests do not wait for
+    one another's small ops) and one for a large one; the decode on every core, one worker at a time.
 
     The decode's thread count is fixed, never chosen by the load: a channels-last convolution's float sums depend
     on its thread count, and a request's pixels must not depend on which requests ran beside it."""
@@ -106,7 +107,7 @@ def phase_threads(settings: Settings, *, device_type: str, transformer_width: in
         return PhaseThreads(settings.denoise_threads or None, settings.decode_threads or None,
                             settings.model_workers or 1, budget)  # fmt: skip
     small = transformer_width < SMALL_TRANSFORMER_WIDTH
-    workers = settings.model_workers or 1
+    workers = settings.model_workers or (budget if small else 1)
     denoise = settings.denoise_threads or (1 if small else max(1, budget // workers))
     return PhaseThreads(denoise, settings.decode_threads or budget, workers, budget)
 

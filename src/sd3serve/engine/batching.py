@@ -84,7 +84,6 @@ class BatchingEngine:
         self._queue: list[_Pending] = []
         self._running: list[_Pending] = []
         self._wakeup = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._ready = False
         self._on_batch = on_batch
@@ -145,7 +144,6 @@ class BatchingEngine:
             asyncio.create_task(self._run_worker(pipe, executor), name=f"sd3-batcher-{i}")
             for i, (pipe, executor) in enumerate(zip(pipelines, self._executors, strict=True))
         ]
-        self._worker = self._workers[0]
         self._ready = True
 
     @property
