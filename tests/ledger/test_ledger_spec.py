@@ -110,3 +110,14 @@ def test_releasing_a_hold_twice_returns_it_once_and_says_so(store: Store) -> Non
     with store.transaction() as tx:
         assert tx.credits.release(hold) is False  # gone: settled before
     assert store.balance(key_id=key) == 5
+
+
+def test_blocking_calls_run_as_many_at_once_as_the_pool_has_connections(store_url: str) -> None:
+    """``Ledger.call`` runs at most as many calls at once as the engine's pool has connections, and at least 4:
+    PostgreSQL's pool of 10 plus 20 overflow; SQLite's file pool (5 plus 10)."""
+    expected = 30 if store_url.startswith("postgresql") else 15
+    store = open_store(store_url)
+    try:
+        assert store.ledger._connections() == expected
+    finally:
+        store.close()
