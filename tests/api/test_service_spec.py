@@ -7,6 +7,7 @@ Idempotency-Key is told it can go without one; a v2 webhook's result URLs start 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -184,3 +185,17 @@ async def test_a_webhooks_result_urls_start_with_the_servers_base_url(tmp_path: 
         with Session(server.store.engine) as s:
             base = s.scalar(select(TaskWebhook.base_url).where(TaskWebhook.task_id == r.json()["request_id"]))
     assert base == server.url
+
+
+async def test_the_generation_time_is_the_time_the_engine_took(store: Store, tmp_path: Path) -> None:
+    """``x-generation-time``: the seconds from the engine's start to its images, within the call's own span."""
+    engine = HeldEngine()
+    service = service_for(store, engine, tmp_path)
+    key = new_key(store)
+    loop = asyncio.get_running_loop()
+    engine.event("v1")
+    loop.call_later(0.05, engine.event("v1").set)
+    t0 = time.perf_counter()
+    delivery = await service.generate(key, ORDER, request_id="v1", disconnected=asyncio.Event().wait)
+    wall = time.perf_counter() - t0
+    assert 0 < delivery.seconds <= wall  # (a sum of two clock readings would be far past the span)

@@ -100,7 +100,8 @@ def test_a_base64_result_without_images() -> None:
 
 @pytest.mark.parametrize(("value", "text"), [(3, "3"), (3.0, "3"), (2.5, "2.5"), (0, "0"), (100.25, "100.25"),
                                              (1000000, "1000000"), (1234567.5, "1234567.5"), (0.000001, "0.000001"),
-                                             (9 * 10**12, "9000000000000")])  # fmt: skip
+                                             (9 * 10**12, "9000000000000"), (-0.0, "0"),
+                                             (-0.0000001, "0")])  # fmt: skip  # never a negative zero
 def test_credit_headers_are_whole_numbers_when_whole(value: float, text: str) -> None:
     assert credits_header(value) == text
 

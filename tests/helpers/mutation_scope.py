@@ -25,7 +25,7 @@ SERVICE = ("tests/api/test_one_path.py", "tests/api/test_v2.py", "tests/api/test
            "tests/api/test_cancel.py", "tests/api/test_money_truth.py", "tests/api/test_serving.py",
            "tests/api/test_events.py", "tests/api/test_webhooks.py", "tests/api/test_edges.py",
            "tests/api/test_streams_limits.py", "tests/api/test_admin_spec.py",
-           "tests/api/test_service_spec.py")  # fmt: skip
+           "tests/api/test_service_spec.py", "tests/api/test_loras.py", "tests/api/test_img2img.py")  # fmt: skip
 OPENAI = ("tests/api/test_openai.py", "tests/api/test_loras.py", "tests/api/test_img2img.py", "tests/api/test_edges.py",
           "tests/api/test_schema_limits.py", "tests/api/test_openai_schemas_spec.py")  # fmt: skip
 

@@ -121,3 +121,30 @@ def test_blocking_calls_run_as_many_at_once_as_the_pool_has_connections(store_ur
         assert store.ledger._connections() == expected
     finally:
         store.close()
+
+
+def test_capturing_a_hold_twice_charges_once_and_says_so(store: Store) -> None:
+    key = store.create_key(credits=5)[0].id
+    reservation = store.reserve(key_id=key, credits=Decimal(2), request_id="r")
+    with store.transaction() as tx:
+        assert tx.credits.capture(reservation.hold) is True
+    with store.transaction() as tx:
+        assert tx.credits.capture(reservation.hold) is False  # gone: settled before
+    assert store.balance(key_id=key) == 3 and store.get_key(key_id=key).spent == 2
+
+
+def test_a_captured_reservation_is_settled_and_closing_it_changes_nothing(store: Store) -> None:
+    key = store.create_key(credits=5)[0].id
+    reservation = store.reserve(key_id=key, credits=Decimal(2), request_id="r")
+    assert not reservation.settled
+    assert reservation.capture() == 3  # the balance this capture left
+    assert reservation.settled  # the caller's `finally: close()` makes no trip to the database
+    reservation.close()
+    assert store.balance(key_id=key) == 3
+
+
+def test_a_key_spent_to_nothing_has_a_balance_of_exactly_zero(store: Store) -> None:
+    key = store.create_key(credits=2)[0].id
+    assert store.reserve(key_id=key, credits=Decimal(2), request_id="r").capture() == 0
+    with store.transaction() as tx:
+        assert tx.credits.balance_micro(key) == 0
