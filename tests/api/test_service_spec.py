@@ -199,3 +199,17 @@ async def test_the_generation_time_is_the_time_the_engine_took(store: Store, tmp
     delivery = await service.generate(key, ORDER, request_id="v1", disconnected=asyncio.Event().wait)
     wall = time.perf_counter() - t0
     assert 0 < delivery.seconds <= wall  # (a sum of two clock readings would be far past the span)
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_the_rate_limit_admits_exactly_its_number_per_minute(store: Store, tmp_path: Path, limit: int) -> None:
+    from sd3serve.errors import RateLimited
+    from sd3serve.service.accounts import Accounts
+
+    accounts = Accounts(store.ledger, Settings(data_dir=tmp_path, device="cpu", rate_limit_per_minute=limit))
+    key, other = new_key(store), new_key(store)
+    for _ in range(limit):
+        await accounts.count_generation(key)
+    with pytest.raises(RateLimited):
+        await accounts.count_generation(key)
+    await accounts.count_generation(other)  # a key of its own

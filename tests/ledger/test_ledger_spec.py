@@ -148,3 +148,27 @@ def test_a_key_spent_to_nothing_has_a_balance_of_exactly_zero(store: Store) -> N
     assert store.reserve(key_id=key, credits=Decimal(2), request_id="r").capture() == 0
     with store.transaction() as tx:
         assert tx.credits.balance_micro(key) == 0
+
+
+def test_locking_a_key_lets_other_transactions_insert_rows_that_refer_to_it(pg_database: str) -> None:
+    """``lock_keys`` locks as an UPDATE of non-key columns does (FOR NO KEY UPDATE): a concurrent insert of a row
+    with a foreign key to it (an idempotency claim, a hold of another request) only needs FOR KEY SHARE and goes on;
+    FOR UPDATE would make it wait for the whole transaction."""
+    from sqlalchemy import text
+
+    from sd3serve.ledger.credits import lock_keys
+
+    store = open_store(pg_database)
+    store.create_schema()
+    try:
+        key = store.create_key(credits=5)[0].id
+        with store.transaction() as locking:
+            assert lock_keys(locking.session, [key, key, 10**9]) == [key]  # the keys that exist, once
+            with store.transaction() as other:
+                other.session.execute(text("SET LOCAL lock_timeout = '2s'"))
+                other.idempotency.insert_claim(Claim(key, "concurrent"), fingerprint="f")  # no wait
+    finally:
+        with store.transaction() as tx:
+            tx.session.execute(text("DROP SCHEMA public CASCADE"))
+            tx.session.execute(text("CREATE SCHEMA public"))
+        store.close()
