@@ -3,7 +3,10 @@ and per minute."""
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from helpers.ledger import Store
+from sd3serve.ledger.schema import RateWindow
 
 LIMIT = 3
 MINUTE = 600 * 60  # the start of a minute, in unix seconds
@@ -34,3 +37,16 @@ def test_without_now_the_clock_decides_the_minute(store: Store) -> None:
     after = time.time()
     assert decision.allowed
     assert int(before // 60 + 1) * 60 <= decision.reset_at <= int(after // 60 + 1) * 60
+
+
+def test_prune_drops_the_windows_before_the_one_named_and_keeps_that_one(store: Store) -> None:
+    key = store.create_key(credits=1)[0].id
+    minute = 60.0
+    for window in (3, 4, 5):
+        assert store.hit(key_id=key, per_minute=9, now=window * minute + 1).allowed
+    store.prune_rate_windows(before_window=4)
+    for window in (3, 4, 5):
+        store.hit(key_id=key, per_minute=9, now=window * minute + 1)
+    with store.transaction() as tx:
+        rows = {w: c for w, c in tx.session.execute(select(RateWindow.window, RateWindow.count))}
+    assert rows == {3: 1, 4: 2, 5: 2}  # window 3 was dropped and counted again from 1; 4 and 5 were kept
