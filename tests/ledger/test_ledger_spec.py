@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -172,3 +173,27 @@ def test_locking_a_key_lets_other_transactions_insert_rows_that_refer_to_it(pg_d
             tx.session.execute(text("DROP SCHEMA public CASCADE"))
             tx.session.execute(text("CREATE SCHEMA public"))
         store.close()
+
+
+def test_keys_are_locked_lowest_id_first(store: Store) -> None:
+    """The lock order starts with the keys, lowest id first, whatever order the caller names them in: the
+    statement says so (two transactions locking the same keys then never wait for each other in a cycle)."""
+    from sqlalchemy import event
+
+    from sd3serve.ledger.credits import lock_keys
+
+    keys = [store.create_key(credits=1)[0].id for _ in range(3)]
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        with store.transaction() as tx:
+            assert lock_keys(tx.session, keys[::-1]) == keys
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    (select_sql,) = [s for s in statements if "FROM api_keys" in s]
+    assert select_sql.rstrip().endswith("ORDER BY api_keys.id" + ("" if store.db.dialect == "sqlite" else
+                                                                  " FOR NO KEY UPDATE"))  # fmt: skip
