@@ -82,8 +82,10 @@ def test_automatic_choice_with_fake_budgets() -> None:
     assert pick(13, with_t5=False) == "fp8-no-t5"
     with pytest.raises(NoModeFits, match="offload needs CUDA"):
         pick(12, allow_offload=False)
-    with pytest.raises(NoModeFits, match=r"no memory mode fits 1\.0 GiB.*--no-t5"):
+    with pytest.raises(NoModeFits, match=r"no memory mode fits 1\.0 GiB.*--no-t5") as refused:
         pick(1)
+    bf16 = next(m for m in MODES if m.name == "bf16")
+    assert f"(bf16 needs {plan.need(bf16, 1024, 1) / GiB:.1f}; t5-fp8 needs " in str(refused.value)  # in GiB
 
 
 def test_memory_budget_at_load(tiny_model_dir: Path) -> None:

@@ -219,3 +219,15 @@ def test_a_process_that_beats_is_alive_whatever_the_local_time_zone(store: Store
     assert proc.heartbeat() is True
     assert peer.settle_dead(dead_after=timedelta(minutes=1)) == 0  # beat just now
     assert store.balance(key_id=key) == 3 and proc.heartbeat() is True
+
+
+@pytest.mark.usefixtures("west_of_utc")
+def test_a_fresh_hold_of_an_unregistered_owner_is_no_orphan_whatever_the_local_time_zone(store: Store) -> None:
+    """Rows are stamped in UTC when they are made: a hold stamped in local time would look 5 hours old, and a
+    peer would take it for an orphan at once and return it while its request still runs."""
+    peer = sharing(store)
+    peer.register()
+    key = store.create_key(credits=5)[0].id
+    store.reserve(key_id=key, credits=Decimal(2), request_id="r", owner="a process that has not registered yet")
+    assert peer.settle_dead(dead_after=timedelta(minutes=1)) == 0
+    assert store.balance(key_id=key) == 3

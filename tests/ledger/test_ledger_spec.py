@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from helpers.ledger import Store, answered, creation, open_store, sharing
+from helpers.ledger import Store, answered, completion, creation, open_store, sharing
 from sd3serve.errors import IdempotencyInProgress
 from sd3serve.ledger.idempotency import Claim, fingerprint
-from sd3serve.ledger.schema import Hold, IdempotencyRecord, Task
+from sd3serve.ledger.schema import Hold, IdempotencyRecord, RateWindow, Task
 
 
 def test_an_answer_is_written_to_its_own_claim_only(store: Store) -> None:
@@ -197,3 +197,20 @@ def test_keys_are_locked_lowest_id_first(store: Store) -> None:
     (select_sql,) = [s for s in statements if "FROM api_keys" in s]
     assert select_sql.rstrip().endswith("ORDER BY api_keys.id" + ("" if store.db.dialect == "sqlite" else
                                                                   " FOR NO KEY UPDATE"))  # fmt: skip
+
+
+def test_housekeeping_counts_what_it_deleted_and_keeps_the_last_two_rate_windows(store: Store) -> None:
+    key = store.create_key(credits=5)[0].id
+    reservation = store.reserve(key_id=key, credits=Decimal(1), request_id="t",
+                                with_hold=creation(task_id="t", key_id=key, seed=1))  # fmt: skip
+    reservation.capture(deliver=completion("t", images=[b"png"], ttl=timedelta(seconds=-1)))  # expired at once
+    assert store.begin(key_id=key, idem_key="old", fingerprint="f") is None
+    with Session(store.engine) as s, s.begin():
+        s.execute(update(IdempotencyRecord).values(created_at=IdempotencyRecord.created_at - timedelta(days=2)))
+    minute = int(time.time() // 60)
+    for window in (minute - 5, minute - 2, minute - 1, minute):
+        store.hit(key_id=key, per_minute=9, now=window * 60.0 + 1)
+    assert store.housekeep(dead_after=timedelta(minutes=1)) == 2  # the task and the answer
+    with store.transaction() as tx:
+        windows = set(tx.session.scalars(select(RateWindow.window)))
+    assert windows <= {minute - 1, minute, minute + 1} and {minute - 1} <= windows  # this minute and the last

@@ -146,3 +146,21 @@ def test_an_attempt_whose_lease_was_lost_changes_nothing(
     hooks.record(second, status_code=500, error=None, duration_ms=1.0)  # a delivered one stays delivered
     assert hooks.deliveries(task_id="t")[0][1:] == ("delivered", 1)
     assert [code for _, code, _ in hooks.attempts(delivery_id=first.id)] == [200, 200, 500]
+
+
+def test_a_delivery_is_made_due_at_once_by_the_ledgers_clock(env: tuple[Store, Store, Store, Clock, int]) -> None:
+    """Its times are the ledger's clock (which tests and a replayed outbox set), not the wall clock: a clock that
+    reads earlier than the wall still finds it due now."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from sd3serve.ledger.schema import WebhookDelivery
+
+    credits, _tasks, hooks, clock, key = env
+    clock.now = datetime(2020, 5, 6, 7, 8, 9, tzinfo=UTC)
+    _submit(credits, key, "t").fail(also=failure("t", error="x", ttl=TTL))
+    assert hooks.enqueue_finished() == 1
+    assert [d.url for d in hooks.due(limit=10, per_key=10)] == ["http://hook.example/t"]
+    with Session(credits.engine) as s:
+        made, due = s.execute(select(WebhookDelivery.created_at, WebhookDelivery.next_attempt_at)).one()
+    assert made.replace(tzinfo=UTC) == due.replace(tzinfo=UTC) == clock.now
