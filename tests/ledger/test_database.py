@@ -23,13 +23,18 @@ def pragmas(engine: Engine) -> tuple[str, int, int, int]:
         )
 
 
-def test_a_sqlite_file_is_made_in_a_new_folder_with_wal_a_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
+def test_a_sqlite_file_is_made_in_a_new_folder_with_wal_a_busy_timeout_and_foreign_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     path = tmp_path / "not" / "yet" / "ledger.db"
     engine = make_engine(f"sqlite:///{path}")
     try:
         assert pragmas(engine) == ("wal", 30000, 1, 2)  # auto_vacuum 2: INCREMENTAL, for a new file
         assert path.exists()
-        assert not (Path.cwd() / "sqlite:").exists()
+        assert list(cwd.iterdir()) == []  # the folder made is the file's, nothing where we stand
     finally:
         engine.dispose()
 
