@@ -64,7 +64,7 @@ test-stress: lint $(VENV)/.installed-ray $(JS_DEPS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -p randomly $(PYTEST_ARGS); rc=$$?; kill $$load; wait $$load; exit $$rc
 
 # Mutation testing with mutmut (docs/testing.md). `make mutate`: a fixed-seed sample of MUTATE_PER_MODULE mutants
-# per module (about 45 minutes on 2 cores); `make mutate MODULE=ledger.credits`: every mutant of one area (a dotted
+# per module (49 minutes on 2 cores, measured); `make mutate MODULE=ledger.credits`: every mutant of one area (a dotted
 # prefix under sd3serve); `make mutate-all`: every mutant (hours). MUTATE_CHILDREN=1 on a busy machine. The start,
 # the end and the load average are printed for the record; mypy must be on PATH for mutmut's type check.
 # One torch thread (OMP_NUM_THREADS, SD3SERVE_THREADS): mutmut forks each mutant's test run from its own process,
