@@ -173,15 +173,24 @@ def test_credits_are_exact_under_200_concurrent_requests(cluster: Cluster) -> No
 
 def test_metrics_are_labelled_per_replica_in_one_scrape(cluster: Cluster) -> None:
     key, _ = cluster.key(1)
+
+    def delivered(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("sd3serve_images_total{")]
+
     with cluster.client() as c:
         assert c.post(URL, json=SMALL, headers={"x-api-key": key}).status_code == 200
-        text = c.get("/metrics").text
+        # The replica that answers the scrape reports its own figures fresh, the other's as of its last report
+        # (every heartbeat): the image shows once the replica that made it has reported.
+        def scrape_with_the_image() -> str | None:
+            text = c.get("/metrics").text
+            return text if sum(float(line.split()[-1]) for line in delivered(text)) >= 1 else None
+
+        text = wait_for(scrape_with_the_image, 60)
     replicas = {r.replica for r in cluster.ready_replicas()}
     for replica in replicas:
         assert f'sd3serve_queue_depth{{replica="{replica}"}}' in text
     assert text.count("# TYPE sd3serve_images_total counter") == 1
-    delivered = [line for line in text.splitlines() if line.startswith("sd3serve_images_total{")]
-    assert len(delivered) == 2 and sum(float(line.split()[-1]) for line in delivered) >= 1
+    assert len(delivered(text)) == 2
 
 
 def test_a_replica_killed_mid_request(cluster: Cluster) -> None:
