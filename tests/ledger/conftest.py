@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +58,15 @@ def stores(store: Store) -> tuple[Store, Store]:
     test, the other the tasks side, as when a task is submitted to one process and read or cancelled through
     another."""
     return store, sharing(store)
+
+
+@pytest.fixture
+def west_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The server's local time 5 hours behind UTC (POSIX TZ syntax: no tz database needed)."""
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        time.tzset()

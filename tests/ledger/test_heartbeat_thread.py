@@ -10,8 +10,6 @@ contract and counts what it did."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -193,18 +191,6 @@ def test_dead_owners_are_the_silent_and_the_orphans_never_me(store: Store, regis
         assert tx.instances.dead_owners(cutoff=later, me=me.instance_id) == {other.instance_id}
         # Before the cutoff nobody is dead, and the holds are too young to be orphans.
         assert tx.instances.dead_owners(cutoff=later - timedelta(hours=1), me=me.instance_id) == set()
-
-
-@pytest.fixture
-def west_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The server's local time 5 hours behind UTC (POSIX TZ syntax: no tz database needed)."""
-    monkeypatch.setenv("TZ", "EST+5")
-    time.tzset()
-    try:
-        yield
-    finally:
-        monkeypatch.undo()
-        time.tzset()
 
 
 @pytest.mark.usefixtures("west_of_utc")

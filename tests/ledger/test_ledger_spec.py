@@ -6,7 +6,6 @@ deleted rows back to the file system."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -45,18 +44,6 @@ def test_a_handed_over_task_takes_its_own_hold_only(store: Store) -> None:
         tasks = {r.id: r.owner for r in s.execute(select(Task.id, Task.owner))}
     assert holds == {"t1": "runner", "t2": "submitter"}
     assert tasks == {"t1": "runner", "t2": "submitter"}
-
-
-@pytest.fixture
-def west_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The server's local time 5 hours behind UTC (POSIX TZ syntax: no tz database needed)."""
-    monkeypatch.setenv("TZ", "EST+5")
-    time.tzset()
-    try:
-        yield
-    finally:
-        monkeypatch.undo()
-        time.tzset()
 
 
 @pytest.mark.usefixtures("west_of_utc")
