@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sd3serve import allocator
 from sd3serve.settings import Settings
 from sd3serve.threads import set_thread_counts, thread_report
 
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--placement", choices=["thread", "main", "second"], default="thread")
     args = ap.parse_args()
+    allocator.tune_at_start(Settings().malloc_tuning, "cpu")  # first, as `sd3serve serve` does (before any thread)
     set_thread_counts(Settings())  # OMP_WAIT_POLICY: as the environment has it, unlike the server's default
 
     import copy

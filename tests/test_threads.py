@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -99,17 +100,13 @@ def test_torch_threads_is_restored() -> None:
         assert torch.get_num_threads() == before
 
 
-ALLOCATOR = """
+FRESH_BLOCK = """
     import ctypes, json, resource
-    from sd3serve import allocator
-    from sd3serve.engine.pipeline import build_pipeline
-    from sd3serve.settings import Settings
-    pipe = build_pipeline(Settings(device="cpu"))
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = (ctypes.c_size_t,)
     libc.free.argtypes = (ctypes.c_void_p,)
-    size = 64 * 2**20  # a 1024² activation's size: above glibc's largest mmap threshold
+    size = 64 * 2**20  # a 1024² activation's size: above glibc's largest mmap threshold and a thread heap's size
     def faults_of_a_fresh_block():
         p = libc.malloc(size)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -117,9 +114,63 @@ ALLOCATOR = """
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
         libc.free(p)
         return faults
+"""
+ALLOCATOR = FRESH_BLOCK + """
+    from sd3serve import allocator
+    from sd3serve.engine.pipeline import build_pipeline
+    from sd3serve.settings import Settings
+    pipe = build_pipeline(Settings(device="cpu"))
     faults_of_a_fresh_block()
     print(json.dumps({"tuned": allocator.is_tuned(), "faults": faults_of_a_fresh_block()}))
 """
+# The engine's threads start after the process has started (uvicorn, then the model's workers): their blocks are
+# kept only if malloc was tuned before any thread had an arena of its own.
+ON_A_WORKER_THREAD = FRESH_BLOCK + """
+    import os, threading
+    from sd3serve import allocator
+    from sd3serve.settings import Settings
+    from sd3serve.threads import configure_threads
+    when = os.environ["TUNED"]
+    configure_threads(Settings(device="cpu", malloc_tuning="auto" if when == "at start" else "off"))
+    out = {}
+    def worker():
+        libc.free(libc.malloc(100))  # this thread's first malloc: its arena is chosen here
+        if when == "late":
+            allocator.tune_allocator()  # as the pipeline does where the device was not known at the start
+        faults_of_a_fresh_block()
+        out["faults"] = faults_of_a_fresh_block()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("when", ["at start", "late"])
+def test_tuned_at_start_a_worker_thread_keeps_its_freed_blocks(when: str) -> None:
+    """`configure_threads` (the first call of `serve`, `generate` and a replica) tunes before any thread exists; tuned
+    later, a thread with its own arena still gets a 64 MiB block from mmap and faults its pages in every time."""
+    faults = json.loads(run_python(ON_A_WORKER_THREAD, TUNED=when, SD3SERVE_MALLOC_TUNING=None))["faults"]
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert (faults < pages // 10) if when == "at start" else (faults > pages // 2), faults
+
+
+def test_the_device_is_known_to_be_a_cpu_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sd3serve import allocator
+
+    monkeypatch.setattr(allocator, "GPU_NODES", (str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "kfd")))
+    assert allocator.cpu_only("cpu") and allocator.cpu_only("auto")
+    assert not allocator.cpu_only("cuda") and not allocator.cpu_only("cuda:1")
+    (tmp_path / "nvidia0").touch()  # a GPU's device node: "auto" may mean CUDA, which only torch can tell
+    assert not allocator.cpu_only("auto") and allocator.cpu_only("cpu")
+    (tmp_path / "nvidia0").unlink()
+    (tmp_path / "kfd").touch()
+    assert not allocator.cpu_only("auto")
+    (tmp_path / "nvidia0").touch()
+    (tmp_path / "kfd").unlink()
+    (tmp_path / "nvidiactl").touch()
+    (tmp_path / "nvidia0").unlink()
+    assert allocator.cpu_only("auto")  # nvidiactl alone is no GPU
 
 
 @pytest.mark.parametrize("setting", [None, "off", "on"])

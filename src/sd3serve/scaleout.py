@@ -39,6 +39,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sd3serve import allocator
 from sd3serve.settings import Settings
 from sd3serve.threads import available_cores, configure_threads, thread_report
 
@@ -304,9 +305,13 @@ def overrides(settings: Settings) -> dict[str, Any]:
 
 
 def replica_options(settings: Settings, *, replicas: int, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if allocator.wanted(settings.malloc_tuning, "cuda" if num_gpus else "cpu"):
+        # Ray starts the replica's process with threads of its own, which mallopt would come too late for
+        actor["runtime_env"] = {"env_vars": dict(allocator.ENVIRONMENT)}
     return {
         "num_replicas": replicas,
-        "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        "ray_actor_options": actor,
         "max_ongoing_requests": MAX_ONGOING_REQUESTS,
         "max_queued_requests": settings.max_queue,
         "backpressure_config": {"retry_after_s": RETRY_AFTER_S},

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sd3serve import allocator
 from sd3serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,10 @@ def available_cores() -> int:
 
 
 def configure_threads(settings: Settings) -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the user set it, then torch's thread counts; logs the effective settings."""
+    """First thing in a process that will run the model: malloc's tuning (before any thread has an arena of its
+    own: `sd3serve.allocator`), OMP_WAIT_POLICY=PASSIVE unless the user set it, then torch's thread counts; logs
+    the effective settings."""
+    allocator.tune_at_start(settings.malloc_tuning, settings.device)
     set_wait_policy()
     set_thread_counts(settings)
     log.info("threads: %s", describe(thread_report()))

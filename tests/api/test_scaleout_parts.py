@@ -174,6 +174,18 @@ def test_the_serve_options_follow_the_settings(tmp_path: Path) -> None:
     assert options["logging_config"] == {"enable_access_log": False}
 
 
+def test_a_cpu_replica_gets_the_allocator_settings_in_its_environment(tmp_path: Path) -> None:
+    """Ray starts a replica's process with threads of its own, too late for mallopt: glibc reads the environment."""
+    on_cpu = replica_options(Settings(data_dir=tmp_path), replicas=1, num_cpus=1, num_gpus=0)["ray_actor_options"]
+    assert on_cpu["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                                                  "MALLOC_TRIM_THRESHOLD_": "2147483647",
+                                                  "MALLOC_TOP_PAD_": str(64 * 2**20)}}  # fmt: skip
+    off = Settings(data_dir=tmp_path, malloc_tuning="off")
+    assert "runtime_env" not in replica_options(off, replicas=1, num_cpus=1, num_gpus=0)["ray_actor_options"]
+    forced = Settings(data_dir=tmp_path, malloc_tuning="on")
+    assert "runtime_env" in replica_options(forced, replicas=1, num_cpus=1, num_gpus=1)["ray_actor_options"]
+
+
 class Remote:
     def __init__(self, fn: Any) -> None:
         self.fn = fn
