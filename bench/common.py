@@ -35,6 +35,46 @@ def thread_env(wait_policy: str | None, threads: int = 0) -> dict[str, str]:
     return env | {"SD3SERVE_THREADS": str(threads)}
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (field 3 is index 0)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def proc_counts(pid: int) -> tuple[int, float]:
+    """The process's minor page faults and CPU seconds (user + system, all its threads) so far: fields 10, 14 and
+    15 of /proc/PID/stat."""
+    fields = _stat(pid)
+    return int(fields[7]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """The process and every live process below it (children of each of its threads, recursively)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split()]
+    return out
+
+
+def tree_counts(pid: int) -> tuple[int, float]:
+    """Minor faults and CPU seconds of a whole process tree (a Ray system: the driver, Ray's own processes and the
+    replicas), its reaped processes' included (cminflt, cutime, cstime): fields 10-15 of /proc/PID/stat."""
+    faults, ticks = 0, 0
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):  # gone since it was listed: counted in its parent's c-fields
+            f = _stat(p)
+            faults += int(f[7]) + int(f[8])
+            ticks += sum(int(x) for x in f[11:15])
+    return faults, ticks / CLOCK_TICKS
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

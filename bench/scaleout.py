@@ -4,8 +4,10 @@ Three systems, all started at once, each in its own process tree, on the embedde
 `sd3serve serve` with 2 torch threads, `sd3serve serve --replicas 1 --threads 2` (Ray Serve, one replica) and
 `sd3serve serve --replicas 2 --threads 1` (two replicas of one thread). They take turns round by round (a round:
 c requests at once to one system), every request with its own prompt (no prompt-cache hits), 512², 4 steps.
-Prints images/s, p50 and p99 (nearest rank) per system and concurrency, and the ratios the issue sets targets
-for: Ray(1) / plain latency at c=1 (≤ 1.10) and Ray(2) / Ray(1) images/s at c=16 (≥ 1.3). Then the v2 row:
+Prints images/s, p50 and p99 (nearest rank) per system and concurrency, minor page faults and CPU seconds per
+image of each system's whole process tree (the server, or Ray's driver, its own processes and the replicas:
+`/proc/PID/stat`, reaped processes included), and the ratios the issue sets targets for: Ray(1) / plain
+latency at c=1 (≤ 1.10) and Ray(2) / Ray(1) images/s at c=16 (≥ 1.3). Then the v2 row:
 each round submits ``--v2`` tasks to one system at once and waits until all are COMPLETED (images/s from the
 first submission to the last completion), systems in turn.
 
@@ -30,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from common import URL, free_port, rich_key, v2_round
+from common import URL, free_port, rich_key, tree_counts, v2_round
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -102,12 +104,12 @@ def main() -> None:
     prompts = itertools.cycle(PROMPTS)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
-        urls, keys = {}, {}
+        urls, keys, pids = {}, {}, {}
         for name in SYSTEMS:
             data_dir = root / name
             data_dir.mkdir()
             keys[name] = rich_key(data_dir)
-            urls[name] = stack.enter_context(system(name, data_dir, root / f"{name}.log"))
+            urls[name], pids[name] = stack.enter_context(system(name, data_dir, root / f"{name}.log", with_pid=True))
             print(f"{name} ready: {urls[name]}", file=sys.stderr)
         client = stack.enter_context(httpx.Client(timeout=300, limits=httpx.Limits(max_connections=64)))
         pool = stack.enter_context(ThreadPoolExecutor(max(CONCURRENCY)))
@@ -127,6 +129,7 @@ def main() -> None:
                 yield {"prompt": next(prompts), "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
 
         results: dict[tuple[str, int], tuple[float, list[float]]] = {}
+        work: dict[tuple[str, int], tuple[float, float]] = {}  # faults and CPU seconds per image
         v2_busy = dict.fromkeys(SYSTEMS, 0.0)
         for _ in range(a.v2_rounds if a.v2 else 0):
             for name in SYSTEMS:
@@ -136,30 +139,39 @@ def main() -> None:
         for c in () if a.skip_v1 else CONCURRENCY:
             rounds = max(1, a.requests // c)
             busy = dict.fromkeys(SYSTEMS, 0.0)
+            faults, cpu = dict.fromkeys(SYSTEMS, 0), dict.fromkeys(SYSTEMS, 0.0)
             latencies: dict[str, list[float]] = {n: [] for n in SYSTEMS}
             for _ in range(rounds):
                 for name in SYSTEMS:
                     batch = [next(prompts) for _ in range(c)]
+                    faults0, cpu0 = tree_counts(pids[name])
                     start = time.perf_counter()
                     latencies[name] += list(pool.map(lambda p, n=name: call(n, p), batch))
                     busy[name] += time.perf_counter() - start
+                    faults1, cpu1 = tree_counts(pids[name])
+                    faults[name] += faults1 - faults0
+                    cpu[name] += cpu1 - cpu0
             for name in SYSTEMS:
-                results[name, c] = (len(latencies[name]) / busy[name], latencies[name])
+                n = len(latencies[name])
+                results[name, c] = (n / busy[name], latencies[name])
+                work[name, c] = (faults[name] / n, cpu[name] / n)
             print(f"c={c} done", file=sys.stderr)
 
     if not a.skip_v1:
         print(f"\n{a.size}², {a.steps} steps, demo model, {os.cpu_count()} cores; rounds interleaved; "
               f"{a.requests} requests per cell (fewer when c does not divide it)\n")  # fmt: skip
         print("| concurrency | images/s: plain / ray-1 / ray-2 | p50 s: plain / ray-1 / ray-2 "
-              "| p99 s: plain / ray-1 / ray-2 | ray-1 / plain p50 | ray-2 / ray-1 images/s |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- |")
+              "| p99 s: plain / ray-1 / ray-2 | ray-1 / plain p50 | ray-2 / ray-1 images/s "
+              "| faults per image: plain / ray-1 / ray-2 | CPU s per image: plain / ray-1 / ray-2 |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for c in CONCURRENCY:
             ips = [results[n, c][0] for n in SYSTEMS]
             p50 = [percentile(results[n, c][1], 0.5) for n in SYSTEMS]
             p99 = [percentile(results[n, c][1], 0.99) for n in SYSTEMS]
             print(f"| {c} | {' / '.join(f'{x:.2f}' for x in ips)} | {' / '.join(f'{x:.3f}' for x in p50)} "
                   f"| {' / '.join(f'{x:.3f}' for x in p99)} | {p50[1] / p50[0]:.2f} "
-                  f"| {ips[2] / ips[1]:.2f} |")  # fmt: skip
+                  f"| {ips[2] / ips[1]:.2f} | {' / '.join(f'{work[n, c][0]:,.0f}' for n in SYSTEMS)} "
+                  f"| {' / '.join(f'{work[n, c][1]:.3f}' for n in SYSTEMS)} |")  # fmt: skip
 
     if a.v2:
         ips = [a.v2 * a.v2_rounds / v2_busy[n] for n in SYSTEMS]

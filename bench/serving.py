@@ -48,7 +48,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the demo model's tooling: sd3demo
 import sd3serve as sd3serve_package
-from common import BENCH_DIR, URL, EngineWorker, free_port, rich_key, sd3serve, thread_env, wait_ready
+from common import BENCH_DIR, URL, EngineWorker, free_port, proc_counts, rich_key, sd3serve, thread_env, wait_ready
 from sd3demo.world import POSITIONS, all_triples
 from sd3serve.threads import available_cores, describe
 
@@ -82,17 +82,6 @@ def timed_round(calls: Sequence[Callable[[], None]], concurrency: int) -> tuple[
 
 def minor_faults(pid: int) -> int:
     return proc_counts(pid)[0]
-
-
-def proc_counts(pid: int) -> tuple[int, float]:
-    """The process's minor page faults and CPU seconds (user + system, all its threads) so far: fields 10, 14 and
-    15 of /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[7]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Naive:
