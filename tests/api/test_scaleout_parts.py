@@ -174,12 +174,15 @@ def test_the_serve_options_follow_the_settings(tmp_path: Path) -> None:
     assert options["logging_config"] == {"enable_access_log": False}
 
 
+# glibc's malloc settings as environment variables (sd3serve.allocator's TUNING, by glibc's names)
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647",
+              "MALLOC_TOP_PAD_": str(64 * 2**20)}  # fmt: skip
+
+
 def test_a_cpu_replica_gets_the_allocator_settings_in_its_environment(tmp_path: Path) -> None:
     """Ray starts a replica's process with threads of its own, too late for mallopt: glibc reads the environment."""
     on_cpu = replica_options(Settings(data_dir=tmp_path), replicas=1, num_cpus=1, num_gpus=0)["ray_actor_options"]
-    assert on_cpu["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-                                                  "MALLOC_TRIM_THRESHOLD_": "2147483647",
-                                                  "MALLOC_TOP_PAD_": str(64 * 2**20)}}  # fmt: skip
+    assert on_cpu["runtime_env"] == {"env_vars": MALLOC_ENV}
     off = Settings(data_dir=tmp_path, malloc_tuning="off")
     assert "runtime_env" not in replica_options(off, replicas=1, num_cpus=1, num_gpus=0)["ray_actor_options"]
     forced = Settings(data_dir=tmp_path, malloc_tuning="on")
@@ -402,7 +405,8 @@ def test_serve_forever_starts_a_local_cluster_shares_its_cpus_and_stops_on_sigte
     runs = [args for name, args in cluster.calls if name == "serve.run"]
     assert [(n, prefix) for n, prefix, _ in runs] == [(scaleout.HEALTH_APP, "/healthz"), (scaleout.APP_NAME, "/")]
     replicas = runs[1][2]._bound_deployment
-    assert replicas.num_replicas == 2 and replicas.ray_actor_options == {"num_cpus": 2, "num_gpus": 0}
+    assert replicas.num_replicas == 2
+    assert replicas.ray_actor_options == {"num_cpus": 2, "num_gpus": 0, "runtime_env": {"env_vars": MALLOC_ENV}}
     assert cluster.first("sigwait") == {2, 15}
     assert cluster.names()[-2:] == ["serve.shutdown", "ray.shutdown"]
 
@@ -445,4 +449,5 @@ def test_serve_forever_on_a_cpu_cluster_uses_no_gpu(tmp_path: Path, monkeypatch:
     cluster.install(monkeypatch)
     assert scaleout.serve_forever(Settings(data_dir=tmp_path, device="auto", threads=1), replicas=3) == 0
     replicas = [args for name, args in cluster.calls if name == "serve.run"][1][2]._bound_deployment
-    assert replicas.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}  # SD3SERVE_THREADS when set
+    assert replicas.ray_actor_options == {"num_cpus": 1, "num_gpus": 0,  # SD3SERVE_THREADS when set
+                                          "runtime_env": {"env_vars": MALLOC_ENV}}  # fmt: skip
