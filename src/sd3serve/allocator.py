@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import glob
 import logging
+import os
 import threading
 from typing import Literal
 
@@ -43,9 +44,11 @@ TOP_PAD = 64 * 2**20  # bytes the heap grows by beyond each request, so that gro
 # after free), no trimming.
 TUNING = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_NEVER), (M_TOP_PAD, TOP_PAD))
 
-# The same settings as glibc's environment variables, for a process started by someone else (a Ray replica).
-ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_NEVER),
-               "MALLOC_TOP_PAD_": str(TOP_PAD)}  # fmt: skip
+# The same settings as glibc's environment variables, which it reads when a process starts: for a process started
+# by someone else (a Ray replica).
+ENV_NAMES = {M_ARENA_MAX: "MALLOC_ARENA_MAX", M_MMAP_MAX: "MALLOC_MMAP_MAX_",
+             M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", M_TOP_PAD: "MALLOC_TOP_PAD_"}  # fmt: skip
+ENVIRONMENT = {ENV_NAMES[param]: str(value) for param, value in TUNING}
 # Device nodes without which torch sees no GPU: NVIDIA's, AMD's (ROCm), WSL's.
 GPU_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
 
@@ -89,6 +92,9 @@ def tune_allocator() -> bool:
     if libc is None:
         log.info("allocator: not glibc, malloc left as it is")
         return False
+    if all(os.environ.get(name) == value for name, value in ENVIRONMENT.items()):
+        _applied = True  # glibc read the same settings from the environment when this process started
+        return True
     if threading.active_count() > 1:
         log.info("allocator: tuned after threads started; those that have their own arena keep it, and their blocks "
                  "of 64 MiB or more still come from mmap")  # fmt: skip
