@@ -9,7 +9,10 @@ image of each system's whole process tree (the server, or Ray's driver, its own 
 `/proc/PID/stat`, reaped processes included), and the ratios the issue sets targets for: Ray(1) / plain
 latency at c=1 (≤ 1.10) and Ray(2) / Ray(1) images/s at c=16 (≥ 1.3). Then the v2 row:
 each round submits ``--v2`` tasks to one system at once and waits until all are COMPLETED (images/s from the
-first submission to the last completion), systems in turn.
+first submission to the last completion), systems in turn. Last, ``--calls N``: each system started once more
+with every Python process of its tree counting its function calls (bench/callcount_site; never timed), N
+requests one after another, and the calls per request by process (the server; Ray's proxy, the replica, the
+rest of Ray's processes), Ray's periodic work during those requests included.
 
     PYTHONPATH=src python bench/scaleout.py [--requests 48] [--v2 16] [--v2-rounds 2]
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -100,6 +104,7 @@ def main() -> None:
     parser.add_argument("--v2", type=int, default=16, help="v2 tasks submitted at once per round (0: no v2 row)")
     parser.add_argument("--v2-rounds", type=int, default=2)
     parser.add_argument("--skip-v1", action="store_true", help="only the v2 row")
+    parser.add_argument("--calls", type=int, default=10, help="requests counted for Python calls (0: skip)")
     a = parser.parse_args()
     prompts = itertools.cycle(PROMPTS)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -179,6 +184,59 @@ def main() -> None:
         print("| v2 images/s: plain / ray-1 / ray-2 | ray-2 / ray-1 |")
         print("| --- | --- |")
         print(f"| {' / '.join(f'{x:.2f}' for x in ips)} | {ips[2] / ips[1]:.2f} |")
+
+    if a.calls:
+        python_calls(a, itertools.cycle(PROMPTS))
+
+
+CALLCOUNT_SITE = Path(__file__).resolve().parent / "callcount_site"
+# (group, what a process's title starts with), first match wins; the rest is "other Ray processes"
+PROCESS_GROUPS = (("replica", "ray::ServeReplica:sd3serve:SD3Replica"), ("proxy", "ray::ProxyActor"),
+                  ("sd3serve serve", f"{sys.executable} -m sd3serve serve"))  # the plain server, or Ray's driver
+
+
+def call_counts(calls_dir: Path) -> dict[str, int]:
+    """Python calls so far of every counted process under ``calls_dir``, summed by group (PROCESS_GROUPS)."""
+    out: dict[str, int] = {}
+    for f in calls_dir.glob("*.json"):
+        with contextlib.suppress(ValueError, OSError):  # being replaced right now: it is read again next time
+            seen = json.loads(f.read_text())
+            group = next((g for g, prefix in PROCESS_GROUPS if seen["title"].startswith(prefix)), "other Ray")
+            out[group] = out.get(group, 0) + sum(c for t, c in seen["counts"].items() if t != "sd3bench-callcount")
+    return out
+
+
+def python_calls(a: argparse.Namespace, prompts: Iterator[str]) -> None:
+    """Each system once more, every Python process of its tree counting calls: calls per request by group."""
+    print(f"\nPython calls per request ({a.calls} requests one after another, {a.size}², {a.steps} steps; Ray's "
+          "periodic work during them included)\n")  # fmt: skip
+    print("| system | calls per request | by process |")
+    print("| --- | --- | --- |")
+    for name in SYSTEMS:
+        with tempfile.TemporaryDirectory() as tmp, httpx.Client(timeout=600) as client:
+            root = Path(tmp)
+            (root / "data").mkdir()
+            (root / "calls").mkdir()
+            key = rich_key(root / "data")
+            env = {"SD3BENCH_CALLS_DIR": str(root / "calls"),
+                   "PYTHONPATH": os.pathsep.join([str(CALLCOUNT_SITE), os.environ.get("PYTHONPATH", "")])}
+            with system(name, root / "data", root / "log", extra_env=env) as url:
+
+                def call(url: str = url, key: str = key) -> None:
+                    body = {"prompt": next(prompts), "width": a.size, "height": a.size, "steps": a.steps, "seed": 1}
+                    client.post(url + URL, json=body, headers={"x-api-key": key}).raise_for_status()
+
+                for _ in range(2):
+                    call()  # warm-up
+                time.sleep(1.5)  # every process has written its counts since
+                before = call_counts(root / "calls")
+                for _ in range(a.calls):
+                    call()
+                time.sleep(1.5)
+                after = call_counts(root / "calls")
+            per = {g: (after[g] - before.get(g, 0)) / a.calls for g in after}
+            by = ", ".join(f"{g} {c:,.0f}" for g, c in sorted(per.items(), key=lambda kv: -kv[1]) if c >= 1)
+            print(f"| {name} | {sum(per.values()):,.0f} | {by} |", flush=True)
 
 
 if __name__ == "__main__":
