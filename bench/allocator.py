@@ -18,8 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import URL, rich_key, sd3serve, thread_env
-from serving import minor_faults
+from common import URL, proc_counts, rich_key, sd3serve, thread_env
 
 
 def status_mb(pid: int, field: str) -> float:
@@ -52,11 +51,11 @@ def main() -> None:
                 for mode, server in (servers.items() if i % 2 else reversed(servers.items())):
                     body = {"prompt": "a red circle on a blue background", "width": size, "height": size,
                             "steps": args.steps, "seed": i}  # fmt: skip
-                    before, t0 = minor_faults(server.pid), time.perf_counter()
+                    before, t0 = proc_counts(server.pid)[0], time.perf_counter()
                     client.post(f"{server.url}{URL}", json=body).raise_for_status()
                     if i:
                         seconds[mode].append(time.perf_counter() - t0)
-                        faults[mode] += minor_faults(server.pid) - before
+                        faults[mode] += proc_counts(server.pid)[0] - before
             for mode, server in servers.items():
                 print(f"{size:>5} {mode:>6} {statistics.median(seconds[mode]):>8.3f} "
                       f"{faults[mode] / args.requests:>12.0f} {status_mb(server.pid, 'VmRSS'):>9.0f} "

@@ -39,8 +39,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--placement", choices=["thread", "main", "second"], default="thread")
     args = ap.parse_args()
-    allocator.tune_at_start(Settings().malloc_tuning, "cpu")  # first, as `sd3serve serve` does (before any thread)
-    set_thread_counts(Settings())  # OMP_WAIT_POLICY: as the environment has it, unlike the server's default
+    environment = Settings()
+    allocator.tune_at_start(environment.malloc_tuning, "cpu")  # first, as `sd3serve serve` does (before any thread)
+    set_thread_counts(environment)  # OMP_WAIT_POLICY: as the environment has it, unlike the server's default
 
     import copy
 

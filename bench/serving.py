@@ -80,10 +80,6 @@ def timed_round(calls: Sequence[Callable[[], None]], concurrency: int) -> tuple[
     return time.perf_counter() - t0, latencies
 
 
-def minor_faults(pid: int) -> int:
-    return proc_counts(pid)[0]
-
-
 class Naive:
     """bench/naive_server.py in a process of its own."""
 
